@@ -1,0 +1,75 @@
+"""
+Overrides the globals of a script (train.py, sample.py, bench.py) from the command line, in nanoGPT's manner:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+Positional arguments are Python files executed in order; `--key=value` arguments are applied after them, the value
+parsed with `ast.literal_eval` and kept as a string when that fails. Unlike nanoGPT's exec'd snippet this one checks:
+a key the script does not define is an error that names the closest known key (a typo never silently does nothing),
+a value must have the type of the default (an int is accepted for a float; a None default accepts anything).
+"""
+
+import ast
+import difflib
+import types
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _unknown(key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _check_type(key, value, default, source):
+    if default is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    raise ConfigError(f"{source}: {key}={value!r} is a {type(value).__name__}, expected {type(default).__name__} "
+                      f"(default {default!r})")
+
+
+def apply(config, argv):
+    """Updates the dict `config` (a script's globals, filtered to its hyperparameters) from argv; returns it."""
+    defaults = dict(config)
+    for arg in argv:
+        if not arg.startswith("--"):
+            # a config file: run it in a namespace that starts as the current config, so it may read earlier values
+            namespace = dict(config)
+            try:
+                with open(arg) as f:
+                    code = compile(f.read(), arg, "exec")
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {arg}") from None
+            exec(code, namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                if key not in defaults:
+                    raise _unknown(key, list(defaults)) from None
+                config[key] = _check_type(key, value, defaults[key], arg)
+        else:
+            key, sep, text = arg[2:].partition("=")  # partition: the value itself may contain '='
+            if not sep:
+                raise ConfigError(f"expected --key=value, got '{arg}'")
+            if key not in defaults:
+                raise _unknown(key, list(defaults))
+            if isinstance(defaults[key], str):
+                value = text  # --run_name=123 stays a string
+            else:
+                try:
+                    value = ast.literal_eval(text)
+                except (SyntaxError, ValueError):
+                    value = text
+            config[key] = _check_type(key, value, defaults[key], "command line")
+    return config
+
+
+def hyperparameters(namespace):
+    """The names in a script's globals that are hyperparameters: plain values, not modules, functions or _private."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}

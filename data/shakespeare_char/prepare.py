@@ -1,0 +1,41 @@
+"""
+Tiny Shakespeare at the character level: each distinct character is one token (65 of them).
+Writes train.bin / val.bin (uint16 token ids, first 90% / last 10% of the text) and meta.json next to this file.
+
+    python data/shakespeare_char/prepare.py                      # downloads input.txt
+    python data/shakespeare_char/prepare.py --input path/to/input.txt   # no network needed
+"""
+
+import argparse
+import json
+import os
+import urllib.request
+
+import numpy as np
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+here = os.path.dirname(os.path.abspath(__file__))
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--input", help="an existing text file to use instead of downloading Tiny Shakespeare")
+args = parser.parse_args()
+
+path = args.input or os.path.join(here, "input.txt")
+if not os.path.exists(path):
+    if args.input:
+        raise SystemExit(f"error: {path} does not exist")
+    print(f"downloading {URL}")
+    urllib.request.urlretrieve(URL, path)
+with open(path, encoding="utf-8") as f:
+    text = f.read()
+
+chars = sorted(set(text))
+stoi = {c: i for i, c in enumerate(chars)}
+ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+n_train = int(0.9 * len(ids))
+ids[:n_train].tofile(os.path.join(here, "train.bin"))
+ids[n_train:].tofile(os.path.join(here, "val.bin"))
+with open(os.path.join(here, "meta.json"), "w") as f:
+    json.dump({"vocab_size": len(chars), "dtype": "uint16", "tokenizer": "char", "chars": "".join(chars),
+               "eot_id": None}, f)
+print(f"{len(text):,} characters, vocab {len(chars)}: train {n_train:,} tokens, val {len(ids) - n_train:,} tokens")

@@ -1,0 +1,391 @@
+"""
+The GPT language model, in one file.
+
+Two layouts share every class:
+- 'modern' (the default): rotary positions, RMSNorm, SwiGLU MLP, optional QK-norm and grouped-query attention.
+- 'gpt2': learned positions, LayerNorm with bias, GELU MLP, tied head -- the exact shape of OpenAI's GPT-2, so its
+  weights load with GPT.from_pretrained('gpt2') and reproduce Hugging Face's logits.
+
+Attention goes through PyTorch's scaled_dot_product_attention, or flash-attn's kernel when that package is installed
+and the tensors are on CUDA. q, k and v are separate projections (not GPT-2's fused c_attn) so that tensor
+parallelism can shard each of them by columns; GPT-2's fused weight is split when it is loaded.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:
+    from flash_attn import flash_attn_func  # optional, CUDA only
+except ImportError:
+    flash_attn_func = None
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024      # longest sequence (and the size of the rotary / position tables)
+    vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0          # key/value heads; 0 means n_head, fewer is grouped-query attention
+    n_embd: int = 768
+    mlp_hidden: int = 0         # 0: 4*n_embd for GELU; for SwiGLU 2/3 of that, rounded up to 64 (same parameters)
+    dropout: float = 0.0
+    bias: bool = False          # biases in Linear layers and LayerNorms
+    layout: str = "modern"      # 'modern' or 'gpt2' (see the top of this file)
+    qk_norm: bool = False       # RMSNorm on each head's queries and keys (stabilises high learning rates)
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    grad_checkpoint: bool = False  # recompute each block in backward instead of storing its activations
+
+    def __post_init__(self):
+        if self.layout not in ("modern", "gpt2"):
+            raise ValueError(f"layout must be 'modern' or 'gpt2', got {self.layout!r}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if not self.mlp_hidden:
+            self.mlp_hidden = 4 * self.n_embd
+            if self.layout == "modern":
+                self.mlp_hidden = 64 * math.ceil(self.mlp_hidden * 2 / 3 / 64)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def Norm(config):
+    if config.layout == "gpt2":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return RMSNorm(config.n_embd, config.norm_eps)
+
+
+def rotary_tables(head_dim, length, theta):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()  # (length, head_dim/2) each
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, T, heads, head_dim); rotate the two halves of each head as pairs (the GPT-NeoX convention)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of one layer for the tokens generated so far; the tensors grow up to `length` positions."""
+
+    def __init__(self, length):
+        self.length, self.pos, self.k, self.v = length, 0, None, None
+
+    def update(self, k, v):
+        B, T, H, D = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, self.length, H, D)
+            self.v = v.new_empty(B, self.length, H, D)
+        self.k[:, self.pos:self.pos + T] = k
+        self.v[:, self.pos:self.pos + T] = v
+        self.pos += T
+        return self.k[:, :self.pos], self.v[:, :self.pos]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.rotary = config.layout == "modern"
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        # local head counts: under tensor parallelism each rank holds a slice of the heads
+        q = self.c_q(x).view(B, T, -1, self.head_dim)
+        k = self.c_k(x).view(B, T, -1, self.head_dim)
+        v = self.c_v(x).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(k, v)
+        dropout = self.dropout if self.training else 0.0
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            # flash-attn takes (B, T, H, D), handles GQA, and aligns the causal mask to the last key when T < keys
+            y = flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            mask = None
+            if start > 0 and T > 1:  # a chunk after cached tokens: SDPA's is_causal would align to the first key
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=(start == 0 and T > 1),
+                                               enable_gqa=q.size(1) != k.size(1))
+            y = y.transpose(1, 2)
+        y = y.reshape(B, T, -1)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.layout == "modern"
+        if self.swiglu:
+            self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = Norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = Norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=Norm(config),
+        ))
+        if config.layout == "gpt2":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds to the stream, so shrink the projections that feed it
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding leaves out the lookup tables (but keeps the head, which is a matmul)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def crop_block_size(self, block_size):
+        """Shrinks the context window (e.g. to fine-tune GPT-2, trained at 1024, with shorter sequences)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def hidden(self, idx, caches=None):
+        """The final normalised hidden states, (B, T, n_embd); `caches` (one KVCache per layer) for generation."""
+        B, T = idx.shape
+        start = caches[0].pos if caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        for i, block in enumerate(self.transformer.h):
+            if self.config.grad_checkpoint and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, caches[i] if caches else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -1."""
+        logits = self.lm_head(self.hidden(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Continues idx (B, T) by max_new_tokens tokens. With the KV cache each new token costs one position's
+        forward. When the context window is full the cache restarts from the newest half of it, so the context a
+        token sees stays between block_size/2 and block_size tokens while the re-encoding cost is amortised."""
+        block_size, caches = self.config.block_size, None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self.lm_head(self.hidden(idx[:, -block_size:])[:, -1])
+            else:
+                if caches is None or caches[0].pos == block_size:
+                    keep = block_size if caches is None else block_size // 2
+                    caches = [KVCache(block_size) for _ in self.transformer.h]
+                    h = self.hidden(idx[:, -keep:], caches)
+                else:
+                    h = self.hidden(idx[:, -1:], caches)
+                logits = self.lm_head(h[:, -1])
+            idx_next = sample_next(logits.float(), temperature, top_k, top_p)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+        """A list of optimizers. 'adamw': decay on matrices and embeddings, none on gains and biases.
+        'muon': Muon (orthogonalised momentum) for the blocks' 2-D weights, AdamW for embeddings, head and gains;
+        Muon's lr is rescaled to match AdamW's update size, so one learning_rate serves both."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        fused = device_type in ("cuda", "cpu")
+        if optimizer == "adamw":
+            decay = [p for p in params.values() if p.dim() >= 2]
+            no_decay = [p for p in params.values() if p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if optimizer == "muon":
+            hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+            ids = {id(p) for p in hidden}
+            rest = [p for p in params.values() if id(p) not in ids]
+            muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
+                                    adjust_lr_fn="match_rms_adamw")
+            groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                      {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+            return [muon, torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4) plus attention's
+        12*n_layer*n_embd*T (PaLM, appendix B)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    @classmethod
+    def from_pretrained(cls, model_type, dropout=0.0):
+        """OpenAI's GPT-2 weights through Hugging Face transformers (an optional dependency, imported here only)."""
+        from transformers import GPT2LMHeadModel
+        if model_type not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+            raise ValueError(f"unknown GPT-2 model {model_type!r}")
+        return cls.from_hf_gpt2(GPT2LMHeadModel.from_pretrained(model_type), dropout)
+
+    @classmethod
+    def from_hf_gpt2(cls, hf_model, dropout=0.0):
+        c = hf_model.config
+        config = GPTConfig(layout="gpt2", block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, bias=True, tie_embeddings=True,
+                           norm_eps=c.layer_norm_epsilon, dropout=dropout)
+        model = cls(config)
+        hf = hf_model.state_dict()
+        sd = {"transformer.wte.weight": hf["transformer.wte.weight"],
+              "transformer.wpe.weight": hf["transformer.wpe.weight"]}
+        for part in ("weight", "bias"):
+            sd[f"transformer.ln_f.{part}"] = hf[f"transformer.ln_f.{part}"]
+        for i in range(c.n_layer):
+            src, dst = f"transformer.h.{i}.", f"transformer.h.{i}."
+            for norm in ("ln_1", "ln_2"):
+                for part in ("weight", "bias"):
+                    sd[dst + f"{norm}.{part}"] = hf[src + f"{norm}.{part}"]
+            # GPT-2's Conv1D stores weights as (in, out): transpose to nn.Linear's (out, in)
+            q, k, v = hf[src + "attn.c_attn.weight"].t().chunk(3, dim=0)
+            qb, kb, vb = hf[src + "attn.c_attn.bias"].chunk(3)
+            sd.update({dst + "attn.c_q.weight": q, dst + "attn.c_k.weight": k, dst + "attn.c_v.weight": v,
+                       dst + "attn.c_q.bias": qb, dst + "attn.c_k.bias": kb, dst + "attn.c_v.bias": vb})
+            for name in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                sd[dst + name + ".weight"] = hf[src + name + ".weight"].t()
+                sd[dst + name + ".bias"] = hf[src + name + ".bias"]
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+        model.load_state_dict(sd, strict=True)
+        return model
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token id per row of logits (B, vocab). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of tokens whose probability reaches top_p (the most likely token always stays)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
+        logits = torch.full_like(logits, -float("inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, matched against torch.cuda.get_device_name().
+GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A6000", 155e12), ("L40S", 362e12),
+                  ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),
+                  ("T4", 65e12)]
+_measured_peak = {}
+
+
+def hardware_peak_flops(device_type, dtype=torch.float32, override=0.0):
+    """The FLOP/s that MFU is a fraction of: `override` when given, the table above on CUDA, and on the CPU what a
+    2048^3 matmul in `dtype` actually reaches here (measured once, ~0.1 s), since CPUs vary too much to tabulate."""
+    if override:
+        return override
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), 312e12)
+    if dtype not in _measured_peak:
+        n = 2048 if dtype != torch.float32 else 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _measured_peak[dtype] = 2 * n ** 3 / best
+    return _measured_peak[dtype]

@@ -1,0 +1,408 @@
+"""
+The training loop. Runs on one CPU or GPU, or on many with torchrun (DDP):
+
+    python train.py config/train_shakespeare_char.py
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+Every hyperparameter is a global below; config files and --key=value override them (see configurator.py).
+The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import configurator
+from model import GPT, GPTConfig, hardware_peak_flops
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"                  # checkpoints and metrics.jsonl go here
+eval_interval = 2000             # iterations between evaluations (and checkpoints)
+log_interval = 1                 # iterations between console / metrics.jsonl lines
+eval_iters = 200                 # batches per split in each evaluation
+eval_only = False                # evaluate once and exit
+always_save_checkpoint = True    # save at every evaluation, not only when val loss improves
+init_from = "scratch"            # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'gpt2', 'gpt2-medium', ...
+# logging
+wandb_log = False                # log to Weights & Biases (needs `pip install wandb`)
+wandb_project = "nanothink"
+wandb_run_name = "run"
+# data
+dataset = "openwebtext"          # reads data/<dataset>/{train,val}.bin and meta.json
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (summed over all DDP ranks)
+batch_size = 12                  # sequences per micro-batch
+block_size = 1024                # tokens per sequence
+# model
+layout = "modern"                # 'modern' (RoPE, RMSNorm, SwiGLU) or 'gpt2' (learned positions, LayerNorm, GELU)
+n_layer = 12
+n_head = 12
+n_kv_head = 0                    # 0: same as n_head; fewer: grouped-query attention
+n_embd = 768
+mlp_hidden = 0                   # 0: the layout's default width
+dropout = 0.0                    # 0 for pretraining, try 0.1+ for fine-tuning
+bias = False                     # biases in Linear layers and norms
+qk_norm = False                  # RMSNorm on queries and keys
+tie_embeddings = True            # share the token embedding with the output head
+rope_theta = 10000.0
+# optimizer
+optimizer = "adamw"              # 'adamw' or 'muon' (Muon for hidden matrices, AdamW for the rest)
+learning_rate = 6e-4             # peak learning rate
+max_iters = 600000               # total optimizer steps
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                  # clip the global gradient norm to this; 0 disables
+# learning rate schedule
+decay_lr = True                  # False: constant learning_rate after warmup
+lr_schedule = "cosine"           # 'cosine' (to min_lr at lr_decay_iters) or 'wsd' (constant, then linear cooldown)
+warmup_iters = 2000              # linear warmup steps
+lr_decay_iters = 600000          # where the schedule reaches min_lr (~= max_iters per Chinchilla)
+cooldown_frac = 0.2              # 'wsd' only: fraction of lr_decay_iters spent decaying
+min_lr = 6e-5                    # ~= learning_rate/10 per Chinchilla
+# system
+device = "auto"                  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"                   # 'float32', 'bfloat16', 'float16'; auto: bf16 on capable GPUs, see below for CPU
+compile = False                  # torch.compile the model (pays on GPUs; on small CPU models it does not)
+backend = "auto"                 # DDP backend: 'nccl', 'gloo'; auto picks nccl on CUDA, else gloo
+grad_checkpoint = False          # recompute activations in backward to save memory
+seed = 1337
+peak_flops = 0.0                 # FLOP/s that MFU is measured against; 0: look it up / measure it
+# -----------------------------------------------------------------------------
+config_keys = list(configurator.hyperparameters(globals()))
+try:
+    globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:]))
+except configurator.ConfigError as e:
+    sys.exit(f"error: {e}")
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process per device
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend)
+    if gradient_accumulation_steps % world_size:
+        sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by "
+                 f"the world size {world_size}")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+
+if dtype == "auto":
+    if device_type == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        # measured on a 2-core AMX CPU (README): bf16 autocast pays from ~384 wide, fp32 is faster below
+        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 384 else "float32"
+dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if dtype not in dtypes:
+    sys.exit(f"error: dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")
+if dtype == "float16" and device_type == "cpu":
+    sys.exit("error: float16 autocast is not supported on the CPU; use bfloat16 or float32")
+ptdtype = dtypes[dtype]
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+config["device"], config["dtype"] = device, dtype
+
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print("config: " + textwrap.fill(" ".join(f"{k}={v!r}" for k, v in config.items()), 116,
+                                     subsequent_indent="        "))
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+torch.manual_seed(seed + rank)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# -----------------------------------------------------------------------------
+# data: token ids in flat binary files, sampled as random windows
+data_dir = os.path.join("data", dataset)
+meta_path = os.path.join(data_dir, "meta.json")
+meta = {}
+if os.path.exists(meta_path):
+    with open(meta_path) as f:
+        meta = json.load(f)
+token_dtype = np.dtype(meta.get("dtype", "uint16"))
+for split in ("train", "val"):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} not found; prepare the data first: python data/{dataset}/prepare.py")
+    if os.path.getsize(path) // token_dtype.itemsize <= block_size:
+        sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens")
+
+
+def get_batch(split, generator):
+    # a new memmap per batch: np.memmap holds on to the pages it has read (nanoGPT's leak workaround)
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    tokens = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
+    if tokens.max() >= vocab_size:
+        raise ValueError(f"token id {tokens.max()} in {split}.bin is out of range for vocab_size={vocab_size}; "
+                         f"was data/{dataset} prepared with another tokenizer?")
+    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    if device_type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# the data position is this generator's state: it is saved in the checkpoint and restored on resume
+data_gen = torch.Generator().manual_seed(seed + rank)
+
+# -----------------------------------------------------------------------------
+# model
+iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+model_args = dict(layout=layout, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                  mlp_hidden=mlp_hidden, block_size=block_size, bias=bias, dropout=dropout, qk_norm=qk_norm,
+                  tie_embeddings=tie_embeddings, rope_theta=rope_theta, grad_checkpoint=grad_checkpoint,
+                  vocab_size=meta.get("vocab_size", 50304))
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "scratch":
+    model = GPT(GPTConfig(**model_args))
+elif init_from == "resume":
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # the architecture comes from the checkpoint; everything else from this run's config
+    model_args.update({k: v for k, v in checkpoint["model_args"].items() if k not in ("dropout", "grad_checkpoint")})
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(checkpoint["model"])
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+elif init_from.startswith("gpt2"):
+    model = GPT.from_pretrained(init_from, dropout=dropout)
+    model.config.grad_checkpoint = grad_checkpoint
+    model_args = {k: getattr(model.config, k) for k in model_args}
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+        model_args["block_size"] = block_size
+else:
+    sys.exit(f"error: init_from must be 'scratch', 'resume' or 'gpt2*', got {init_from!r}")
+vocab_size = model.config.vocab_size
+if meta.get("vocab_size", 0) > vocab_size:
+    sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
+model.to(device)
+if master:
+    print(f"parameters: {model.num_params(non_embedding=False) / 1e6:.2f}M "
+          f"({model.num_params() / 1e6:.2f}M in matmuls)")
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+if checkpoint is not None:
+    for opt, state in zip(optimizers, checkpoint["optimizers"]):
+        opt.load_state_dict(state)
+    scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng["torch"])
+    if device_type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
+    np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), *rng["numpy"][1:]))
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    data_gen.set_state(rng["data"])
+checkpoint = None  # free memory
+
+raw_model = model
+if compile:
+    if master:
+        print("compiling the model...")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+
+def save_checkpoint():
+    """Writes ckpt.pt atomically: to a temporary file first, renamed over the old one only once complete."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    ckpt = {
+        "model": raw_model.state_dict(),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "scaler": scaler.state_dict(),
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": config,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
+                "numpy": [np_state[1].tolist(), *np_state[2:]],
+                "python": [py_state[0], list(py_state[1]), py_state[2]],
+                "data": data_gen.get_state()},
+    }
+    tmp = ckpt_path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, ckpt_path)
+    print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches per split. The batches are the same at every evaluation (a generator
+    seeded afresh), which makes successive evaluations comparable and leaves the training data stream untouched."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(seed + 1)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, gen)
+            with autocast:
+                _, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it > lr_decay_iters:
+        return min_lr
+    if lr_schedule == "wsd":
+        decay_start = lr_decay_iters * (1 - cooldown_frac)
+        if it < decay_start:
+            return learning_rate
+        return learning_rate + (it - decay_start) / (lr_decay_iters - decay_start) * (min_lr - learning_rate)
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def stop(message, code=1):
+    if master:
+        print(message)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+# SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+wandb = None
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+
+
+def log(record):
+    if master:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if wandb is not None:
+            wandb.log(record, step=record["iter"])
+
+
+# -----------------------------------------------------------------------------
+# the loop
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size
+peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
+nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
+t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
+while True:
+    lr = get_lr(iter_num)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if ddp:  # all ranks must agree on stopping, or the others would hang in their next all-reduce
+        flags = torch.stack([torch.tensor(float(stop_requested), device=device), nonfinite])
+        dist.all_reduce(flags)
+        stop_requested, nonfinite = flags[0].item() > 0, flags[1].clamp(max=1)
+    evaluate = iter_num % eval_interval == 0 or iter_num == max_iters or eval_only
+    if (evaluate or stop_requested or iter_num % log_interval == 0) and nonfinite.item():
+        stop(f"error: non-finite loss before iter {iter_num}; stopping before any checkpoint is overwritten (the "
+             f"last good one is in {out_dir}). Try a lower learning_rate, grad_clip > 0 or dtype='float32'.")
+    if stop_requested:
+        if master:
+            save_checkpoint()
+        stop(f"stopped by signal at iter {iter_num}", code=0)
+
+    if evaluate:
+        losses = estimate_loss()
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+        if not all(map(math.isfinite, losses.values())):
+            stop(f"error: non-finite eval loss at iter {iter_num}; the last checkpoint in {out_dir} is kept. "
+                 f"Try a lower learning_rate, grad_clip > 0 or dtype='float32'.")
+        if eval_only:
+            break
+        if losses["val"] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > start_iter and master:
+                save_checkpoint()
+        t_log, iters_since_log = time.perf_counter(), 0  # keep evaluation out of the iteration timings
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step: gradient_accumulation_steps micro-batches, gradients synchronised on the last only
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        X, Y = get_batch("train", data_gen)
+        with autocast:
+            _, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss_sum)).float())
+    if grad_clip != 0.0:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    iter_num += 1
+    iters_since_log += 1
+
+    if iter_num % log_interval == 0 and master:
+        lossf = loss_sum.item()  # the one host sync per log interval
+        now = time.perf_counter()
+        dt = (now - t_log) / iters_since_log
+        t_log, iters_since_log = now, 0
+        tok_s = tokens_per_iter / dt
+        mfu = flops_per_iter / dt / peak
+        eta = (max_iters - iter_num) * dt
+        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tok_s:,.0f} tok/s, "
+              f"mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min")
+        log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_sec": tok_s, "mfu": mfu,
+             "eta_s": eta})
+
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
