@@ -33,8 +33,9 @@ def _check_type(key, value, default, source):
                       f"(default {default!r})")
 
 
-def apply(config, argv):
-    """Updates the dict `config` (a script's globals, filtered to its hyperparameters) from argv; returns it."""
+def apply(config, argv, skip_unknown_in_files=False):
+    """Updates the dict `config` (a script's globals, filtered to its hyperparameters) from argv; returns it.
+    skip_unknown_in_files lets a script with fewer knobs (bench.py, sample.py) read train.py's config files."""
     defaults = dict(config)
     for arg in argv:
         if not arg.startswith("--"):
@@ -50,6 +51,8 @@ def apply(config, argv):
                 if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue
                 if key not in defaults:
+                    if skip_unknown_in_files:
+                        continue
                     raise _unknown(key, list(defaults)) from None
                 config[key] = _check_type(key, value, defaults[key], arg)
         else:

@@ -1,0 +1,102 @@
+"""
+Generates text from a trained model (out_dir/ckpt.pt) or from OpenAI's GPT-2 weights:
+
+    python sample.py --out_dir=out-shakespeare-char --max_new_tokens=200
+    python sample.py --init_from=gpt2 --start="What is the answer to life?" --num_samples=2
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --top_p=0.9
+"""
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import configurator
+from model import GPT, GPTConfig
+
+init_from = "resume"     # 'resume' (from out_dir) or a GPT-2 variant: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
+out_dir = "out"          # the run directory to load ckpt.pt from
+start = "\n"             # the prompt; "FILE:path" reads it from a file
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8        # 1.0 samples the model's distribution, < 1 sharpens it, 0 is greedy
+top_k = 200              # sample from the k most likely tokens only; 0 disables
+top_p = 1.0              # sample from the smallest set of tokens holding this much probability; 1.0 disables
+seed = 1337
+device = "auto"
+dtype = "auto"           # 'float32' or 'bfloat16'/'float16' autocast; auto: bf16 on capable GPUs, fp32 elsewhere
+compile = False
+try:
+    globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:],
+                                        skip_unknown_in_files=True))
+except configurator.ConfigError as e:
+    sys.exit(f"error: {e}")
+
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device_type = device.split(":")[0]
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.manual_seed(seed)
+
+meta = {"tokenizer": "gpt2"}
+if init_from == "resume":
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} not found; train a model first (python train.py ...) or pass --init_from=gpt2")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**{**checkpoint["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
+    model.load_state_dict(checkpoint["model"])
+    meta_path = os.path.join("data", checkpoint["config"]["dataset"], "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+elif init_from.startswith("gpt2"):
+    model = GPT.from_pretrained(init_from)
+else:
+    sys.exit(f"error: init_from must be 'resume' or 'gpt2*', got {init_from!r}")
+model.eval().to(device)
+if compile:
+    model = torch.compile(model)
+
+if meta["tokenizer"] == "char":
+    stoi = {c: i for i, c in enumerate(meta["chars"])}
+
+    def encode(s):
+        unknown = "".join(sorted({c for c in s if c not in stoi}))
+        if unknown:
+            sys.exit(f"error: the prompt has characters this model never saw: {unknown!r}")
+        return [stoi[c] for c in s]
+
+    def decode(ids):
+        return "".join(meta["chars"][i] for i in ids)
+else:
+    import tiktoken
+    enc = tiktoken.get_encoding(meta["tokenizer"])
+    encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})  # noqa: E731
+    decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])  # noqa: E731 (padded ids are not text)
+
+if start.startswith("FILE:"):
+    with open(start[5:], encoding="utf-8") as f:
+        start = f.read()
+start_ids = encode(start) or [meta.get("eot_id") or 0]
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+
+new_tokens, seconds = 0, 0.0
+with torch.no_grad(), autocast:
+    for _ in range(num_samples):
+        t0 = time.perf_counter()
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        new_tokens += max_new_tokens
+        print(decode(y[0].tolist()))
+        print("---------------")
+print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:,.0f} tokens/s "
+      f"(batch 1, KV cache, {device}, {dtype})")

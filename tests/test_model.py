@@ -1,0 +1,428 @@
+"""model.py: attention is causal, the KV cache changes nothing, GPT-2 weights reproduce Hugging Face's logits,
+the optimizers see the right parameters, and Muon is the published algorithm."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, sample_next
+
+VOCAB, BLOCK = 50, 16
+
+
+def tiny(**overrides):
+    kwargs = dict(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    kwargs.update(overrides)
+    return GPTConfig(**kwargs)
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = GPT(tiny(**overrides))
+    # the init zeroes biases and sets norm gains to one; randomise them so every parameter matters in the tests
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+LAYOUTS = {
+    "modern": dict(layout="modern"),
+    "gpt2": dict(layout="gpt2", bias=True),
+    "modern_gqa_qknorm_untied": dict(layout="modern", n_kv_head=2, qk_norm=True, tie_embeddings=False),
+}
+
+
+def tokens(B, T, seed=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# attention
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(layout):
+    model = make_model(**LAYOUTS[layout])
+    idx = tokens(2, BLOCK)
+    changed = idx.clone()
+    p = 9
+    changed[:, p] = (idx[:, p] + 1) % VOCAB
+    changed[:, p + 3] = (idx[:, p + 3] + 7) % VOCAB
+    with torch.no_grad():
+        before, _ = model(idx)
+        after, _ = model(changed)
+    torch.testing.assert_close(after[:, :p], before[:, :p], rtol=0, atol=1e-6)
+    # the changed position and everything after it do see the change (so the comparison above is not vacuous)
+    assert (after[:, p:] - before[:, p:]).abs().amax(dim=-1).min() > 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kv_cache_one_token_at_a_time_equals_full_forward(layout):
+    model = make_model(**LAYOUTS[layout])
+    idx = tokens(2, BLOCK)
+    with torch.no_grad():
+        full = model.hidden(idx)
+        caches = [KVCache(BLOCK) for _ in model.transformer.h]
+        steps = [model.hidden(idx[:, t:t + 1], caches) for t in range(BLOCK)]
+    assert caches[0].pos == BLOCK
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kv_cache_chunked_prefill_equals_full_forward(layout):
+    # a chunk of several tokens after cached ones needs the explicit offset causal mask
+    model = make_model(**LAYOUTS[layout])
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        full = model.hidden(idx)
+        caches = [KVCache(BLOCK) for _ in model.transformer.h]
+        chunks, start = [], 0
+        for size in (5, 3, 1, 3):
+            chunks.append(model.hidden(idx[:, start:start + size], caches))
+            start += size
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_feeding_more_than_block_size_tokens_is_an_error():
+    model = make_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(1, BLOCK + 1))
+    caches = [KVCache(BLOCK) for _ in model.transformer.h]
+    model.hidden(tokens(1, BLOCK - 2), caches)
+    with pytest.raises(ValueError, match="block_size"):
+        model.hidden(tokens(1, 3), caches)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generation and sampling
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=10, top_p=0.9), dict(temperature=0.0)],
+                         ids=["sampled", "greedy"])
+def test_kv_cache_generation_equals_full_recompute(layout, sampling):
+    model = make_model(**LAYOUTS[layout])
+    prompt = tokens(3, 4)
+    # scale the head so that the sampled distributions are far from uniform and top_k / top_p bite
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        outputs.append(model.generate(prompt, BLOCK - 4 + 1, use_cache=use_cache, **sampling))
+    assert outputs[0].shape == (3, BLOCK + 1)
+    assert torch.equal(outputs[0][:, :4], prompt)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_continues_beyond_block_size(use_cache):
+    model = make_model()
+    prompt = tokens(2, 5)
+    out = model.generate(prompt, 3 * BLOCK, temperature=1.0, top_k=5, use_cache=use_cache)
+    assert out.shape == (2, 5 + 3 * BLOCK)
+    assert torch.equal(out[:, :5], prompt)
+    assert out.min() >= 0 and out.max() < VOCAB
+
+
+def test_greedy_generation_with_and_without_cache_agree_until_the_cache_restarts():
+    # with the cache, the context restarts from the newest block_size/2 tokens once the window is full;
+    # until then, both paths see exactly the same tokens
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    prompt = tokens(2, 5)
+    cached = model.generate(prompt, 2 * BLOCK, temperature=0.0, use_cache=True)
+    recomputed = model.generate(prompt, 2 * BLOCK, temperature=0.0, use_cache=False)
+    assert torch.equal(cached[:, :BLOCK + 1], recomputed[:, :BLOCK + 1])
+
+
+def test_sample_next_with_temperature_zero_or_top_k_one_is_argmax():
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(0))
+    argmax = logits.argmax(dim=-1, keepdim=True)
+    assert torch.equal(sample_next(logits, temperature=0.0), argmax)
+    torch.manual_seed(0)
+    for _ in range(5):
+        assert torch.equal(sample_next(logits, temperature=1.0, top_k=1), argmax)
+        assert torch.equal(sample_next(logits, temperature=5.0, top_k=1, top_p=0.99), argmax)
+
+
+def crafted_logits(n):
+    # ids 0..5 with probabilities 0.05, 0.30, 0.02, 0.50, 0.10, 0.03: not sorted, so the nucleus must be mapped back
+    probs = torch.tensor([0.05, 0.30, 0.02, 0.50, 0.10, 0.03])
+    return probs.log().expand(n, -1).contiguous(), probs
+
+
+def test_top_p_never_samples_outside_the_nucleus_and_renormalises_inside_it():
+    logits, probs = crafted_logits(20000)
+    torch.manual_seed(0)
+    # top_p=0.75: 0.50 (id 3) alone falls short, 0.50 + 0.30 (id 1) reaches it, so the nucleus is {3, 1}
+    counts = torch.bincount(sample_next(logits, top_p=0.75).flatten(), minlength=6).double()
+    assert set(counts.nonzero().flatten().tolist()) == {1, 3}
+    assert abs(counts[3] / counts.sum() - 0.5 / 0.8) < 0.02
+    # top_p=0.85 adds the next most likely token (id 4)
+    counts = torch.bincount(sample_next(logits, top_p=0.85).flatten(), minlength=6)
+    assert set(counts.nonzero().flatten().tolist()) == {1, 3, 4}
+    # top_p below the most likely token's probability still keeps that token
+    assert torch.equal(sample_next(logits[:100], top_p=0.1), torch.full((100, 1), 3))
+
+
+def test_top_k_never_samples_outside_the_k_most_likely():
+    logits, probs = crafted_logits(20000)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_next(logits, top_k=3).flatten(), minlength=6).double()
+    assert set(counts.nonzero().flatten().tolist()) == {1, 3, 4}
+    assert abs(counts[3] / counts.sum() - 0.5 / 0.9) < 0.02
+    # without truncation every token is reachable
+    counts = torch.bincount(sample_next(logits).flatten(), minlength=6)
+    assert (counts > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPT-2 weights
+
+
+def test_gpt2_layout_reproduces_hugging_face_gpt2_logits():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=100,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    assert hf_config.activation_function == "gelu_new"  # the tanh approximation our gpt2 layout uses
+    with torch.no_grad():  # non-trivial norms and biases, so that a mis-mapped or transposed one shows
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = GPT.from_hf_gpt2(hf).eval()
+    assert model.config.layout == "gpt2" and model.config.block_size == 32
+    idx = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# optimizers
+
+
+def ids(params):
+    return sorted(id(p) for p in params)
+
+
+@pytest.mark.parametrize("layout", ["modern_gqa_qknorm_untied", "gpt2"])
+def test_adamw_decays_exactly_the_matrices_and_embeddings(layout):
+    model = make_model(**LAYOUTS[layout])
+    [opt] = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    params = list(model.parameters())  # shared (tied) parameters appear once
+    assert ids(decay["params"]) == ids(p for p in params if p.dim() >= 2)
+    assert ids(no_decay["params"]) == ids(p for p in params if p.dim() == 1)
+
+
+@pytest.mark.parametrize("layout", ["modern_gqa_qknorm_untied", "gpt2"])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(layout):
+    model = make_model(**LAYOUTS[layout])
+    muon, adamw = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                                             device_type="cpu", optimizer="muon")
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert muon.defaults["adjust_lr_fn"] == "match_rms_adamw"  # one learning_rate serves both optimizers
+    named = dict(model.named_parameters())
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = [id(p) for g in adamw.param_groups for p in g["params"]]
+    expected_muon = {id(p) for n, p in named.items() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert in_muon == expected_muon
+    assert len(expected_muon) == model.config.n_layer * (7 if model.config.layout == "modern" else 6)
+    assert not in_muon & set(in_adamw)
+    assert sorted(in_adamw) == sorted(id(p) for p in named.values() if id(p) not in in_muon)  # each once
+    t = model.transformer
+    for p in [t.wte.weight, model.lm_head.weight, t.ln_f.weight, t.h[0].ln_1.weight, t.h[1].ln_2.weight]:
+        assert id(p) in in_adamw
+    if model.config.layout == "gpt2":
+        assert id(named["transformer.wpe.weight"]) in in_adamw
+        assert id(named["transformer.h.0.attn.c_q.bias"]) in in_adamw
+    else:
+        assert id(named["transformer.h.0.attn.q_norm.weight"]) in in_adamw
+    decay, no_decay = adamw.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+# Muon as published (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024; the lr matching
+# of Liu et al., "Muon is Scalable for LLM Training", 2025), written out in float64. Like the reference
+# implementation, torch runs Newton-Schulz in bfloat16; `precision` rounds each intermediate result to it.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz5(G, precision=torch.bfloat16, eps=1e-7):
+    a, b, c = NS_COEFFICIENTS
+    r = lambda t: t.to(precision).double()  # noqa: E731
+    X = r(G.double())
+    tall = X.size(0) > X.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        X = X.T
+    X = r(X / r(X.norm().clamp(min=eps)))  # Frobenius norm >= spectral norm: singular values start in [0, 1]
+    for _ in range(5):
+        A = r(X @ X.T)
+        B = r(b * A + c * A @ A)
+        X = r(a * X + B @ X)
+    return X.T if tall else X
+
+
+def reference_muon(W, grads, lr, weight_decay, momentum, nesterov):
+    """The weights after each step. The momentum buffer is an exponential average, b = mu*b + (1-mu)*g, and the
+    Nesterov look-ahead (1-mu)*g + mu*b; the sum form (b = mu*b + g, u = g + mu*b) is the same up to the factor
+    (1-mu), which the normalisation inside Newton-Schulz removes."""
+    W, buf, out = W.double().clone(), torch.zeros_like(W, dtype=torch.float64), []
+    rows, cols = W.shape
+    adjusted_lr = lr * 0.2 * math.sqrt(max(rows, cols))  # "match_rms_adamw": update RMS ~ AdamW's ~0.2
+    for g in grads:
+        g = g.double()
+        buf = momentum * buf + (1 - momentum) * g
+        update = (1 - momentum) * g + momentum * buf if nesterov else buf
+        W = W * (1 - lr * weight_decay)  # decoupled decay, with the unadjusted lr, before the update
+        W = W - adjusted_lr * newton_schulz5(update)
+        out.append(W)
+    return out
+
+
+def run_muon(W0, grads, **kwargs):
+    W = W0.clone().requires_grad_(True)
+    opt = torch.optim.Muon([W], adjust_lr_fn="match_rms_adamw", **kwargs)
+    out = []
+    for g in grads:
+        W.grad = g.clone()
+        opt.step()
+        out.append(W.detach().double().clone())
+    return out
+
+
+def assert_steps_match(W0, got, want, rel=2e-3):
+    # relative to the size of each step. On this machine the match is exact (the same bf16 roundings); the
+    # tolerance leaves room for a few roundings that fall the other way where a CPU accumulates in another order.
+    # A wrong lr scale, momentum, decay order or NS coefficient is off by >= 1%.
+    prev = W0.double()
+    for step, (g, w) in enumerate(zip(got, want)):
+        err = ((g - w).norm() / (w - prev).norm()).item()
+        assert err < rel, f"step {step}: relative error {err:.2e}"
+        prev = w
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (16, 8)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_steps_equal_the_published_algorithm(shape, nesterov):
+    torch.manual_seed(0)
+    W0 = torch.randn(shape)
+    grads = [torch.randn(shape), torch.randn(shape)]  # the second step exercises the momentum buffer
+    got = run_muon(W0, grads, lr=0.1, weight_decay=0.0, momentum=0.95, nesterov=nesterov)
+    want = reference_muon(W0, grads, lr=0.1, weight_decay=0.0, momentum=0.95, nesterov=nesterov)
+    assert_steps_match(W0, got, want)
+
+
+def test_muon_weight_decay_is_decoupled_with_the_unadjusted_lr_and_applied_before_the_update():
+    torch.manual_seed(0)
+    W0 = torch.randn(8, 16)
+    # a zero gradient orthogonalises to zero: the step is the decay alone, W * (1 - lr * wd), exactly
+    [W1] = run_muon(W0, [torch.zeros(8, 16)], lr=0.1, weight_decay=2.0, momentum=0.95)
+    torch.testing.assert_close(W1, W0.double() * (1 - 0.1 * 2.0), rtol=0, atol=1e-6)
+    # with a gradient: decaying after the update instead would be off by lr * wd = 40% of the update
+    grads = [torch.randn(8, 16), torch.randn(8, 16)]
+    got = run_muon(W0, grads, lr=0.1, weight_decay=4.0, momentum=0.95)
+    want = reference_muon(W0, grads, lr=0.1, weight_decay=4.0, momentum=0.95, nesterov=True)
+    assert_steps_match(W0, got, want)
+
+
+def test_newton_schulz_reference_roughly_orthogonalises():
+    # the reference's own sanity: singular values land near 1 (the quintic's band is about [0.7, 1.2])
+    G = torch.randn(8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for precision in (torch.float64, torch.bfloat16):
+        s = torch.linalg.svdvals(newton_schulz5(G, precision))
+        assert s.min() > 0.6 and s.max() < 1.25
+        torch.testing.assert_close(newton_schulz5(G.T, precision), newton_schulz5(G, precision).T)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# counting
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_flops_per_token_is_six_per_parameter_plus_attention(layout):
+    model = make_model(**LAYOUTS[layout])
+    cfg = model.config
+    T = 12
+    assert model.flops_per_token(T) == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def test_num_params_counts_a_tied_embedding_once_and_leaves_out_only_lookup_tables():
+    untied, tied = make_model(tie_embeddings=False), make_model(tie_embeddings=True)
+    table = VOCAB * 32
+    # the untied model has one more vocab x n_embd matrix; the tied one does not count its shared matrix twice
+    assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == table
+    assert tied.num_params(non_embedding=False) == sum(p.numel() for p in set(tied.parameters()))
+    # non_embedding drops the untied lookup table but keeps the head; tied, the matrix is the head and stays
+    assert untied.num_params(non_embedding=False) - untied.num_params(non_embedding=True) == table
+    assert tied.num_params(non_embedding=True) == tied.num_params(non_embedding=False)
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True)
+    # gpt2 layout: the learned position table is a lookup too
+    gpt2 = make_model(layout="gpt2")
+    assert gpt2.num_params(non_embedding=False) - gpt2.num_params(non_embedding=True) == BLOCK * 32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training paths
+
+
+@pytest.mark.parametrize("layout", ["modern_gqa_qknorm_untied", "gpt2"])
+def test_grad_checkpoint_gives_the_same_loss_and_gradients(layout):
+    results = []
+    idx, targets = tokens(2, BLOCK, seed=1), tokens(2, BLOCK, seed=2)
+    for grad_checkpoint in (False, True):
+        model = make_model(grad_checkpoint=grad_checkpoint, **LAYOUTS[layout]).train()
+        _, loss = model(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert grads_a[name] is not None, name
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loss_ignores_targets_of_minus_one():
+    model = make_model()
+    idx, targets = tokens(1, 8, seed=1), tokens(1, 8, seed=2)
+    logits, _ = model(idx)
+    masked = targets.clone()
+    masked[0, 5:] = -1
+    _, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[0, :5], targets[0, :5])
+    torch.testing.assert_close(loss, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_embd=30, n_head=4), "n_embd=30 is not divisible by n_head=4"),
+    (dict(n_head=4, n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+    (dict(layout="foo"), "layout must be 'modern' or 'gpt2', got 'foo'"),
+])
+def test_invalid_config_is_a_clear_value_error(overrides, message):
+    with pytest.raises(ValueError) as err:
+        tiny(**overrides)
+    assert message in str(err.value)
+
+
+def test_config_defaults_fill_kv_heads_and_mlp_width_per_layout():
+    modern = tiny(n_embd=96, n_head=4)
+    assert modern.n_kv_head == 4
+    assert modern.mlp_hidden == 256  # 2/3 of 4*96 = 256, already a multiple of 64
+    assert tiny(n_embd=32).mlp_hidden == 128  # 85.3 rounded up to a multiple of 64
+    assert tiny(layout="gpt2", n_embd=32).mlp_hidden == 128  # plain 4*n_embd
