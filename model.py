@@ -241,7 +241,7 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.transformer.drop(x)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         for i, block in enumerate(self.transformer.h):
             if self.config.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -267,7 +267,7 @@ class GPT(nn.Module):
             if not use_cache:
                 logits = self.lm_head(self.hidden(idx[:, -block_size:])[:, -1])
             else:
-                if caches is None or caches[0].pos == block_size:
+                if caches is None:
                     keep = block_size if caches is None else block_size // 2
                     caches = [KVCache(block_size) for _ in self.transformer.h]
                     h = self.hidden(idx[:, -keep:], caches)

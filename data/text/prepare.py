@@ -116,8 +116,7 @@ def documents():
                     if not isinstance(text, str):
                         raise SystemExit(f'error: {path}, line {lineno}: "text" must be a string, '
                                          f"got {type(text).__name__}")
-                    if text:
-                        yield text, True
+                    yield text, True
         except UnicodeDecodeError as e:
             raise SystemExit(f"error: {path} is not UTF-8 text ({e.reason})")
 
