@@ -126,7 +126,6 @@ config["device"], config["dtype"] = device, dtype
 
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print("config: " + textwrap.fill(" ".join(f"{k}={v!r}" for k, v in config.items()), 116,
                                      subsequent_indent="        "))
     print(f"tokens per iteration: {tokens_per_iter:,}")
@@ -147,9 +146,18 @@ token_dtype = np.dtype(meta.get("dtype", "uint16"))
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
-        sys.exit(f"error: {path} not found; prepare the data first: python data/{dataset}/prepare.py")
+        script = f"data/{dataset}/prepare.py"
+        how = f"python {script}" if os.path.exists(script) else \
+            f"python data/text/prepare.py --out_dir {data_dir} YOUR_TEXT_FILES"
+        sys.exit(f"error: {path} not found; prepare the data first: {how}")
     if os.path.getsize(path) // token_dtype.itemsize <= block_size:
         sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens")
+
+
+def check_token_range(tokens, where):
+    if tokens.size and tokens.max() >= vocab_size:
+        sys.exit(f"error: token id {tokens.max()} in {where} is out of range for vocab_size={vocab_size}; "
+                 f"was data/{dataset} prepared with another tokenizer?")
 
 
 def get_batch(split, generator):
@@ -157,9 +165,7 @@ def get_batch(split, generator):
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     tokens = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
-    if tokens.max() >= vocab_size:
-        raise ValueError(f"token id {tokens.max()} in {split}.bin is out of range for vocab_size={vocab_size}; "
-                         f"was data/{dataset} prepared with another tokenizer?")
+    check_token_range(tokens, f"{split}.bin")  # cheap per batch, catches what the startup scan skipped
     x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -176,6 +182,8 @@ model_args = dict(layout=layout, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_
                   mlp_hidden=mlp_hidden, block_size=block_size, bias=bias, dropout=dropout, qk_norm=qk_norm,
                   tie_embeddings=tie_embeddings, rope_theta=rope_theta, grad_checkpoint=grad_checkpoint,
                   vocab_size=meta.get("vocab_size", 50304))
+if model_args["vocab_size"] > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
+    model_args["vocab_size"] = 64 * math.ceil(model_args["vocab_size"] / 64)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
@@ -200,8 +208,13 @@ else:
 vocab_size = model.config.vocab_size
 if meta.get("vocab_size", 0) > vocab_size:
     sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
+for split in ("train", "val"):  # scan whole files up to ~128M tokens up front (a second or so); larger ones per batch
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
+    if len(data) <= 2**27:
+        check_token_range(data, f"{split}.bin")
 model.to(device)
 if master:
+    os.makedirs(out_dir, exist_ok=True)
     print(f"parameters: {model.num_params(non_embedding=False) / 1e6:.2f}M "
           f"({model.num_params() / 1e6:.2f}M in matmuls)")
 

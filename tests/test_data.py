@@ -22,8 +22,8 @@ def enc():
     return tiktoken.get_encoding("gpt2")
 
 
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+def run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def prepare_copy(tmp_path, name):
@@ -65,8 +65,8 @@ def test_bpe_prepare_round_trips(tmp_path, enc):
     assert 0.88 < len(train) / (len(train) + len(val)) < 0.92
 
 
-def prepare_text(*args, cwd=None):
-    return run(os.path.join(ROOT, "data", "text", "prepare.py"), *args, cwd=cwd)
+def prepare_text(*args):
+    return run(os.path.join(ROOT, "data", "text", "prepare.py"), *args)
 
 
 def documents(tokens, eot):
@@ -130,12 +130,16 @@ def test_text_prepare_single_document_splits_by_tokens(tmp_path, enc):
 
 
 def test_text_prepare_large_file_gives_the_tokens_of_the_whole(tmp_path, enc):
-    # over PIECE_CHARS (2^20), so the file is tokenized in pieces; the separators test where pieces may be cut
+    # prepare.py reads text files 2^20 characters at a time and cuts each piece at a safe line break. Around that
+    # mark is a stretch with only unsafe ones: cutting after its "\n\n" would give 628 ("\n\n") where the whole
+    # text has 198 198. Before it, random text with all sorts of line breaks.
     rng = random.Random(0)
     words = ["the", "King", "'s", "don't", "42", "3.14", "naïve", "日本語", "🙂", "--", "...", "/x"]
     seps = [" ", "  ", "\n", "\n\n", " \n", "\n ", "\t\n", ".\n", ":\n"]
-    text = "".join(rng.choice(words) + rng.choice(seps) for _ in range(300_000))
-    assert len(text) > 2 ** 20
+    head = "".join(rng.choice(words) + rng.choice(seps) for _ in range(250_000))[:2 ** 20 - 5003]
+    text = head + "the King\n\n" * 1000 + "".join(rng.choice(words) + rng.choice(seps) for _ in range(5000))
+    naive = text.rfind("\n", 0, 2 ** 20 - 1) + 1  # a cut at the last line break would change the tokens:
+    assert enc.encode_ordinary(text[:naive]) + enc.encode_ordinary(text[naive:]) != enc.encode_ordinary(text)
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     r = prepare_text(tmp_path / "big.txt", "--out_dir", tmp_path)
     assert r.returncode == 0, r.stderr
@@ -158,7 +162,7 @@ def test_text_prepare_clear_errors(tmp_path, case):
     else:
         path = tmp_path / "empty_folder"
         path.mkdir()
-        expected = ["no text"]
+        expected = ["no text", str(path)]
     r = prepare_text(path, "--out_dir", out)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
@@ -188,7 +192,7 @@ def train_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     write_dataset(tmp / "data" / "good", [i % 10 for i in range(64)], vocab_size=10)
     # every fourth token is past the vocabulary, so that every sampled window holds one
-    write_dataset(tmp / "data" / "bad_ids", [1000 if i % 4 == 0 else i % 10 for i in range(64)], vocab_size=10)
+    write_dataset(tmp / "data" / "bad_ids", [4321 if i % 4 == 0 else i % 10 for i in range(64)], vocab_size=10)
     script = os.path.join(ROOT, "train.py")
     cases = {  # name: (extra arguments, working directory)
         "missing_dataset": (["--dataset=no_such_dataset"], ROOT),
@@ -200,18 +204,24 @@ def train_runs(tmp_path_factory):
     procs = {name: subprocess.Popen([sys.executable, script, *args, *SMALL, f"--out_dir={tmp / 'out' / name}"],
                                     cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, (args, cwd) in cases.items()}
-    outputs = {name: p.communicate(timeout=120)[0] for name, p in procs.items()}
+    try:
+        outputs = {name: p.communicate(timeout=120)[0] for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
     return {name: (p.returncode, outputs[name]) for name, p in procs.items()}
 
 
 def test_train_missing_dataset(train_runs):
     code, output = train_runs["missing_dataset"]
     assert code != 0 and "prepare.py" in output and "no_such_dataset" in output
+    assert "Traceback" not in output
 
 
 def test_train_token_out_of_vocab(train_runs):
     code, output = train_runs["bad_ids"]
-    assert code != 0 and "out of range" in output and "1000" in output
+    assert code != 0 and "out of range" in output and "4321" in output
 
 
 def test_train_bad_dtype(train_runs):

@@ -3,6 +3,7 @@ Tokenizes your own text with a tiktoken encoding, for `python train.py --dataset
 
     python data/text/prepare.py notes.txt books/ web.jsonl --out_dir data/mycorpus
     python train.py --dataset=mycorpus ...
+    python data/text/prepare.py corpus/       # writes to data/text/: train with --dataset=text
 
 Inputs, read in the order given:
   - a folder: every .txt and .md file under it (recursively, in sorted order; hidden files and folders skipped),
@@ -116,7 +117,8 @@ def documents():
                     if not isinstance(text, str):
                         raise SystemExit(f'error: {path}, line {lineno}: "text" must be a string, '
                                          f"got {type(text).__name__}")
-                    yield text, True
+                    if text:
+                        yield text, True
         except UnicodeDecodeError as e:
             raise SystemExit(f"error: {path} is not UTF-8 text ({e.reason})")
 
