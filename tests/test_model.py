@@ -426,5 +426,6 @@ def test_config_defaults_fill_kv_heads_and_mlp_width_per_layout():
     modern = tiny(n_embd=96, n_head=4)
     assert modern.n_kv_head == 4
     assert modern.mlp_hidden == 256  # 2/3 of 4*96 = 256, already a multiple of 64
-    assert tiny(n_embd=32).mlp_hidden == 128  # 85.3 rounded up to a multiple of 64
+    assert tiny(n_embd=128).mlp_hidden == 320  # 341.3 to the nearest multiple of 64
+    assert tiny(n_embd=32).mlp_hidden == 64  # 85.3 to the nearest multiple of 64
     assert tiny(layout="gpt2", n_embd=32).mlp_hidden == 128  # plain 4*n_embd
