@@ -113,8 +113,9 @@ if dtype == "auto":
     if device_type == "cuda":
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     else:
-        # measured on a 2-core AMX CPU (README): bf16 autocast pays from ~384 wide, fp32 is faster below
-        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 384 else "float32"
+        # measured with bench.py on a 2-core CPU (README): bf16 autocast is 1.7x faster than fp32 at 256 wide,
+        # but only 0.9-1.3x at 128-192, where the casts cost about what the faster matmuls save
+        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 256 else "float32"
 dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 if dtype not in dtypes:
     sys.exit(f"error: dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")

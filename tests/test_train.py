@@ -105,3 +105,35 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(char_data, tmp
     assert "non-finite" in proc.stdout + proc.stderr
     assert os.path.getmtime(tmp_path / "ckpt.pt") == before
     assert load(tmp_path)["iter_num"] == 2
+
+
+def test_wsd_schedule_is_constant_then_linear_to_min_lr(char_data, tmp_path):
+    run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=10", "--eval_interval=100", "--lr_schedule=wsd",
+               "--warmup_iters=2", "--lr_decay_iters=10", "--cooldown_frac=0.5", "--min_lr=1e-4"], char_data)
+    lrs = [r["lr"] for r in metrics(tmp_path) if "lr" in r]  # the lr of steps 0..9
+    assert lrs[:2] == [3e-3 * 1 / 3, 3e-3 * 2 / 3]  # linear warmup
+    assert lrs[2:6] == [3e-3] * 4  # stable until step 5 = 10 * (1 - 0.5)
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))  # then decaying linearly toward min_lr at step 10
+    assert abs(lrs[9] - (3e-3 + 0.8 * (1e-4 - 3e-3))) < 1e-12
+
+
+def test_sample_generates_from_a_checkpoint(char_data, tmp_path):
+    run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"], char_data)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path}",
+                           "--device=cpu", "--num_samples=2", "--max_new_tokens=40", "--start=ROMEO:"],
+                          cwd=char_data, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("ROMEO:") == 2
+    assert "80 tokens in" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_ddp_under_torchrun_trains_and_rank0_saves(char_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=6",
+           "--gradient_accumulation_steps=2"]
+    proc = subprocess.run(cmd, cwd=char_data, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("saved checkpoint") == 1  # rank 0 only
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 7)) and all(map(lambda v: v == v, losses.values()))
+    assert load(tmp_path)["iter_num"] == 6
