@@ -225,10 +225,10 @@ if checkpoint is not None:
     for opt, state in zip(optimizers, checkpoint["optimizers"]):
         opt.load_state_dict(state)
     scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint["rng"]
+    rng = checkpoint["rng"][rank % len(checkpoint["rng"])]  # each rank's own streams (dropout, data order)
     torch.set_rng_state(rng["torch"])
-    if device_type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
+    if device_type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
     np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), *rng["numpy"][1:]))
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     data_gen.set_state(rng["data"])
@@ -243,10 +243,25 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
+def rng_states():
+    """This rank's random streams: dropout (torch, cuda), numpy, python, and the data order (data_gen)."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+            "numpy": [np_state[1].tolist(), *np_state[2:]],  # as plain lists: weights_only loading takes no arrays
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "data": data_gen.get_state()}
+
+
 def save_checkpoint():
-    """Writes ckpt.pt atomically: to a temporary file first, renamed over the old one only once complete."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    """Called on every rank (it gathers each rank's RNG states); rank 0 writes ckpt.pt atomically: to a temporary
+    file first, renamed over the old one only once complete, so a crash mid-save leaves the last one intact."""
+    rngs = [rng_states()]
+    if ddp:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng_states())
+    if not master:
+        return
     ckpt = {
         "model": raw_model.state_dict(),
         "optimizers": [opt.state_dict() for opt in optimizers],
@@ -255,11 +270,7 @@ def save_checkpoint():
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
         "config": config,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
-                "numpy": [np_state[1].tolist(), *np_state[2:]],
-                "python": [py_state[0], list(py_state[1]), py_state[2]],
-                "data": data_gen.get_state()},
+        "rng": rngs,
     }
     tmp = ckpt_path + ".tmp"
     torch.save(ckpt, tmp)
@@ -358,8 +369,7 @@ while True:
         stop(f"error: non-finite loss before iter {iter_num}; stopping before any checkpoint is overwritten (the "
              f"last good one is in {out_dir}). Try a lower learning_rate, grad_clip > 0 or dtype='float32'.")
     if stop_requested:
-        if master:
-            save_checkpoint()
+        save_checkpoint()
         stop(f"stopped by signal at iter {iter_num}", code=0)
 
     if evaluate:
@@ -374,7 +384,7 @@ while True:
             break
         if losses["val"] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses["val"])
-            if iter_num > start_iter and master:
+            if iter_num > start_iter:
                 save_checkpoint()
         t_log, iters_since_log = time.perf_counter(), 0  # keep evaluation out of the iteration timings
     if iter_num >= max_iters:
