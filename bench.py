@@ -41,7 +41,7 @@ weight_decay = 0.1
 # what to measure
 device = "auto"
 dtype = "float32,bfloat16"  # comma-separated list
-compile = None              # True, False, or "False,True" to compare (None: False)
+compile = None              # True, False, or False,True to compare both (None: False)
 warmup = 3                  # untimed steps per variant (compile happens here)
 rounds = 5                  # timed rounds; each times `steps` steps of every variant
 steps = 5
@@ -60,7 +60,8 @@ device_type = device.split(":")[0]
 dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32,bfloat16"
-variants = list(itertools.product(dtype.split(","), [c.strip() == "True" for c in str(compile).split(",")]))
+compile_modes = compile if isinstance(compile, tuple) else (bool(compile),)  # --compile=False,True is a tuple
+variants = list(itertools.product(dtype.split(","), compile_modes))
 
 torch.manual_seed(seed)
 runs = []
