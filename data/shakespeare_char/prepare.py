@@ -25,7 +25,12 @@ if not os.path.exists(path):
     if args.input:
         raise SystemExit(f"error: {path} does not exist")
     print(f"downloading {URL}")
-    urllib.request.urlretrieve(URL, path)
+    try:
+        urllib.request.urlretrieve(URL, path + ".part")  # renamed when complete: no half file is ever reused
+    except OSError as e:
+        raise SystemExit(f"error: could not download Tiny Shakespeare ({e}); "
+                         f"pass a local copy with --input PATH") from None
+    os.replace(path + ".part", path)
 with open(path, encoding="utf-8") as f:
     text = f.read()
 
