@@ -336,7 +336,10 @@ signal.signal(signal.SIGINT, request_stop)
 
 wandb = None
 if wandb_log and master:
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        sys.exit("error: wandb_log=True needs Weights & Biases: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
@@ -415,7 +418,7 @@ while True:
     iters_since_log += 1
 
     if iter_num % log_interval == 0 and master:
-        lossf = loss_sum.item()  # the one host sync per log interval
+        lossf = loss_sum.item()  # host syncs (this and nonfinite.item()) happen only at log intervals
         now = time.perf_counter()
         dt = (now - t_log) / iters_since_log
         t_log, iters_since_log = now, 0
