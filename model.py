@@ -67,7 +67,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # written out rather than F.rms_norm: on the CPU this is ~1.5x faster (F.rms_norm is not fused there)
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).type_as(x)
 
 
 def Norm(config):
@@ -314,7 +314,10 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, model_type, dropout=0.0):
         """OpenAI's GPT-2 weights through Hugging Face transformers (an optional dependency, imported here only)."""
-        from transformers import GPT2LMHeadModel
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise ImportError("loading GPT-2 weights needs Hugging Face transformers: pip install transformers") from None
         if model_type not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
             raise ValueError(f"unknown GPT-2 model {model_type!r}")
         return cls.from_hf_gpt2(GPT2LMHeadModel.from_pretrained(model_type), dropout)
