@@ -222,6 +222,7 @@ def test_train_missing_dataset(train_runs):
 def test_train_token_out_of_vocab(train_runs):
     code, output = train_runs["bad_ids"]
     assert code != 0 and "out of range" in output and "4321" in output
+    assert "Traceback" not in output
 
 
 def test_train_bad_dtype(train_runs):
