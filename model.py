@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from moe import MoE
+
 try:
     from flash_attn import flash_attn_func  # optional, CUDA only
 except ImportError:
@@ -43,6 +45,18 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     grad_checkpoint: bool = False  # recompute each block in backward instead of storing its activations
+    # Mixture-of-Experts (moe.py); n_expert=0 is a dense model
+    n_expert: int = 0
+    top_k: int = 2              # experts per token
+    expert_hidden: int = 0      # each expert's SwiGLU width; 0: mlp_hidden
+    moe_every: int = 1          # every moe_every-th block is MoE (the last of each group), the others dense
+    n_shared_expert: int = 0    # experts every token also goes through
+    capacity_factor: float = 0.0  # 0: dropless; else each expert takes at most ceil(N*top_k*factor/E) tokens
+    router_score: str = "softmax"  # 'softmax' or 'sigmoid'
+    router_renormalize: bool = True  # the top_k weights sum to one
+    moe_balance: str = "aux"    # 'aux' (the Switch loss only) or 'bias' (DeepSeek-V3's aux-loss-free bias, too)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
 
     def __post_init__(self):
         if self.layout not in ("modern", "gpt2"):
@@ -56,6 +70,23 @@ class GPTConfig:
             self.mlp_hidden = 4 * self.n_embd
             if self.layout == "modern":
                 self.mlp_hidden = 64 * max(1, round(self.mlp_hidden * 2 / 3 / 64))
+        self.expert_hidden = self.expert_hidden or self.mlp_hidden
+        if self.n_expert:
+            if self.layout != "modern":
+                raise ValueError("Mixture-of-Experts needs layout='modern' (its experts are SwiGLU MLPs)")
+            if not 1 <= self.top_k <= self.n_expert:
+                raise ValueError(f"top_k={self.top_k} must be between 1 and n_expert={self.n_expert}")
+            if self.moe_every < 1:
+                raise ValueError(f"moe_every must be at least 1, got {self.moe_every}")
+            if self.router_score not in ("softmax", "sigmoid"):
+                raise ValueError(f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
+            if self.moe_balance not in ("aux", "bias"):
+                raise ValueError(f"moe_balance must be 'aux' or 'bias', got {self.moe_balance!r}")
+            if self.capacity_factor < 0:
+                raise ValueError(f"capacity_factor must be >= 0 (0 is dropless), got {self.capacity_factor}")
+
+    def is_moe(self, layer):
+        return self.n_expert > 0 and layer % self.moe_every == self.moe_every - 1
 
 
 class RMSNorm(nn.Module):
@@ -155,13 +186,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
+        hidden = hidden or config.mlp_hidden
         self.swiglu = config.layout == "modern"
         if self.swiglu:
-            self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -173,12 +205,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = Norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = Norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe(layer) else MLP(config)
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache)
@@ -192,7 +224,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=Norm(config),
         ))
         if config.layout == "gpt2":
@@ -206,7 +238,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch adds to the stream, so shrink the projections that feed it
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "mlp.w2")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -217,15 +249,36 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding=True):
-        """Parameter count; non_embedding leaves out the lookup tables (but keeps the head, which is a matmul)."""
+    def num_params(self, non_embedding=True, active=False):
+        """Parameter count; non_embedding leaves out the lookup tables (but keeps the head, which is a matmul);
+        active counts, of each MoE layer's routed experts, only the top_k a token uses."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if "wpe" in self.transformer:
                 n -= self.transformer.wpe.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
+        if active:
+            for moe in self.moe_layers():
+                n -= (moe.n_expert - moe.top_k) * (moe.w1[0].numel() + moe.w3[0].numel() + moe.w2[0].numel())
         return n
+
+    def moe_layers(self):
+        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def moe_loss(self):
+        """The MoE layers' balancing losses (aux + z) from the last forward, for train.py to add; 0 if dense."""
+        zero = torch.zeros((), device=self.lm_head.weight.device)
+        return sum((moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None), zero)
+
+    def moe_metrics(self):
+        """Per MoE layer, the routing statistics since the last call (see MoE.metrics)."""
+        return [moe.metrics() for moe in self.moe_layers()]
+
+    def update_moe_bias(self, rate):
+        """After each optimizer step with moe_balance='bias': nudge the experts' routing biases toward equal load."""
+        for moe in self.moe_layers():
+            moe.update_bias(rate)
 
     def crop_block_size(self, block_size):
         """Shrinks the context window (e.g. to fine-tune GPT-2, trained at 1024, with shorter sequences)."""
@@ -294,7 +347,9 @@ class GPT(nn.Module):
             groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
             return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
         if optimizer == "muon":
-            hidden = [p for n, p in params.items() if n.startswith("transformer.h.") and p.dim() == 2]
+            # 2-D matrices only: the router (a tiny classifier) and stacked 3-D experts stay with AdamW
+            hidden = [p for n, p in params.items()
+                      if n.startswith("transformer.h.") and p.dim() == 2 and "router" not in n]
             ids = {id(p) for p in hidden}
             rest = [p for p in params.values() if id(p) not in ids]
             muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
@@ -305,11 +360,11 @@ class GPT(nn.Module):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4) plus attention's
-        12*n_layer*n_embd*T (PaLM, appendix B)."""
+        """Training FLOPs per token: 6 per matmul parameter a token uses (forward 2, backward 4; for MoE only the
+        active experts) plus attention's 12*n_layer*n_embd*T (PaLM, appendix B)."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * self.num_params(active=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
     @classmethod
     def from_pretrained(cls, model_type, dropout=0.0):
@@ -396,3 +451,18 @@ def hardware_peak_flops(device_type, dtype=torch.float32, override=0.0):
             best = min(best, time.perf_counter() - t0)
         _measured_peak[dtype] = 2 * n ** 3 / best
     return _measured_peak[dtype]
+
+
+if __name__ == "__main__":
+    # python model.py config/medium_moe.py [--n_expert=16 ...]: the model a config builds, without building it
+    import dataclasses
+    import sys
+
+    import configurator
+    shape = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    shape = configurator.apply(shape, sys.argv[1:], skip_unknown_in_files=True)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = GPT(GPTConfig(**shape))
+    total, active = model.num_params(non_embedding=False), model.num_params(non_embedding=False, active=True)
+    print(f"{model.config}\nparameters: {total:,} total, {active:,} active per token "
+          f"({len(model.moe_layers())} MoE layers); training FLOPs per token: {model.flops_per_token():.3e}")

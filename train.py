@@ -58,6 +58,19 @@ bias = False                     # biases in Linear layers and norms
 qk_norm = False                  # RMSNorm on queries and keys
 tie_embeddings = True            # share the token embedding with the output head
 rope_theta = 10000.0
+# mixture of experts (moe.py): n_expert > 0 replaces the MLP of every moe_every-th block
+n_expert = 0
+top_k = 2                        # experts per token
+expert_hidden = 0                # each expert's width; 0: mlp_hidden
+moe_every = 1
+n_shared_expert = 0              # experts that see every token
+capacity_factor = 0.0            # 0: dropless; else tokens over ceil(tokens*top_k*factor/n_expert) are dropped
+router_score = "softmax"         # 'softmax' or 'sigmoid'
+router_renormalize = True        # the top_k weights of a token sum to one
+moe_balance = "aux"              # 'aux': Switch loss; 'bias': also DeepSeek-V3's aux-loss-free routing bias
+aux_loss_coef = 0.01             # Switch load-balancing loss
+z_loss_coef = 0.001              # router z-loss
+moe_bias_rate = 1e-3             # moe_balance='bias': bias step per optimizer step
 # optimizer
 optimizer = "adamw"              # 'adamw' or 'muon' (Muon for hidden matrices, AdamW for the rest)
 learning_rate = 6e-4             # peak learning rate
@@ -182,7 +195,11 @@ iter_num, best_val_loss, checkpoint = 0, float("inf"), None
 model_args = dict(layout=layout, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                   mlp_hidden=mlp_hidden, block_size=block_size, bias=bias, dropout=dropout, qk_norm=qk_norm,
                   tie_embeddings=tie_embeddings, rope_theta=rope_theta, grad_checkpoint=grad_checkpoint,
-                  vocab_size=meta.get("vocab_size", 50304))
+                  vocab_size=meta.get("vocab_size", 50304), n_expert=n_expert, top_k=top_k,
+                  expert_hidden=expert_hidden, moe_every=moe_every, n_shared_expert=n_shared_expert,
+                  capacity_factor=capacity_factor, router_score=router_score, router_renormalize=router_renormalize,
+                  moe_balance=moe_balance, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+run_settings = ("dropout", "grad_checkpoint", "capacity_factor", "aux_loss_coef", "z_loss_coef")
 if model_args["vocab_size"] > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
     model_args["vocab_size"] = 64 * math.ceil(model_args["vocab_size"] / 64)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -193,7 +210,7 @@ elif init_from == "resume":
         sys.exit(f"error: init_from='resume' but {ckpt_path} does not exist")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     # the architecture comes from the checkpoint; everything else from this run's config
-    model_args.update({k: v for k, v in checkpoint["model_args"].items() if k not in ("dropout", "grad_checkpoint")})
+    model_args.update({k: v for k, v in checkpoint["model_args"].items() if k not in run_settings})
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(checkpoint["model"])
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
@@ -217,7 +234,8 @@ model.to(device)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"parameters: {model.num_params(non_embedding=False) / 1e6:.2f}M "
-          f"({model.num_params() / 1e6:.2f}M in matmuls)")
+          f"({model.num_params() / 1e6:.2f}M in matmuls, {model.num_params(active=True) / 1e6:.2f}M of them active "
+          f"per token)")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
@@ -240,7 +258,9 @@ if compile:
         print("compiling the model...")
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
+    # every rank from all-reduced loads (while their load counters are each rank's own)
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 
 def rng_states():
@@ -394,7 +414,7 @@ while True:
         break
 
     # one optimizer step: gradient_accumulation_steps micro-batches, gradients synchronised on the last only
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, moe_loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     for micro_step in range(gradient_accumulation_steps):
         if ddp:
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
@@ -402,9 +422,11 @@ while True:
         with autocast:
             _, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps
-        scaler.scale(loss).backward()
+            moe_loss = raw_model.moe_loss() / gradient_accumulation_steps  # MoE balancing losses; 0 if dense
+        scaler.scale(loss + moe_loss).backward()
         loss_sum += loss.detach()
-    nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss_sum)).float())
+        moe_loss_sum += moe_loss.detach()
+    nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss_sum + moe_loss_sum)).float())
     if grad_clip != 0.0:
         for opt in optimizers:
             scaler.unscale_(opt)
@@ -414,9 +436,12 @@ while True:
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    if raw_model.config.moe_balance == "bias":
+        raw_model.update_moe_bias(moe_bias_rate)
     iter_num += 1
     iters_since_log += 1
 
+    moe = raw_model.moe_metrics() if iter_num % log_interval == 0 else []  # every rank: it resets the counters
     if iter_num % log_interval == 0 and master:
         lossf = loss_sum.item()  # host syncs (this and nonfinite.item()) happen only at log intervals
         now = time.perf_counter()
@@ -427,8 +452,14 @@ while True:
         eta = (max_iters - iter_num) * dt
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tok_s:,.0f} tok/s, "
               f"mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min")
-        log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_sec": tok_s, "mfu": mfu,
-             "eta_s": eta})
+        record = {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_sec": tok_s, "mfu": mfu,
+                  "eta_s": eta}
+        if moe:  # routing since the last log line; the worst layer is the one to watch
+            print(f"  moe: balance {min(m['balance'] for m in moe):.3f} (worst layer), entropy "
+                  f"{min(m['entropy_bits'] for m in moe):.2f} bits, dropped {max(m['dropped'] for m in moe):.1%}, "
+                  f"aux loss {moe_loss_sum.item():.4f}")
+            record.update(moe_loss=moe_loss_sum.item(), moe=moe)
+        log(record)
 
 if ddp:
     dist.barrier()

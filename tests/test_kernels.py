@@ -1,0 +1,199 @@
+"""kernels/triton_gemm.py's scatter2scatter against a float64 loop over experts, run in Triton's interpreter.
+
+TRITON_INTERPRET=1 has to be set before triton.jit wraps the kernels, and other test modules may import
+kernels normally in this same pytest process, so the kernels run in one child process: this file builds
+the inputs, the child runs forward and backward on all of them, and the comparisons happen here.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Blocks of 32 (>= 16, as tl.dot needs on a GPU) so that M, K and N below span more than one tile with
+# ragged edges, while the interpreter's grids stay small.
+CHILD = r"""
+import sys, traceback, torch
+import kernels.triton_gemm as tg
+tg.BLOCK_M = tg.BLOCK_N = tg.BLOCK_K = 32
+results = {}
+for name, c in torch.load(sys.argv[1]).items():
+    try:
+        x = c["x"].clone().requires_grad_(c["dy"] is not None)
+        w = c["w"].clone().requires_grad_(c["dy"] is not None)
+        y = tg.scatter2scatter(x, w, c["offsets"], c["gather_idx"], c["scatter_idx"], c["out_rows"])
+        r = {"y": y.detach()}
+        if c["dy"] is not None:
+            y.backward(c["dy"])
+            r["dx"], r["dw"] = x.grad, w.grad
+        results[name] = r
+    except Exception:
+        results[name] = traceback.format_exc()
+torch.save(results, sys.argv[2])
+"""
+
+E, K, N = 4, 48, 40
+
+
+def offsets_of(sizes, dtype=torch.int64):
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=dtype)
+
+
+def top2_routing(g, tokens, experts, drop):
+    """Top-2 routing that never picks expert 2, sorted by expert, dropping the last `drop` pairs of
+    expert 0 (as a capacity limit would): gather_idx repeats tokens, scatter_idx is the (token, k) slot."""
+    choice = torch.stack([torch.randperm(experts - 1, generator=g)[:2] for _ in range(tokens)])
+    choice[choice >= 2] += 1  # experts 0, 1, 3 only
+    expert, slot = choice.flatten(), torch.arange(2 * tokens)
+    order = torch.argsort(expert, stable=True)
+    expert, slot = expert[order], slot[order]
+    keep = torch.ones_like(expert, dtype=torch.bool)
+    keep[torch.nonzero(expert == 0).flatten()[-drop:]] = False
+    expert, slot = expert[keep], slot[keep]
+    return torch.bincount(expert, minlength=experts).tolist(), slot // 2, slot
+
+
+def make_cases():
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g)
+    cases = {}
+    for dt in (torch.float32, torch.float16):
+        tag = str(dt).split(".")[-1]
+        # no gather, no scatter: the first and a middle expert are empty; M = 63, 2 tiles of 32 rows
+        sizes = [0, 37, 0, 26]
+        cases[f"neither_{tag}"] = dict(x=rand(63, K), w=rand(E, K, N), offsets=offsets_of(sizes),
+                                       gather_idx=None, scatter_idx=None, out_rows=None, dy=rand(63, N))
+        # gather only, with repeated rows; the last expert is empty; K = 20 and N = 24 are below a block
+        sizes, M = [21, 24, 0], 45
+        cases[f"gather_{tag}"] = dict(x=rand(30, 20), w=rand(3, 20, 24), offsets=offsets_of(sizes),
+                                      gather_idx=torch.randint(0, 30, (M,), generator=g), scatter_idx=None,
+                                      out_rows=None, dy=rand(M, 24))
+        # scatter only into 80 rows, 30 of which nobody writes; int32 offsets
+        sizes, M = [17, 0, 33, 0], 50
+        cases[f"scatter_{tag}"] = dict(x=rand(M, K), w=rand(E, K, N), offsets=offsets_of(sizes, torch.int32),
+                                       gather_idx=None, scatter_idx=torch.randperm(80, generator=g)[:M],
+                                       out_rows=80, dy=rand(80, N))
+        # top-2 gather + scatter with dropped pairs and an empty expert, forward and backward
+        sizes, gidx, sidx = top2_routing(g, 35, E, drop=5)
+        cases[f"top2_{tag}"] = dict(x=rand(35, K), w=rand(E, K, N), offsets=offsets_of(sizes), gather_idx=gidx,
+                                    scatter_idx=sidx, out_rows=70, dy=rand(70, N))
+    # autocast-style: fp16 activations, fp32 weights (the weight gradient stays fp32)
+    sizes, gidx, sidx = top2_routing(g, 20, E, drop=3)
+    cases["mixed"] = dict(x=rand(20, K).half(), w=rand(E, K, N), offsets=offsets_of(sizes), gather_idx=gidx,
+                          scatter_idx=sidx, out_rows=40, dy=rand(40, N).half())
+    # no rows at all, with and without a scatter
+    cases["empty_scatter"] = dict(x=rand(6, K), w=rand(E, K, N), offsets=torch.zeros(E + 1, dtype=torch.int64),
+                                  gather_idx=torch.zeros(0, dtype=torch.int64),
+                                  scatter_idx=torch.zeros(0, dtype=torch.int64), out_rows=5, dy=rand(5, N))
+    cases["empty_sorted"] = dict(x=rand(0, K), w=rand(E, K, N), offsets=torch.zeros(E + 1, dtype=torch.int64),
+                                 gather_idx=None, scatter_idx=None, out_rows=None, dy=rand(0, N))
+    for name, c in cases.items():
+        if name == "mixed":
+            continue
+        dt = torch.float16 if name.endswith("float16") else torch.float32
+        for key in ("x", "w", "dy"):
+            if c[key] is not None:
+                c[key] = c[key].to(dt)
+    return cases
+
+
+CASES = make_cases()
+
+
+def reference(c):
+    """float64 loop over experts: index the group's rows, matmul, scatter; differentiable."""
+    x = c["x"].double().requires_grad_()
+    w = c["w"].double().requires_grad_()
+    M = len(c["gather_idx"]) if c["gather_idx"] is not None else len(x)
+    y = torch.zeros(c["out_rows"] or M, w.shape[2], dtype=torch.float64)
+    off = c["offsets"].tolist()
+    for e in range(w.shape[0]):
+        rows = torch.arange(off[e], off[e + 1])
+        src = c["gather_idx"][rows] if c["gather_idx"] is not None else rows
+        dst = c["scatter_idx"][rows] if c["scatter_idx"] is not None else rows
+        y = y.index_put((dst,), x[src] @ w[e])
+    if c["dy"] is None:
+        return y.detach(), None, None
+    y.backward(c["dy"].double())
+    return y.detach(), x.grad, w.grad
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("s2s")
+    torch.save(CASES, tmp / "cases.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp / "out.pt")
+
+
+def check(name, results, what=("y",)):
+    c, got = CASES[name], results[name]
+    assert not isinstance(got, str), f"{name} raised in the kernel process:\n{got}"
+    tol = 1e-2 if c["x"].dtype == torch.float16 else 1e-4
+    ref = dict(zip(("y", "dx", "dw"), reference(c)))
+    for key in what:
+        assert got[key].dtype == (c["w"] if key == "dw" else c["x"]).dtype, (key, got[key].dtype)
+        assert got[key].shape == ref[key].shape, (key, got[key].shape, ref[key].shape)
+        scale = max(ref[key].abs().amax().item() if ref[key].numel() else 0.0, 1.0)
+        torch.testing.assert_close(got[key].double(), ref[key], rtol=tol, atol=tol * scale, msg=lambda m: f"{name} {key}: {m}")
+    return c, got
+
+
+DTYPES = ["float32", "float16"]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_neither_with_empty_first_and_middle_expert(results, dt):
+    check(f"neither_{dt}", results, ("y", "dx", "dw"))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_gather_only_with_empty_last_expert_and_small_k_n(results, dt):
+    check(f"gather_{dt}", results, ("y", "dx", "dw"))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_scatter_only_leaves_unwritten_rows_zero(results, dt):
+    c, got = check(f"scatter_{dt}", results, ("y", "dx", "dw"))
+    unwritten = torch.ones(c["out_rows"], dtype=torch.bool)
+    unwritten[c["scatter_idx"]] = False
+    assert unwritten.sum() == 30 and torch.all(got["y"][unwritten] == 0)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_top2_gather_scatter_forward_and_backward(results, dt):
+    c, got = check(f"top2_{dt}", results, ("y", "dx", "dw"))
+    assert c["offsets"][3] == c["offsets"][2], "the routing was meant to leave expert 2 empty"
+    assert len(c["gather_idx"].unique()) < len(c["gather_idx"]), "the routing was meant to repeat tokens"
+    assert torch.all(got["dw"][2] == 0), "an empty expert's weight gradient must be exactly zero"
+    dropped = torch.ones(c["out_rows"], dtype=torch.bool)
+    dropped[c["scatter_idx"]] = False
+    assert dropped.any() and torch.all(got["y"][dropped] == 0)
+
+
+@pytest.mark.parametrize("name,shape", [("empty_scatter", (5, N)), ("empty_sorted", (0, N))])
+def test_no_rows(results, name, shape):
+    c, got = check(name, results, ("y", "dx", "dw"))
+    assert got["y"].shape == shape and torch.all(got["y"] == 0)
+    assert torch.all(got["dx"] == 0) and torch.all(got["dw"] == 0)
+
+
+def test_imports_without_triton_and_says_why_on_use():
+    code = ("import sys, torch; sys.modules['triton'] = None\n"
+            "from kernels.triton_gemm import scatter2scatter\n"
+            "try:\n    scatter2scatter(torch.zeros(2, 3), torch.zeros(1, 3, 4), torch.tensor([0, 2]))\n"
+            "except RuntimeError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    assert "needs triton" in proc.stdout
+
+
+def test_fp16_activations_with_fp32_weights(results):
+    check("mixed", results, ("y", "dx", "dw"))

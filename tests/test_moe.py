@@ -1,0 +1,205 @@
+"""moe.py against a naive per-expert loop written here, the balancing losses against their formulas worked by hand,
+capacity dropping, bias balancing, and the MoE model through train.py."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, run_train
+from model import GPT, GPTConfig
+from moe import MoE
+
+
+def make_moe(E=4, k=2, d=16, h=24, **kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_expert=E, top_k=k, expert_hidden=h, **kw)
+    return MoE(cfg)
+
+
+def naive_moe(moe, x):
+    """The textbook layer: route each token, then loop over experts with index_select / index_add."""
+    logits = x @ moe.router.weight.t()
+    probs = logits.softmax(-1)
+    weight, expert = probs.topk(moe.top_k, dim=-1)
+    weight = weight / weight.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(moe.n_expert):
+        token, slot = (expert == e).nonzero(as_tuple=True)
+        xe = x.index_select(0, token)
+        ye = (F.silu(xe @ moe.w1[e]) * (xe @ moe.w3[e])) @ moe.w2[e]
+        out = out.index_add(0, token, ye * weight[token, slot, None])
+    return out
+
+
+def grads(moe, x, out):
+    moe.zero_grad()
+    x.grad = None
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a non-uniform upstream gradient
+    return [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2)]
+
+
+@pytest.mark.parametrize("E,k,tokens", [(4, 2, 40), (8, 2, 1), (8, 1, 3), (4, 4, 7)])
+def test_moe_matches_naive_loop(E, k, tokens):
+    # (8, 2, 1): a single token leaves six experts empty
+    moe = make_moe(E=E, k=k)
+    x = torch.randn(tokens, 16, requires_grad=True)
+    out = moe(x.view(1, tokens, 16)).view(tokens, 16)
+    ref = naive_moe(moe, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads(moe, x, out), grads(moe, x, ref)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    if tokens == 1:  # experts that got no token get exactly zero gradient
+        used = set(moe.route(x.detach())[0].flatten().tolist())
+        for e in set(range(E)) - used:
+            assert moe.w1.grad[e].abs().sum() == 0 and moe.w2.grad[e].abs().sum() == 0
+
+
+def test_shared_expert_adds_a_dense_mlp():
+    moe = make_moe(n_shared_expert=1)
+    x = torch.randn(1, 10, 16)
+    routed = naive_moe(moe, x[0])
+    torch.testing.assert_close(moe(x)[0], routed + moe.shared(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_keeps_exactly_the_highest_scoring_tokens():
+    moe = make_moe(E=4, k=1, capacity_factor=1.0)
+    with torch.no_grad():  # expert 0 is everyone's favourite
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 5.0
+    x = torch.randn(64, 16)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    expert, weight, _ = moe.route(x)
+    order, offsets = moe.dispatch(expert, weight)
+    capacity = math.ceil(64 * 1 * 1.0 / 4)
+    wanted = [i for i in range(64) if expert[i, 0] == 0]
+    assert len(wanted) > capacity  # the test needs an overloaded expert
+    best = sorted(wanted, key=lambda i: -weight[i, 0].item())[:capacity]
+    kept = order[offsets[0]:offsets[1]].tolist()
+    assert sorted(kept) == sorted(best)
+    # a dropped token gets nothing from the layer (only the residual carries it on); a kept one does
+    out = moe(x.view(1, 64, 16))[0]
+    dropped = sorted(set(wanted) - set(best))
+    assert out[dropped].abs().max() == 0
+    assert (out[best].abs().sum(-1) > 0).all()
+    assert moe.metrics()["dropped"] == pytest.approx(len(dropped) / 64)
+
+
+def test_aux_and_z_loss_match_the_formulas_worked_by_hand():
+    # two experts, top-1, router = identity: logits are the inputs. Tokens: [ln3, 0], [ln3, 0], [0, ln3]
+    # softmax rows: [3/4, 1/4], [3/4, 1/4], [1/4, 3/4]; choices: 0, 0, 1
+    # f = [2/3, 1/3], P = [7/12, 5/12]: aux = alpha * E * sum f P = alpha * 2 * (14/36 + 5/36) = alpha * 19/18
+    # every row's logsumexp is ln(3 + 1) = ln 4: z = beta * (ln 4)^2
+    alpha, beta = 0.1, 0.01
+    moe = make_moe(E=2, k=1, d=2, h=4, aux_loss_coef=alpha, z_loss_coef=beta, router_renormalize=False)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(2))
+    ln3 = math.log(3)
+    x = torch.tensor([[ln3, 0.0], [ln3, 0.0], [0.0, ln3]])
+    expert, weight, loss = moe.route(x)
+    assert expert.flatten().tolist() == [0, 0, 1]
+    assert weight.flatten().tolist() == pytest.approx([0.75, 0.75, 0.75])
+    assert loss.item() == pytest.approx(alpha * 19 / 18 + beta * math.log(4) ** 2, rel=1e-6)
+    moe.eval()  # evaluation adds no balancing loss
+    assert moe.route(x)[2].item() == 0
+
+
+@pytest.mark.parametrize("score,rate", [("softmax", 1e-3), ("sigmoid", 3e-3)])
+def test_bias_balancing_evens_out_a_skewed_router(score, rate):
+    moe = make_moe(E=8, k=2, aux_loss_coef=0.0, z_loss_coef=0.0, moe_balance="bias", router_score=score)
+    with torch.no_grad():  # a router (frozen here) with a strong taste for experts 0 and 1
+        moe.router.weight.normal_(0, 0.3)
+        moe.router.weight[:2] += 0.15
+    gen = torch.Generator().manual_seed(0)
+
+    def balance():
+        moe.metrics()
+        with torch.no_grad():
+            moe(torch.randn(1, 2048, 16, generator=gen).abs())
+        return moe.metrics()["balance"]
+
+    before = balance()
+    for _ in range(300):
+        with torch.no_grad():
+            moe(torch.randn(1, 256, 16, generator=gen).abs())
+        moe.update_bias(rate)
+    after = balance()
+    assert before < 0.4 and after > 0.85, (before, after)
+    # the bias chooses experts, but never scales their outputs: the weights are the plain scores
+    x = torch.randn(5, 16)
+    expert, weight, _ = moe.route(x)
+    logits = x @ moe.router.weight.t()
+    scores = (logits.softmax(-1) if score == "softmax" else logits.sigmoid()).gather(1, expert)
+    torch.testing.assert_close(weight, scores / scores.sum(-1, keepdim=True))
+
+
+def test_metrics_measure_the_load():
+    moe = make_moe(E=4, k=1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:, 0] = torch.tensor([3.0, 2.0, 1.0, 0.0])  # x[:, 0] > 0 -> expert 0; < 0 -> expert 3
+    x = torch.zeros(1, 8, 16)
+    x[0, :6, 0], x[0, 6:, 0] = 1.0, -1.0
+    moe(x)
+    m = moe.metrics()
+    assert m["tokens_per_expert"] == [6, 0, 0, 2]
+    assert m["balance"] == pytest.approx(2 / 6)
+    assert m["entropy_bits"] == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    assert m["dropped"] == 0
+    assert moe.metrics()["tokens_per_expert"] == [0, 0, 0, 0]  # reading resets
+
+
+def test_grad_checkpoint_keeps_the_moe_loss_gradients():
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, expert_hidden=16)
+    x = torch.randint(0, 32, (2, 8))
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**cfg, grad_checkpoint=ckpt))
+        _, loss = model(x, x)
+        (loss + model.moe_loss()).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], msg=name)
+
+
+def test_medium_moe_parameter_counts_match_the_formula():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "config/medium_moe.py"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    L, d, V, E, k, h = 24, 1536, 50304, 8, 2, 2048
+    attention, norms, router, expert = 4 * d * d, 2 * d, d * E, 3 * d * h
+    total = V * d + L * (attention + norms + router + E * expert) + d  # tied head; the final norm
+    active = total - L * (E - k) * expert
+    assert f"{total:,} total, {active:,} active" in proc.stdout, proc.stdout
+    assert 2.0e9 < total < 2.2e9 and 0.7e9 < active < 0.8e9  # dense medium (760M) per token, ~2.8x the weights
+
+
+TINY_MOE = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2",
+            "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--log_interval=5",
+            "--warmup_iters=2", "--lr_decay_iters=100", "--learning_rate=3e-3", "--n_expert=4", "--top_k=2",
+            "--expert_hidden=32"]
+
+
+@pytest.mark.parametrize("balance", ["aux", "bias"])
+def test_moe_model_trains_and_logs_routing(char_data, tmp_path, balance):
+    run_train([*TINY_MOE, f"--out_dir={tmp_path}", "--max_iters=10", "--eval_interval=10",
+               f"--moe_balance={balance}", "--capacity_factor=1.25"], char_data)
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    logged = [r for r in records if "moe" in r]
+    assert [r["iter"] for r in logged] == [5, 10]
+    for layer in logged[-1]["moe"]:
+        # every (token, expert) pair of the 5 steps since the last line, counted before capacity dropping
+        assert sum(layer["tokens_per_expert"]) == 5 * 4 * 32 * 2
+        assert 0 < layer["balance"] <= 1 and 0 < layer["entropy_bits"] <= 2 and 0 <= layer["dropped"] < 1
+    assert logged[-1]["moe_loss"] > 0
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    has_bias = any(k.endswith("expert_bias") for k in ckpt["model"])
+    assert has_bias == (balance == "bias")
+    if balance == "bias":  # the biases moved
+        assert any(ckpt["model"][k].abs().sum() > 0 for k in ckpt["model"] if k.endswith("expert_bias"))
