@@ -3,6 +3,7 @@ Measures training speed: forward + backward + optimizer step of a model on rando
 
     python bench.py config/train_shakespeare_char.py
     python bench.py --n_layer=6 --n_embd=384 --block_size=256 --batch_size=64 --dtype=float32,bfloat16
+    python bench.py --moe     # one MoE layer against a naive loop over experts and a dense MLP of equal FLOPs
 
 `dtype` and `compile` take comma-separated lists; every combination is measured in the same run, their timings
 interleaved round by round so that a noisy machine affects them alike. Prints median ms/iter, tokens/s, MFU and
@@ -17,9 +18,11 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 import configurator
-from model import GPT, GPTConfig, hardware_peak_flops
+from model import GPT, MLP, GPTConfig, hardware_peak_flops
+from moe import MoE
 
 # model and batch, as in train.py (config files for train.py work here; keys bench.py lacks are ignored)
 batch_size = 12
@@ -35,6 +38,10 @@ bias = False
 qk_norm = False
 dropout = 0.0
 grad_checkpoint = False
+n_expert = 0
+top_k = 2
+expert_hidden = 0
+moe_every = 1
 optimizer = "adamw"
 learning_rate = 6e-4
 weight_decay = 0.1
@@ -47,6 +54,12 @@ rounds = 5                  # timed rounds; each times `steps` steps of every va
 steps = 5
 peak_flops = 0.0
 seed = 1337
+# --moe: forward + backward of one layer on moe_tokens tokens of width moe_embd (8 experts of moe_hidden, top-2
+# unless n_expert / top_k say otherwise)
+moe = False
+moe_tokens = 4096
+moe_embd = 256
+moe_hidden = 1024
 
 try:
     globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:],
@@ -62,13 +75,85 @@ if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32,bfloat16"
 compile_modes = compile if isinstance(compile, tuple) else (bool(compile),)  # --compile=False,True is a tuple
 variants = list(itertools.product(dtype.split(","), compile_modes))
-
 torch.manual_seed(seed)
+
+
+def sync():
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive_moe(layer, x):
+    """The MoE layer as it is usually first written: route, then a Python loop over experts that gathers each
+    expert's tokens with index_select and adds its outputs back with index_add."""
+    probs = F.linear(x.float(), layer.router.weight.float()).softmax(-1)
+    weight, expert = probs.topk(layer.top_k, dim=-1)
+    weight = weight / weight.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(layer.n_expert):
+        token, slot = (expert == e).nonzero(as_tuple=True)
+        xe = x.index_select(0, token)
+        ye = (F.silu(xe @ layer.w1[e]) * (xe @ layer.w3[e])) @ layer.w2[e]
+        out.index_add_(0, token, (ye * weight[token, slot, None]).to(out.dtype))
+    return out
+
+
+def every_expert_moe(layer, x):
+    """Every expert on every token, the outputs of the unchosen ones multiplied by zero: no dispatch at all,
+    but n_expert/top_k times the FLOPs."""
+    probs = F.linear(x.float(), layer.router.weight.float()).softmax(-1)
+    weight, expert = probs.topk(layer.top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, expert, weight / weight.sum(-1, keepdim=True))
+    h = F.silu(torch.einsum("nd,edh->enh", x, layer.w1)) * torch.einsum("nd,edh->enh", x, layer.w3)
+    return torch.einsum("ne,end->nd", gates.to(h.dtype), torch.einsum("enh,ehd->end", h, layer.w2))
+
+
+def bench_moe():
+    E, k = n_expert or 8, top_k
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=moe_embd, n_expert=E, top_k=k, expert_hidden=moe_hidden)
+    layer = MoE(cfg).to(device)
+    dense = MLP(cfg, hidden=k * moe_hidden).to(device)  # a dense SwiGLU with the FLOPs of top_k experts
+    x = torch.randn(moe_tokens, moe_embd, device=device, requires_grad=True)
+    grad = torch.randn(moe_tokens, moe_embd, device=device)
+    impls = [("moe.py (sorted, grouped GEMM)", lambda: layer(x.view(1, -1, moe_embd)).view(-1, moe_embd)),
+             ("naive loop over experts", lambda: naive_moe(layer, x)),
+             ("every expert on every token", lambda: every_expert_moe(layer, x)),
+             (f"dense SwiGLU, {k * moe_hidden} wide", lambda: dense(x))]
+    cases = [(name, dt, fn) for dt in dtype.split(",") for name, fn in impls]
+    times = {(name, dt): [] for name, dt, _ in cases}
+
+    def fwd_bwd(dt, fn):
+        with nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt]):
+            out = fn()
+        out.backward(grad)
+
+    for r in range(warmup + rounds):
+        for name, dt, fn in cases:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fwd_bwd(dt, fn)
+            sync()
+            if r >= warmup:
+                times[name, dt].append((time.perf_counter() - t0) / steps)
+    print(f"MoE layer: {moe_tokens} tokens x {moe_embd} wide, {E} experts of {moe_hidden}, top-{k}, {device}; "
+          f"forward + backward, median of {rounds} rounds x {steps}")
+    print(f"{'implementation':<32} {'dtype':<9} {'ms':>8} {'vs dense':>9}")
+    for name, dt, _ in cases:
+        t = statistics.median(times[name, dt])
+        ref = statistics.median(times[impls[-1][0], dt])
+        print(f"{name:<32} {dt:<9} {t * 1000:>8.1f} {t / ref:>8.2f}x")
+
+
+if moe:
+    bench_moe()
+    sys.exit()
+
 runs = []
 for dt, comp in variants:
     model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, layout=layout, n_layer=n_layer,
                           n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden, bias=bias,
-                          qk_norm=qk_norm, dropout=dropout, grad_checkpoint=grad_checkpoint)).to(device)
+                          qk_norm=qk_norm, dropout=dropout, grad_checkpoint=grad_checkpoint, n_expert=n_expert,
+                          top_k=top_k, expert_hidden=expert_hidden, moe_every=moe_every)).to(device)
     opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, optimizer)
     ctx = nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt])
     fwd = torch.compile(model) if comp else model
@@ -84,11 +169,6 @@ def step(run):
     for opt in run["opts"]:
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-
-def sync():
-    if device_type == "cuda":
-        torch.cuda.synchronize()
 
 
 for run in runs:

@@ -4,7 +4,7 @@ Overrides the globals of a script (train.py, sample.py, bench.py) from the comma
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
 Positional arguments are Python files executed in order; `--key=value` arguments are applied after them, the value
-parsed with `ast.literal_eval` and kept as a string when that fails. Unlike nanoGPT's exec'd snippet this one checks:
+parsed with `ast.literal_eval` and kept as a string when that fails; a bare `--flag` sets a bool to True. Unlike nanoGPT's exec'd snippet this one checks:
 a key the script does not define is an error that names the closest known key (a typo never silently does nothing),
 a value must have the type of the default (an int is accepted for a float; a None default accepts anything).
 """
@@ -57,10 +57,12 @@ def apply(config, argv, skip_unknown_in_files=False):
                 config[key] = _check_type(key, value, defaults[key], arg)
         else:
             key, sep, text = arg[2:].partition("=")  # partition: the value itself may contain '='
-            if not sep:
-                raise ConfigError(f"expected --key=value, got '{arg}'")
             if key not in defaults:
                 raise _unknown(key, list(defaults))
+            if not sep:  # a bare --flag switches a bool on (bench.py --moe); anything else needs a value
+                if not isinstance(defaults[key], bool):
+                    raise ConfigError(f"expected --key=value, got '{arg}'")
+                text = "True"
             if isinstance(defaults[key], str):
                 value = text  # --run_name=123 stays a string
             else:

@@ -143,10 +143,11 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     assert missing in str(err.value)
 
 
-def test_flag_without_equals_sign_is_a_clear_error():
+def test_bare_flag_switches_a_bool_on_and_is_an_error_for_other_types():
+    assert configurator.apply(defaults(), ["--compile"])["compile"] is True
     with pytest.raises(ConfigError, match="--key=value") as err:
-        configurator.apply(defaults(), ["--compile"])
-    assert "--compile" in str(err.value)
+        configurator.apply(defaults(), ["--batch_size"])
+    assert "--batch_size" in str(err.value)
 
 
 def test_config_error_is_a_value_error():
