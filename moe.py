@@ -27,10 +27,46 @@ Metrics (GPT.moe_metrics()) are counted on the device without host syncs and rea
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import grouped_mm
+
+
+def local(t):
+    """The rank's own part of a parameter that tensor parallelism turned into a DTensor (parallel.py)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EnterTP(torch.autograd.Function):
+    """Megatron's f: identity forward; backward sums the input's gradient over the tensor-parallel group, whose ranks
+    each hold a slice of every expert's hidden units and so each contribute part of it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class LeaveTP(torch.autograd.Function):
+    """Megatron's g: sums the ranks' partial expert outputs; the gradient of a sum reaches each part unchanged."""
+
+    @staticmethod
+    def forward(ctx, y, group):
+        y = y.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class MoE(nn.Module):
@@ -61,10 +97,11 @@ class MoE(nn.Module):
         self.register_buffer("load_seen", torch.zeros(E), persistent=False)
         self.register_buffer("dropped", torch.zeros(2), persistent=False)  # (dropped pairs, routed pairs)
         self.aux_loss = None  # the balancing losses of the last forward, for GPT.moe_loss()
+        self.tp_group = None  # set by parallel.py under tensor parallelism
 
     def route(self, x):
         """x: (N, d) -> expert ids (N, k), combine weights (N, k) fp32, and the balancing loss."""
-        logits = F.linear(x.float(), self.router.weight.float())  # fp32 even under autocast
+        logits = F.linear(x.float(), local(self.router.weight).float())  # fp32 even under autocast
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         choice = scores + self.expert_bias if self.use_bias else scores
         expert = choice.topk(self.top_k, dim=-1, sorted=False).indices
@@ -115,12 +152,15 @@ class MoE(nn.Module):
         expert, weight, self.aux_loss = self.route(x)
         order, offsets = self.dispatch(expert, weight)
         token = order // self.top_k
-        w1, w3, w2 = self.w1, self.w3, self.w2
+        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
+        xe = x if self.tp_group is None else EnterTP.apply(x, self.tp_group)
         if torch.is_autocast_enabled(x.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
             dt = torch.get_autocast_dtype(x.device.type)
-            x, w1, w3, w2 = x.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        h = F.silu(grouped_mm(x, w1, offsets, gather_idx=token)) * grouped_mm(x, w3, offsets, gather_idx=token)
+            xe, w1, w3, w2 = xe.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        h = F.silu(grouped_mm(xe, w1, offsets, gather_idx=token)) * grouped_mm(xe, w3, offsets, gather_idx=token)
         y = grouped_mm(h, w2, offsets, scatter_idx=order, out_rows=expert.numel())  # (N*k, d), zero where dropped
+        if self.tp_group is not None:
+            y = LeaveTP.apply(y, self.tp_group)
         out = self.dropout(torch.bmm(weight.to(y.dtype).unsqueeze(1), y.view(B * T, self.top_k, d)).view(B, T, d))
         if self.shared is not None:
             out = out + self.shared(x.view(B, T, d))
