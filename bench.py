@@ -4,6 +4,8 @@ Measures training speed: forward + backward + optimizer step of a model on rando
     python bench.py config/train_shakespeare_char.py
     python bench.py --n_layer=6 --n_embd=384 --block_size=256 --batch_size=64 --dtype=float32,bfloat16
     python bench.py --moe     # one MoE layer against a naive loop over experts and a dense MLP of equal FLOPs
+    python bench.py --memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
+    python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
 
 `dtype` and `compile` take comma-separated lists; every combination is measured in the same run, their timings
 interleaved round by round so that a noisy machine affects them alike. Prints median ms/iter, tokens/s, MFU and
@@ -11,6 +13,7 @@ peak memory (CUDA: allocated by tensors; CPU: the process's peak resident size s
 """
 
 import itertools
+import os
 import resource
 import statistics
 import sys
@@ -60,6 +63,14 @@ moe = False
 moe_tokens = 4096
 moe_embd = 256
 moe_hidden = 1024
+# --memory: each layout of parallel.py run for one step on 2 CPU processes (4 for fsdp+tp, with tp_size 2), the
+# bytes each rank holds measured from its tensors' local shards; --estimate works them out for `gpus` GPUs instead
+memory = False
+memory_layout = ""           # set for the worker processes bench.py starts itself
+estimate = False
+gpus = 8
+tp_size = 2
+n_shared_expert = 0
 
 try:
     globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:],
@@ -144,6 +155,100 @@ def bench_moe():
         print(f"{name:<32} {dt:<9} {t * 1000:>8.1f} {t / ref:>8.2f}x")
 
 
+def local_bytes(tensors):
+    return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
+
+
+def model_config():
+    return GPTConfig(block_size=block_size, vocab_size=vocab_size, layout=layout, n_layer=n_layer, n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden, bias=bias, qk_norm=qk_norm,
+                     n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, moe_every=moe_every,
+                     n_shared_expert=n_shared_expert)
+
+
+def bench_memory():
+    """Spawns one torchrun per layout; each rank builds the model, takes one AdamW step on a short batch and reports
+    the bytes of its parameters, gradients and optimizer state (local shards only)."""
+    import subprocess
+    cfg = model_config()
+    with torch.device("meta"):
+        n = GPT(cfg).num_params(non_embedding=False)
+    print(f"{n_layer} layers x {n_embd} wide{f', {n_expert} experts' if n_expert else ''}: {n / 1e6:.1f}M parameters, "
+          f"fp32 + AdamW; MiB per rank, measured on the CPU (gloo)")
+    print(f"{'layout':<10} {'ranks':>5} {'params':>9} {'grads':>9} {'optimizer':>10} {'total':>9} {'vs none':>8}")
+    base = None
+    for layout_name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("fsdp+tp", 4)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
+               *sys.argv[1:], f"--memory_layout={layout_name}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        line = [l for l in proc.stdout.splitlines() if l.startswith("memory:")]
+        if proc.returncode or not line:
+            print(f"{layout_name:<10} {ranks:>5}  failed: {(proc.stdout + proc.stderr).strip().splitlines()[-1]}")
+            continue
+        p, g, o = (float(v) / 2**20 for v in line[0].split()[1:])
+        base = base or p + g + o
+        print(f"{layout_name:<10} {ranks:>5} {p:>9.1f} {g:>9.1f} {o:>10.1f} {p + g + o:>9.1f} "
+              f"{(p + g + o) / base:>7.2f}x")
+
+
+def memory_worker():
+    import parallel
+    rank, _, world, dev = parallel.init("cpu")
+    torch.manual_seed(seed)
+    model = GPT(model_config())
+    mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu")
+    wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu")
+    opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw")[0]
+    T = min(block_size, 64)
+    x = torch.randint(vocab_size, (1, T + 1))
+    _, loss = wrapped(x[:, :-1], x[:, 1:])
+    (loss + model.moe_loss()).backward()
+    opt.step()
+    params = list(model.parameters())
+    sizes = torch.tensor([local_bytes(params), local_bytes(p.grad for p in params if p.grad is not None),
+                          local_bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))],
+                         dtype=torch.float64)
+    if world > 1:  # the largest rank is what has to fit
+        torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+    if rank == 0:
+        print("memory:", *sizes.tolist())
+    parallel.teardown()
+
+
+def estimate_memory():
+    """Per-GPU bytes for training this config on `gpus` GPUs, from the arithmetic: fp32 parameters and gradients
+    (4 + 4 bytes each) and AdamW's two fp32 moments (8 bytes); FSDP divides all three by the data-parallel size,
+    TP divides the blocks' share by tp_size; activations (bf16) per layer ~34*s*b*h bytes (Korthikanti et al. 2022,
+    attention scores not stored: flash / memory-efficient SDPA), divided by tp_size under sequence parallelism, not
+    by FSDP; with grad_checkpoint only each block's 2*s*b*h-byte input is kept, plus one block's full activations."""
+    cfg = model_config()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    total = model.num_params(non_embedding=False)
+    blocks = sum(p.numel() for p in model.transformer.h.parameters())
+    s, b, h, L = block_size, batch_size, n_embd, n_layer
+    width = (top_k * cfg.expert_hidden + n_shared_expert * cfg.expert_hidden) if n_expert else cfg.mlp_hidden
+    per_layer = s * b * h * 34 * width / (8 / 3 * h)  # 34 is for a 4h GELU MLP: scale by the SwiGLU's real width
+    print(f"{L} layers x {h} wide{f', {n_expert} experts top-{top_k}' if n_expert else ''}: {total / 1e9:.2f}B "
+          f"parameters; {gpus} GPUs, micro-batch {b} x {s}, fp32 weights + AdamW, bf16 activations"
+          f"{', grad_checkpoint' if grad_checkpoint else ''}; GiB per GPU")
+    print(f"{'layout':<16} {'params':>8} {'grads':>8} {'optimizer':>10} {'activations':>12} {'total':>8}")
+    for name, dp, tp in (("ddp", gpus, 1), ("fsdp", gpus, 1), (f"tp ({gpus})", 1, gpus),
+                         (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size)):
+        weights = (total - blocks) + blocks / tp
+        shard = dp if "fsdp" in name else 1
+        act = L * per_layer / tp if not grad_checkpoint else L * 2 * s * b * h / tp + per_layer / tp
+        p, g, o = 4 * weights / shard, 4 * weights / shard, 8 * weights / shard
+        print(f"{name:<16} {p / 2**30:>8.2f} {g / 2**30:>8.2f} {o / 2**30:>10.2f} {act / 2**30:>12.2f} "
+              f"{(p + g + o + act) / 2**30:>8.2f}")
+
+
+if memory_layout:
+    memory_worker()
+    sys.exit()
+if memory:
+    estimate_memory() if estimate else bench_memory()
+    sys.exit()
 if moe:
     bench_moe()
     sys.exit()

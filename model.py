@@ -340,12 +340,16 @@ class GPT(nn.Module):
         'muon': Muon (orthogonalised momentum) for the blocks' 2-D weights, AdamW for embeddings, head and gains;
         Muon's lr is rescaled to match AdamW's update size, so one learning_rate serves both."""
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        fused = device_type in ("cuda", "cpu")
+        # fused kernels take one kind of tensor: under tensor parallelism the blocks' weights are DTensors and the
+        # embeddings plain tensors, so those runs step parameter by parameter
+        tensor_parallel = any(hasattr(p, "device_mesh") for p in params.values()) and \
+            not all(hasattr(p, "device_mesh") for p in params.values())
+        impl = {"foreach": False} if tensor_parallel else {"fused": device_type in ("cuda", "cpu")}
         if optimizer == "adamw":
             decay = [p for p in params.values() if p.dim() >= 2]
             no_decay = [p for p in params.values() if p.dim() < 2]
             groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **impl)]
         if optimizer == "muon":
             # 2-D matrices only: the router (a tiny classifier) and stacked 3-D experts stay with AdamW
             hidden = [p for n, p in params.items()
@@ -356,7 +360,7 @@ class GPT(nn.Module):
                                     adjust_lr_fn="match_rms_adamw")
             groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                       {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-            return [muon, torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+            return [muon, torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **impl)]
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
 
     def flops_per_token(self, seq_len=None):

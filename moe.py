@@ -157,6 +157,8 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
             dt = torch.get_autocast_dtype(x.device.type)
             xe, w1, w3, w2 = xe.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        if not xe.is_cuda:  # one gather for both up-projections (on CUDA the kernel gathers rows as it loads them)
+            xe, token = xe.index_select(0, token), None
         h = F.silu(grouped_mm(xe, w1, offsets, gather_idx=token)) * grouped_mm(xe, w3, offsets, gather_idx=token)
         y = grouped_mm(h, w2, offsets, scatter_idx=order, out_rows=expert.numel())  # (N*k, d), zero where dropped
         if self.tp_group is not None:

@@ -48,6 +48,9 @@ meta = {"tokenizer": "gpt2"}
 if init_from == "resume":
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
+        if os.path.isdir(os.path.join(out_dir, "ckpt_dcp")):
+            sys.exit(f"error: {out_dir} holds a distributed checkpoint; turn it into {ckpt_path} first: "
+                     f"python parallel.py export {out_dir}")
         sys.exit(f"error: {ckpt_path} not found; train a model first (python train.py ...) or pass --init_from=gpt2")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**{**checkpoint["model_args"], "dropout": 0.0, "grad_checkpoint": False}))

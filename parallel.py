@@ -1,0 +1,290 @@
+"""
+Training on many devices with plain torch.distributed, launched by torchrun:
+
+    torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py --parallel=fsdp
+    torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py --parallel=fsdp+tp --tp_size=2
+
+Layouts (train.py's `parallel`):
+- 'ddp': every rank holds the whole model and optimizer; gradients are averaged (DistributedDataParallel).
+- 'fsdp': parameters, gradients and optimizer state are sharded across ranks (ZeRO-3; fully_shard per block, then
+  the root); a block's parameters are all-gathered just before it runs. fsdp_reshard_after_forward=False keeps them
+  gathered between forward and backward (ZeRO-2-like: more memory, one all-gather less).
+- 'tp': Megatron-style tensor parallelism with DTensor. Attention heads and MLP/expert hidden units are split across
+  the tp ranks (q, k, v, gate and up projections by columns, output and down projections by rows), and between blocks
+  the residual stream is split along the sequence (sequence parallelism), so norms and dropout run on 1/tp of it.
+- 'fsdp+tp': a 2-D mesh (dp, tp): tensor parallel inside each group of tp_size ranks, FSDP across the groups.
+
+Every layout computes the same thing as one process on the same global batch: each data-parallel rank reads its own
+slice of the global batch (train.py), tp ranks of one group read the same slice. tests/test_parallel.py checks losses
+and final parameters against a single process.
+
+Checkpoints of the sharded layouts go through torch.distributed.checkpoint (DCP): every rank writes its own shards,
+and a checkpoint loads on any world size and layout, a single process included. `python parallel.py export OUT_DIR`
+turns one into the single-file ckpt.pt that sample.py reads.
+"""
+
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+LAYOUTS = ("none", "ddp", "fsdp", "tp", "fsdp+tp")
+DCP_DIR = "ckpt_dcp"  # inside out_dir
+
+
+def init(device, backend="auto"):
+    """Joins the process group torchrun describes in the environment. Returns (rank, local_rank, world_size,
+    device); a plain `python train.py` (no torchrun variables) is rank 0 of 1."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    present = [n for n in names if n in os.environ]
+    if not present:
+        return 0, 0, 1, device
+    if len(present) != len(names):
+        missing = ", ".join(n for n in names if n not in os.environ)
+        raise RuntimeError(f"torch.distributed environment is half set ({missing} missing); launch with torchrun")
+    rank, local_rank, world_size = (int(os.environ[n]) for n in names[:3])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    return rank, local_rank, world_size, device
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.barrier()  # without it gloo can abort when one rank leaves while another is still in a collective
+        dist.destroy_process_group()
+
+
+def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gradient_accumulation_steps):
+    """Every reason a layout cannot work, found before any work is done. Raises ValueError."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"parallel must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout != "none" and not dist.is_initialized():
+        raise ValueError(f"parallel={layout!r} needs several processes: launch with torchrun --nproc_per_node=N")
+    if layout == "none" and world_size > 1:
+        raise ValueError(f"parallel='none' with {world_size} processes would train {world_size} unrelated models; "
+                         "pick 'ddp', 'fsdp', 'tp' or 'fsdp+tp'")
+    tp = tp_size if "tp" in layout else 1
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"the world size {world_size} is not divisible by tp_size={tp_size}")
+    if layout == "tp" and world_size != tp:
+        raise ValueError(f"parallel='tp' uses all {world_size} ranks as one tensor-parallel group: set "
+                         f"tp_size={world_size}, or use 'fsdp+tp' to add data parallelism across groups")
+    if layout == "fsdp+tp" and world_size == tp:
+        raise ValueError(f"fsdp+tp needs more ranks than tp_size={tp_size} (world size {world_size}); use 'tp'")
+    if tp > 1:
+        # what is split: heads, the MLPs' and experts' hidden units, and (between blocks) the sequence
+        widths = {"n_head": config.n_head, "n_kv_head": config.n_kv_head, "block_size": block_size}
+        if any(not config.is_moe(i) for i in range(config.n_layer)):
+            widths["mlp_hidden"] = config.mlp_hidden
+        if config.n_expert:
+            widths["expert_hidden"] = config.expert_hidden
+        for name, value in widths.items():
+            if value % tp:
+                raise ValueError(f"tensor parallelism splits {name}={value} across tp_size={tp} ranks: "
+                                 f"it must be divisible by {tp}")
+        if config.layout != "modern":
+            raise ValueError("tensor parallelism supports layout='modern' only")
+        if config.qk_norm and layout == "fsdp+tp":
+            raise ValueError("qk_norm is not supported with fsdp+tp yet (it is with tp and with fsdp)")
+    dp = world_size // tp
+    if gradient_accumulation_steps % dp and batch_size % dp:
+        raise ValueError(f"the batch is too small for {dp} data-parallel ranks: neither gradient_accumulation_steps="
+                         f"{gradient_accumulation_steps} nor batch_size={batch_size} is a multiple of {dp}")
+
+
+def mesh_and_ranks(layout, tp_size, world_size, device_type):
+    """The device mesh (None for 'none'/'ddp') and this rank's place in the data-parallel dimension."""
+    if layout in ("none", "ddp"):
+        return None, (dist.get_rank() if dist.is_initialized() else 0), world_size
+    from torch.distributed.device_mesh import init_device_mesh
+    tp = tp_size if "tp" in layout else 1
+    mesh = init_device_mesh(device_type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    return mesh, mesh["dp"].get_local_rank(), world_size // tp
+
+
+def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_after_forward=True, cpu_offload=False):
+    """Wraps the model for the layout. param_dtype (GPU fsdp only): compute in it, reduce gradients in fp32."""
+    if layout == "none":
+        return model
+    if layout == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
+        # every rank from all-reduced loads (while their load counters are each rank's own)
+        return DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
+                   broadcast_buffers=False)
+    if "tp" in layout:
+        apply_tensor_parallel(model, mesh["tp"])
+    if "fsdp" in layout:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        kw = dict(mesh=mesh["dp"], reshard_after_forward=reshard_after_forward,
+                  mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+        for block in model.transformer.h:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)  # the rest: embeddings, final norm, head
+    return model
+
+
+def apply_tensor_parallel(model, tp_mesh):
+    """The Megatron plan, declared per module. Between blocks the residual stream is a (B, T/tp, C) slice of the
+    sequence; attention and MLPs gather it, work on their share of heads / hidden units, and reduce-scatter back."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                                   PrepareModuleOutput, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+    from moe import MoE
+    # embeddings and head stay whole on every rank (GPT-2-sized vocabularies are small next to the blocks); the
+    # embedding output is cut to this rank's part of the sequence, the head sees the whole sequence again
+    parallelize_module(model, tp_mesh, {
+        "transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+        "transformer.ln_f": SequenceParallel(),
+        "lm_head": PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
+                                      use_local_output=True),
+    })
+    gather_seq = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    for block in model.transformer.h:
+        plan = {
+            "ln_1": SequenceParallel(),
+            "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                       desired_input_layouts=(Replicate(), None, None, None)),
+            "attn.c_q": ColwiseParallel(), "attn.c_k": ColwiseParallel(), "attn.c_v": ColwiseParallel(),
+            "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "ln_2": SequenceParallel(),
+        }
+        if isinstance(block.mlp, MoE):
+            # experts are split by hidden units like a dense MLP; the router is whole on every rank. moe.py sums the
+            # experts' partial outputs over the group (block.mlp.tp_group) before weighting them by the router
+            plan["mlp"] = PrepareModuleInputOutput(**gather_seq, use_local_input=True, output_layouts=(Replicate(),),
+                                                   desired_output_layouts=(Shard(1),))
+            if block.mlp.shared is not None:
+                plan.update({"mlp.shared.c_gate": ColwiseParallel(), "mlp.shared.c_fc": ColwiseParallel(),
+                             "mlp.shared.c_proj": RowwiseParallel()})
+            moe = block.mlp
+            for name, placement in (("w1", Shard(2)), ("w3", Shard(2)), ("w2", Shard(1))):
+                setattr(moe, name, nn.Parameter(distribute_tensor(getattr(moe, name).data, tp_mesh, [placement])))
+            moe.router.weight = nn.Parameter(distribute_tensor(moe.router.weight.data, tp_mesh, [Replicate()]))
+            moe.tp_group = tp_mesh.get_group()
+        else:
+            plan.update({"mlp": PrepareModuleInput(**gather_seq),
+                         "mlp.c_gate": ColwiseParallel(), "mlp.c_fc": ColwiseParallel(),
+                         "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1))})
+        parallelize_module(block, tp_mesh, plan)
+        if block.attn.q_norm is not None:
+            # QK-norm's gains are shared by all heads, and each rank sees only its own heads: sum their gradients
+            group = tp_mesh.get_group()
+            for p in (block.attn.q_norm.weight, block.attn.k_norm.weight):
+                p.register_hook(lambda grad, group=group: _all_reduced(grad, group))
+
+
+def _all_reduced(t, group):
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def no_sync(model, layout, sync):
+    """Gradient accumulation: reduce gradients across data-parallel ranks on the last micro-step only."""
+    if layout == "ddp":
+        model.require_backward_grad_sync = sync
+    elif "fsdp" in layout:
+        model.set_requires_gradient_sync(sync)
+
+
+def clip_grad_norm_(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_, also when gradients are DTensors on different meshes (fsdp+tp: the blocks'
+    on (dp, tp), embeddings on dp): each parameter's norm is completed over its own mesh first."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(hasattr(g, "full_tensor") for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    sq = [torch.linalg.vector_norm(g) ** 2 for g in grads]
+    total = torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in sq]).sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+# -----------------------------------------------------------------------------
+# distributed checkpoints
+
+
+def save(out_dir, model, optimizers, meta):
+    """Every rank writes its shards of the model and optimizer state; rank 0 adds `meta` (iteration, config, RNG
+    states...). Written to a temporary directory, then swapped in: a crash mid-save leaves the previous one intact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final, tmp = os.path.join(out_dir, DCP_DIR), os.path.join(out_dir, DCP_DIR + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizers)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if rank == 0:
+        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def find(out_dir):
+    """The DCP checkpoint directory in out_dir, or None. A crash between save's two renames leaves only `.old`."""
+    for path in (os.path.join(out_dir, DCP_DIR), os.path.join(out_dir, DCP_DIR + ".old")):
+        if os.path.exists(os.path.join(path, "meta.pt")):
+            return path
+    return None
+
+
+def load(path, model, optimizers):
+    """Loads a DCP checkpoint into an already parallelized (or plain) model and its optimizers, resharding as
+    needed: a checkpoint saved on 2 ranks loads on 1 or on 8. Returns the meta dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizers)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
+
+
+def export(out_dir):
+    """DCP checkpoint -> out_dir/ckpt.pt (model weights, model_args, config, iteration), in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    path = find(out_dir)
+    if path is None:
+        raise FileNotFoundError(f"no distributed checkpoint ({DCP_DIR}/) in {out_dir}")
+    tmp = os.path.join(out_dir, "ckpt.pt.tmp")
+    dcp_to_torch_save(path, tmp)
+    state = torch.load(tmp, map_location="cpu", weights_only=True)
+    meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
+    ckpt = {"model": state["model"], "model_args": meta["model_args"], "config": meta["config"],
+            "iter_num": meta["iter_num"], "best_val_loss": meta["best_val_loss"]}
+    torch.save(ckpt, tmp)
+    # dated like its source, so that init_from='resume' (which takes the newer of the two) still resumes the
+    # distributed checkpoint, optimizer state and all, rather than this weights-only export
+    stamp = os.path.getmtime(os.path.join(path, "meta.pt"))
+    os.utime(tmp, (stamp, stamp))
+    os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))
+    return os.path.join(out_dir, "ckpt.pt")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "export":
+        sys.exit("usage: python parallel.py export OUT_DIR")
+    try:
+        print(f"wrote {export(sys.argv[2])}")
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")

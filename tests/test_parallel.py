@@ -1,0 +1,103 @@
+"""Every parallel layout against one process on the same global batch, on the CPU with gloo: the same losses step by
+step, the same parameters at the end, and a sharded checkpoint that resumes on a different world size."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_train
+
+TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=4",
+        "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
+        "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=100", "--learning_rate=3e-3",
+        "--eval_interval=10", "--max_iters=10"]
+MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--n_shared_expert=1", "--moe_balance=bias"]
+
+
+def torchrun(nproc, args, cwd, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["iter"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def weights(out_dir):
+    if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):  # a sharded run: export its distributed checkpoint
+        subprocess.run([sys.executable, os.path.join(ROOT, "parallel.py"), "export", str(out_dir)], check=True,
+                       capture_output=True)
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def assert_same_run(out_dir, ref_dir):
+    got, want = losses(out_dir), losses(ref_dir)
+    assert sorted(got) == list(range(1, 11))
+    for it in got:
+        assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
+    got, want = weights(out_dir), weights(ref_dir)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(char_data, tmp_path_factory):
+    """One process, 10 steps, for the dense and the MoE model; then the dense one resumed for two more steps."""
+    out = tmp_path_factory.mktemp("single")
+    run_train([*TINY, f"--out_dir={out / 'dense'}"], char_data)
+    run_train([*TINY, *MOE, f"--out_dir={out / 'moe'}"], char_data)
+    run_train([*TINY, f"--out_dir={out / 'dense_more'}", "--max_iters=12"], char_data)
+    return out
+
+
+@pytest.mark.parametrize("layout,nproc,moe,extra", [
+    ("ddp", 2, False, []), ("fsdp", 2, False, []), ("tp", 2, False, []), ("fsdp", 2, True, []),
+    ("tp", 2, True, []), ("fsdp+tp", 4, False, []),
+    ("ddp", 2, False, ["--gradient_accumulation_steps=1", "--batch_size=4"]),
+])
+def test_layout_matches_single_process(char_data, reference, tmp_path, layout, nproc, moe, extra):
+    # ddp and fsdp: each rank one of the two micro-batches of 2 sequences; tp: both ranks the same ones; fsdp+tp:
+    # both at once. The last case is one micro-batch of 4 sequences, which the two ranks share (2 each)
+    out = tmp_path / "run"
+    torchrun(nproc, [*TINY, *(MOE if moe else []), f"--out_dir={out}", f"--parallel={layout}", "--tp_size=2",
+                     *extra], char_data)
+    assert_same_run(out, reference / ("moe" if moe else "dense"))
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(char_data, reference, tmp_path):
+    torchrun(2, [*TINY, f"--out_dir={tmp_path}", "--parallel=fsdp"], char_data)
+    assert os.path.exists(tmp_path / "ckpt_dcp" / "meta.pt") and not os.path.exists(tmp_path / "ckpt.pt")
+    run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=12", "--init_from=resume"], char_data)
+    got, want = losses(tmp_path), losses(reference / "dense_more")
+    for it in (11, 12):  # optimizer state, data position and RNG all came back, resharded from 2 ranks to 1
+        assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--parallel=tp", "--tp_size=3"], "not divisible by tp_size=3"),
+    (["--parallel=tp", "--tp_size=2", "--n_head=3", "--n_kv_head=3", "--n_embd=48"], "n_head=3"),
+    (["--parallel=ddp", "--gradient_accumulation_steps=3", "--batch_size=3"], "batch is too small"),
+    (["--parallel=none"], "unrelated models"),
+])
+def test_impossible_layout_fails_before_any_work(char_data, tmp_path, args, message):
+    proc = torchrun(2, [*TINY, f"--out_dir={tmp_path}", *args], char_data, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    assert not os.path.exists(tmp_path / "metrics.jsonl")  # it stopped before training
+
+
+def test_half_set_torchrun_environment_is_a_clear_error(char_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = run_train([*TINY, f"--out_dir={tmp_path}"], char_data, check=False,
+                     env=dict(env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2"))
+    assert proc.returncode != 0 and "half set" in proc.stdout + proc.stderr
