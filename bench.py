@@ -4,6 +4,7 @@ Measures training speed: forward + backward + optimizer step of a model on rando
     python bench.py config/train_shakespeare_char.py
     python bench.py --n_layer=6 --n_embd=384 --block_size=256 --batch_size=64 --dtype=float32,bfloat16
     python bench.py --moe     # one MoE layer against a naive loop over experts and a dense MLP of equal FLOPs
+    python bench.py --dre --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
     python bench.py --memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
     python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
 
@@ -13,6 +14,7 @@ peak memory (CUDA: allocated by tensors; CPU: the process's peak resident size s
 """
 
 import itertools
+import json
 import os
 import resource
 import statistics
@@ -20,6 +22,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +74,13 @@ estimate = False
 gpus = 8
 tp_size = 2
 n_shared_expert = 0
+# --dre: a trained DRE checkpoint (out_dir/ckpt.pt) run at fixed core steps 1..max_reasoning_steps and at each of
+# dre_thresholds: val loss, steps and core FLOPs per token, and generation speed at batch 1 (timed round-robin)
+dre = False
+out_dir = "out"
+dre_thresholds = "3e-4,1e-3,3e-3,1e-2"  # comma-separated (KL between successive steps' predictions, nats)
+dre_eval_batches = 20        # val batches of the checkpoint's batch_size x block_size
+dre_new_tokens = 200         # tokens generated per timed round
 
 try:
     globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:],
@@ -243,8 +253,69 @@ def estimate_memory():
               f"{(p + g + o + act) / 2**30:>8.2f}")
 
 
+def bench_dre():
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} not found; train a DRE model first (python train.py config/shakespeare_char_dre.py)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not ckpt["model_args"].get("dre"):
+        sys.exit(f"error: {path} is not a DRE model (it was trained with dre=False)")
+    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
+    model.load_state_dict(ckpt["model"])
+    model.eval().to(device)
+    cfg, recur, run_cfg = model.config, model.transformer.recur, ckpt["config"]
+    data_dir = os.path.join("data", run_cfg["dataset"])
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        token_dtype = np.dtype(json.load(f).get("dtype", "uint16"))
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")
+    B, T = run_cfg["batch_size"], cfg.block_size
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(val) - T, (dre_eval_batches, B), generator=gen).tolist()
+    batches = [torch.from_numpy(np.stack([val[i:i + T + 1] for i in ix]).astype(np.int64)).to(device)
+               for ix in starts]
+    prompt = torch.from_numpy(val[:32].astype(np.int64))[None].to(device)
+    dt = dtype.split(",")[0]
+    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt])
+    S = cfg.max_reasoning_steps
+    settings = [(f"{r} step{'s' * (r > 1)}", r, 0.0) for r in range(1, S + 1)]
+    settings += [(f"threshold {t}", S, float(t)) for t in dre_thresholds.split(",")]
+    rows = {}
+    with torch.no_grad(), ctx:
+        for name, steps, threshold in settings:  # each token's steps and loss on the same val batches
+            cfg.max_reasoning_steps, cfg.dre_threshold = steps, threshold
+            losses = [model(b[:, :-1], b[:, 1:])[1].item() for b in batches]
+            rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics(), times=[])
+        for r in range(1 + rounds):  # generation: settings interleaved round by round, the first round untimed
+            for name, steps, threshold in settings:
+                cfg.max_reasoning_steps, cfg.dre_threshold = steps, threshold
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200)
+                sync()
+                if r:
+                    rows[name]["times"].append((time.perf_counter() - t0) / dre_new_tokens)
+                rows[name]["gen_steps"] = recur.metrics()["mean_steps"]
+    print(f"DRE checkpoint {path}: {cfg.n_prelude} prelude + {cfg.n_layer - cfg.n_prelude - cfg.n_coda} core + "
+          f"{cfg.n_coda} coda blocks, {cfg.n_embd} wide, trained with mean {cfg.dre_mean_steps:g} core steps; "
+          f"{device}, {dt}")
+    print(f"val: {dre_eval_batches} batches of {B} x {T} tokens. generation: batch 1, {dre_new_tokens} tokens after a "
+          f"32-token prompt, median of {rounds} rounds")
+    print(f"{'core steps':<16} {'val loss':>9} {'vs max':>7} {'steps/token':>12} {'core compute':>13} "
+          f"{'core MFLOPs/tok':>16} {'Spearman':>9} {'gen steps':>10} {'gen tok/s':>10} {'vs max':>7}")
+    top = rows[settings[S - 1][0]]
+    for name, _, _ in settings:
+        row = rows[name]
+        tok_s, top_tok_s = 1 / statistics.median(row["times"]), 1 / statistics.median(top["times"])
+        print(f"{name:<16} {row['loss']:>9.4f} {row['loss'] / top['loss'] - 1:>+7.2%} {row['mean_steps']:>12.2f} "
+              f"{row['mean_steps'] / S:>13.0%} {row['core_flops_per_token'] / 1e6:>16.2f} {row['spearman']:>+9.3f} "
+              f"{row['gen_steps']:>10.2f} {tok_s:>10,.0f} {tok_s / top_tok_s:>6.2f}x")
+
+
 if memory_layout:
     memory_worker()
+    sys.exit()
+if dre:
+    bench_dre()
     sys.exit()
 if memory:
     estimate_memory() if estimate else bench_memory()

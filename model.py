@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from moe import MoE
+from reasoning import RecurrentDepth
 
 try:
     from flash_attn import flash_attn_func  # optional, CUDA only
@@ -57,6 +58,15 @@ class GPTConfig:
     moe_balance: str = "aux"    # 'aux' (the Switch loss only) or 'bias' (DeepSeek-V3's aux-loss-free bias, too)
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+    # Dynamic Reasoning Engine (reasoning.py): the blocks between the first n_prelude and the last n_coda of the
+    # n_layer form a core that runs several times per token, as many as the token needs at inference
+    dre: bool = False
+    n_prelude: int = 1
+    n_coda: int = 1
+    max_reasoning_steps: int = 8  # the most core steps a token runs (training draws are clipped to it)
+    dre_mean_steps: float = 4.0  # mean core steps drawn per training step
+    dre_backprop_steps: int = 4  # gradients flow through the last this-many core steps
+    dre_threshold: float = 1e-3  # inference: a token stops once its prediction moves less than this (KL, nats)
 
     def __post_init__(self):
         if self.layout not in ("modern", "gpt2"):
@@ -84,6 +94,18 @@ class GPTConfig:
                 raise ValueError(f"moe_balance must be 'aux' or 'bias', got {self.moe_balance!r}")
             if self.capacity_factor < 0:
                 raise ValueError(f"capacity_factor must be >= 0 (0 is dropless), got {self.capacity_factor}")
+        if self.dre:
+            if min(self.n_prelude, self.n_coda) < 0 or self.n_layer - self.n_prelude - self.n_coda < 1:
+                raise ValueError(f"dre needs a core: n_layer={self.n_layer} must exceed n_prelude={self.n_prelude} "
+                                 f"+ n_coda={self.n_coda} (both >= 0)")
+            if self.max_reasoning_steps < 1 or not 1 <= self.dre_mean_steps <= self.max_reasoning_steps:
+                raise ValueError(f"dre needs 1 <= dre_mean_steps={self.dre_mean_steps} <= max_reasoning_steps="
+                                 f"{self.max_reasoning_steps}")
+            if self.dre_backprop_steps < 1:
+                raise ValueError(f"dre_backprop_steps must be at least 1, got {self.dre_backprop_steps}")
+            if self.dre_threshold < 0:
+                raise ValueError(f"dre_threshold must be >= 0 (0 runs every token max_reasoning_steps steps), "
+                                 f"got {self.dre_threshold}")
 
     def is_moe(self, layer):
         return self.n_expert > 0 and layer % self.moe_every == self.moe_every - 1
@@ -229,6 +251,8 @@ class GPT(nn.Module):
         ))
         if config.layout == "gpt2":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.dre:  # h runs as prelude -> core (repeated) -> coda; the core's blocks are in h once
+            self.transformer.recur = RecurrentDepth(config, self.transformer.h)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -288,8 +312,9 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
-    def hidden(self, idx, caches=None):
-        """The final normalised hidden states, (B, T, n_embd); `caches` (one KVCache per layer) for generation."""
+    def hidden(self, idx, caches=None, steps=None):
+        """The final normalised hidden states, (B, T, n_embd); `caches` (one KVCache per layer) for generation;
+        `steps` sets a DRE model's core steps (see RecurrentDepth.forward)."""
         B, T = idx.shape
         start = caches[0].pos if caches else 0
         if start + T > self.config.block_size:
@@ -299,6 +324,9 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.transformer.drop(x)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if self.config.dre:  # the exit test compares the predictions of successive core steps: it needs the head
+            head = lambda y: self.lm_head(self.transformer.ln_f(y))  # noqa: E731
+            return self.transformer.ln_f(self.transformer.recur(x, self.transformer.h, cos, sin, caches, steps, head))
         for i, block in enumerate(self.transformer.h):
             if self.config.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -306,12 +334,16 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, caches[i] if caches else None)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -1."""
-        logits = self.lm_head(self.hidden(idx))
+    def forward(self, idx, targets=None, steps=None):
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -1.
+        `steps`: a DRE model's core steps, an int or one per token (B, T); None samples them in training and lets
+        each token stop by dre_threshold at inference."""
+        logits = self.lm_head(self.hidden(idx, steps=steps))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.config.dre and not self.training:  # each token's steps against its loss, for its metrics()
+                self.transformer.recur.observe(logits, targets)
         return logits, loss
 
     @torch.no_grad()
@@ -326,12 +358,15 @@ class GPT(nn.Module):
             else:
                 if caches is None or caches[0].pos == block_size:
                     keep = block_size if caches is None else block_size // 2
-                    caches = [KVCache(block_size) for _ in self.transformer.h]
+                    caches = (self.transformer.recur.new_caches(block_size) if self.config.dre else
+                              [KVCache(block_size) for _ in self.transformer.h])
                     h = self.hidden(idx[:, -keep:], caches)
                 else:
                     h = self.hidden(idx[:, -1:], caches)
                 logits = self.lm_head(h[:, -1])
             idx_next = sample_next(logits.float(), temperature, top_k, top_p)
+            if self.config.dre:  # the steps of the token that predicted idx_next against its surprisal
+                self.transformer.recur.observe(logits[:, None], idx_next)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
@@ -368,6 +403,8 @@ class GPT(nn.Module):
         active experts) plus attention's 12*n_layer*n_embd*T (PaLM, appendix B)."""
         cfg = self.config
         T = seq_len or cfg.block_size
+        if cfg.dre:  # the core runs E[r] times forward, E[min(r, dre_backprop_steps)] backward
+            return self.transformer.recur.training_flops_per_token(self.num_params(active=True), T)
         return 6 * self.num_params(active=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
     @classmethod

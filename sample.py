@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 
 import configurator
+import reasoning
 from model import GPT, GPTConfig
 
 init_from = "resume"     # 'resume' (from out_dir) or a GPT-2 variant: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
@@ -29,6 +30,8 @@ seed = 1337
 device = "auto"
 dtype = "auto"           # 'float32' or 'bfloat16'/'float16' autocast; auto: bf16 on capable GPUs, fp32 elsewhere
 compile = False
+dre_threshold = None     # DRE models: a token stops once its prediction moves less than this (KL); None: the model's
+max_reasoning_steps = None  # DRE models: the most core steps a token runs; None: the model's
 try:
     globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:],
                                         skip_unknown_in_files=True))
@@ -64,6 +67,11 @@ elif init_from.startswith("gpt2"):
 else:
     sys.exit(f"error: init_from must be 'resume' or 'gpt2*', got {init_from!r}")
 model.eval().to(device)
+if model.config.dre:
+    if dre_threshold is not None:
+        model.config.dre_threshold = dre_threshold
+    if max_reasoning_steps is not None:
+        model.config.max_reasoning_steps = max_reasoning_steps
 if compile:
     model = torch.compile(model)
 
@@ -103,3 +111,5 @@ with torch.no_grad(), autocast:
         print("---------------")
 print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:,.0f} tokens/s "
       f"(batch 1, KV cache, {device}, {dtype})")
+if model.config.dre:  # steps of the generated tokens at dre_threshold; "loss" is each sampled token's surprisal
+    print(f"{reasoning.describe(model.transformer.recur.metrics())} (dre_threshold {model.config.dre_threshold})")

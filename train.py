@@ -27,6 +27,7 @@ import torch.distributed as dist
 import configurator
 import parallel as parallelism  # the module; `parallel` below is the layout's name
 import constitution
+import reasoning
 from model import GPT, GPTConfig, hardware_peak_flops
 
 # -----------------------------------------------------------------------------
@@ -80,6 +81,15 @@ moe_balance = "aux"              # 'aux': Switch loss; 'bias': also DeepSeek-V3'
 aux_loss_coef = 0.01             # Switch load-balancing loss
 z_loss_coef = 0.001              # router z-loss
 moe_bias_rate = 1e-3             # moe_balance='bias': bias step per optimizer step
+# dynamic reasoning engine (reasoning.py): the blocks between the first n_prelude and the last n_coda of the n_layer
+# form a core that runs r times, r drawn per step in training and chosen per token at inference
+dre = False
+n_prelude = 1                    # blocks run once before the core
+n_coda = 1                       # blocks run once after it
+max_reasoning_steps = 8          # the most core steps a token runs
+dre_mean_steps = 4.0             # mean r drawn in training (heavy-tailed, clipped to max_reasoning_steps)
+dre_backprop_steps = 4           # gradients flow through the last this-many core steps
+dre_threshold = 1e-3             # evaluation: a token stops once its prediction moves less than this (KL in nats)
 # optimizer
 optimizer = "adamw"              # 'adamw' or 'muon' (Muon for hidden matrices, AdamW for the rest)
 learning_rate = 6e-4             # peak learning rate
@@ -240,8 +250,10 @@ model_args = dict(layout=layout, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_
                   vocab_size=meta.get("vocab_size", 50304), n_expert=n_expert, top_k=top_k,
                   expert_hidden=expert_hidden, moe_every=moe_every, n_shared_expert=n_shared_expert,
                   capacity_factor=capacity_factor, router_score=router_score, router_renormalize=router_renormalize,
-                  moe_balance=moe_balance, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
-run_settings = ("dropout", "grad_checkpoint", "capacity_factor", "aux_loss_coef", "z_loss_coef")
+                  moe_balance=moe_balance, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, dre=dre,
+                  n_prelude=n_prelude, n_coda=n_coda, max_reasoning_steps=max_reasoning_steps,
+                  dre_mean_steps=dre_mean_steps, dre_backprop_steps=dre_backprop_steps, dre_threshold=dre_threshold)
+run_settings = ("dropout", "grad_checkpoint", "capacity_factor", "aux_loss_coef", "z_loss_coef", "dre_threshold")
 if model_args["vocab_size"] > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
     model_args["vocab_size"] = 64 * math.ceil(model_args["vocab_size"] / 64)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -384,6 +396,9 @@ def forward(batch):
     return model(*batch)[1], {}
 
 
+dre_eval = {}  # DRE: per split, steps per token and their correlation with the loss at the last evaluation
+
+
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches per split (and in dpo mode the mean statistics, as 'val_accuracy' etc.).
@@ -401,6 +416,8 @@ def estimate_loss():
             for name, value in stats.items():
                 out[f"{split}_{name}"] = out.get(f"{split}_{name}", 0.0) + value.item() / eval_iters
         out[split] = losses.mean().item()
+        if raw_model.config.dre:
+            dre_eval[split] = raw_model.transformer.recur.metrics()
     model.train()
     if distributed:  # the mean over data-parallel ranks, each of which evaluated its slice of the batches
         keys = sorted(out)
@@ -492,6 +509,9 @@ while True:
             extra = {k: v for k, v in losses.items() if k not in ("train", "val")}  # dpo: accuracy, margin, ...
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   + "".join(f", {k} {v:.4f}" for k, v in extra.items() if k.startswith("val_")))
+            if dre_eval:  # at dre_threshold: steps per token, core FLOPs, Spearman(steps, loss) (this rank's)
+                print(f"  {reasoning.describe(dre_eval['val'])}")
+                extra["val_dre"] = dre_eval["val"]
             log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **extra})
         if not all(map(math.isfinite, losses.values())):
             stop(f"error: non-finite eval loss at iter {iter_num}; the last checkpoint in {out_dir} is kept. "
@@ -509,6 +529,8 @@ while True:
     # one optimizer step: gradient_accumulation_steps micro-batches, gradients synchronised on the last only
     loss_sum, moe_loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     stats_sum = {}  # dpo: accuracy, reward margin and rewards, averaged like the loss
+    if raw_model.config.dre:  # core steps: one draw per optimizer step, the same on every rank (reasoning.py)
+        raw_model.transformer.recur.iteration = iter_num
     for micro_step in range(gradient_accumulation_steps):
         parallelism.no_sync(model, parallel, sync=micro_step == gradient_accumulation_steps - 1)
         batch = get_batch("train", data_gen)
@@ -537,6 +559,8 @@ while True:
     iters_since_log += 1
 
     moe = raw_model.moe_metrics() if iter_num % log_interval == 0 else []  # every rank: it resets the counters
+    dre_steps = raw_model.transformer.recur.pop_sampled() if raw_model.config.dre and not iter_num % log_interval \
+        else []  # the core steps drawn for each micro-batch since the last line
     if distributed and iter_num % log_interval == 0:  # log the global batch's loss, not rank 0's share
         losses = torch.stack([loss_sum, moe_loss_sum])
         dist.all_reduce(losses)
@@ -562,6 +586,9 @@ while True:
                   f"{min(m['entropy_bits'] for m in moe):.2f} bits, dropped {max(m['dropped'] for m in moe):.1%}, "
                   f"aux loss {moe_loss_sum.item():.4f}")
             record.update(moe_loss=moe_loss_sum.item(), moe=moe)
+        if dre_steps:
+            print(f"  dre: {sum(dre_steps) / len(dre_steps):.2f} core steps per micro-batch (drawn)")
+            record["dre_steps"] = dre_steps
         log(record)
 
 parallelism.teardown()

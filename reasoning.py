@@ -1,0 +1,381 @@
+"""
+The Dynamic Reasoning Engine (DRE): a recurrent-depth transformer that gives each token as many passes through a
+shared core as it needs, trained end to end with the language model.
+
+The model (after Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
+Approach"):
+
+    e   = prelude(embed(tokens))                          the first n_prelude blocks of transformer.h, run once
+    s_0 = e
+    s_i = norm(core(s_{i-1} + adapter(concat(s_{i-1}, e))))   the middle blocks of transformer.h, run r times
+    out = head(coda(s_r))                                 the last n_coda blocks, run once
+
+Why this mechanism rather than the alternatives:
+- A halting head (ACT, PonderNet) has to learn when to stop from a ponder cost traded against the loss, a balance
+  that is easy to get wrong. A core trained at random depths learns to give a usable prediction at any depth, so
+  "the prediction stopped changing" is a halting signal that needs no extra loss and no extra parameters.
+- Mixture-of-Depths routes a fixed fraction of tokens around each block: the saving is set by a capacity, not by the
+  token. Recurrence spends depth where the prediction is still moving.
+- The core's weights exist once (ordinary model.Block modules in transformer.h, dense or MoE), so parameters,
+  optimizer state, checkpoints and FSDP/DDP see a small model; depth is chosen at run time.
+
+Choices within the design, and what they were measured against (Tiny Shakespeare, 1 + 1 + 1 blocks of 128):
+- Injection: the state keeps its residual path and the prelude's output is re-injected through a linear adapter on
+  concat(state, e), so each step starts from where the last one ended. Geiping's form, s_i = core(adapter(concat(
+  s_{i-1}, e))) from s_0 = 0, routes the whole stream through the adapter at every step; it trained a little worse
+  here (val 1.740 against 1.733 after 1000 iterations). Without the norm the state grows with every step (its RMS
+  went from 1.4 to 34 over 8 steps) and the loss got worse after the second step; the RMSNorm after each step keeps
+  the state's scale independent of the number of steps.
+- Initial state: e, not noise: outputs are deterministic, so cached generation, the full forward and their tests
+  agree exactly, and one step is a plain pass through the blocks.
+- Training depth: one r for all tokens of a forward (static shapes for torch.compile and the parallel wrappers),
+  r = 1 + Poisson(lambda) with lambda log-normal around dre_mean_steps - 1 (Geiping's heavy-tailed schedule: mostly
+  moderate depths, sometimes deep ones), clipped to max_reasoning_steps. train.py sets `iteration` to the optimizer
+  step before its micro-batches, and r is then a function of the step alone: every micro-batch of the step on every
+  rank runs the same r without the ranks talking (FSDP needs it: the core's all-gathers must match), any split of
+  the global batch over ranks and accumulation steps computes the same thing, and a resumed run continues the
+  sequence. Left at None (a loop of your own), r is drawn afresh at each forward from torch's RNG.
+- Truncated backprop: the first r - dre_backprop_steps steps run without autograd; gradients flow through the last
+  dre_backprop_steps steps (and into the prelude through their injections), so memory and backward cost do not grow
+  with r.
+- Exit at inference: after each step the coda and the head read the state, and a token stops once its next-token
+  distribution moved less than dre_threshold (KL(p_i || p_{i-1}) in nats), or at max_reasoning_steps. The first step
+  has nothing to compare with, so an adaptive token runs at least 2 steps. The cheaper test, the relative change of
+  the state, gave more steps to the tokens with lower loss (Spearman -0.05 to -0.3 on the checkpoints measured);
+  the KL gives them to those with higher loss. Its price is a coda pass and a head per step; dre_threshold=0 skips it
+  and runs every token max_reasoning_steps steps.
+
+Keys and values when tokens run different numbers of steps. Step i of the core attends to the step-i keys/values of
+the earlier tokens (StepCache keeps one copy of the core blocks' cache per step). A token that exited after step j has
+no step-(j+1..max) keys of its own: later steps see the keys and values it produced at its last step j (copied into
+the later slots when it exits). This costs no core computation for the exited token (recomputing them from its last
+state would need the whole step once the core has more than one block), and it is what a converged token would
+produce anyway. The coda's caches hold each token's final keys; the looks the exit test takes at a state that may not
+be final write into the next slot without advancing the cache, so the next look (or the next token) overwrites them.
+The full, uncached forward applies the same rules, so given the same steps per token it reproduces generation.
+
+Batches: the full forward and generation at batch > 1 run the core until every token of the batch has exited; an
+exited token's state is frozen and its step results discarded, so the saving shows in the steps-per-token metrics
+but not in the wall clock. At batch 1 (cached generation) a new token runs exactly the steps it needs. In the full
+forward the exit test's coda sees the other tokens' current states, in generation the earlier tokens' final ones, so
+the two may stop a token at different steps; the outputs for given steps are the same.
+
+Metrics (metrics()): per token, the steps it ran and its loss, recorded in evaluation and generation: mean steps, the
+histogram, the core's forward FLOPs per token, and Spearman's rank correlation between steps and loss.
+"""
+
+import functools
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from moe import MoE
+
+
+@functools.lru_cache(maxsize=16)  # drawn from at every training step; the tensor is never modified
+def step_distribution(mean, max_steps, sigma=0.5, points=1000):
+    """P(r = 1), ..., P(r = max_steps) for r = 1 + Poisson(lambda), lambda log-normal with mean `mean` - 1 and log-std
+    sigma, the tail beyond max_steps folded onto max_steps (computed on `points` quantiles of the log-normal)."""
+    probs = torch.zeros(max_steps, dtype=torch.float64)
+    if mean <= 1:
+        probs[0] = 1.0
+        return probs
+    z = torch.special.ndtri((torch.arange(points, dtype=torch.float64) + 0.5) / points)
+    lam = (mean - 1) * torch.exp(sigma * z - sigma ** 2 / 2)
+    n = torch.arange(max_steps - 1, dtype=torch.float64)[:, None]  # Poisson outcomes 0 .. max_steps-2
+    probs[:-1] = torch.exp(n * lam.log() - lam - torch.lgamma(n + 1)).mean(1)
+    probs[-1] = (1 - probs[:-1].sum()).clamp(min=0)
+    return probs
+
+
+def active_params(block):
+    """Parameters of a block that one token uses: of an MoE layer's routed experts only top_k."""
+    n = sum(p.numel() for p in block.parameters())
+    if isinstance(block.mlp, MoE):
+        moe = block.mlp
+        n -= (moe.n_expert - moe.top_k) * (moe.w1[0].numel() + moe.w3[0].numel() + moe.w2[0].numel())
+    return n
+
+
+def ranks(x):
+    """Ranks 0..n-1 of x (1-D), tied values sharing the mean of their ranks."""
+    order = x.argsort()
+    r = torch.empty(x.numel(), dtype=torch.float64, device=x.device)
+    r[order] = torch.arange(x.numel(), dtype=torch.float64, device=x.device)
+    _, group = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(int(group.max()) + 1, dtype=torch.float64, device=x.device).index_add_(0, group, r)
+    return (sums / torch.bincount(group))[group]
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of two 1-D tensors (Pearson's on tie-averaged ranks); nan if either is constant."""
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.pow(2).sum() * ry.pow(2).sum()).sqrt()
+    return (rx * ry).sum().item() / denom.item() if denom > 0 else float("nan")
+
+
+class StepCache:
+    """Keys and values of one core block for generation, one copy per step: (steps, B, length, heads, head_dim)."""
+
+    def __init__(self, length, steps):
+        self.length, self.steps, self.pos, self.k, self.v = length, steps, 0, None, None
+
+
+class StepKV:
+    """What a core block's attention sees during one call of the core loop (passed where model.Block takes a cache).
+    Tokens still running contribute their new keys/values; tokens that exited keep serving those of their last step.
+    With a StepCache the chunk's keys/values are also written to the current step's slot, behind the earlier tokens'."""
+
+    def __init__(self, cache, pos):
+        self.cache, self.pos = cache, pos  # the attention reads pos: where this chunk starts
+        self.k = self.v = None  # (B, T, H, D): each token's keys/values from the last step it ran
+        self.step, self.active = 0, None  # set by the loop before each step (0-based slot, running tokens)
+
+    def update(self, k, v):
+        if self.active is not None:  # None while every token of the chunk is still running
+            running = self.active[:, :, None, None]
+            k, v = torch.where(running, k, self.k), torch.where(running, v, self.v)
+        self.k, self.v = k, v
+        c = self.cache
+        if c is None:
+            return k, v
+        B, T, H, D = k.shape
+        if c.k is None:
+            c.k = k.new_empty(c.steps, B, c.length, H, D)
+            c.v = v.new_empty(c.steps, B, c.length, H, D)
+        c.k[self.step, :, self.pos:self.pos + T] = k
+        c.v[self.step, :, self.pos:self.pos + T] = v
+        return c.k[self.step, :, :self.pos + T], c.v[self.step, :, :self.pos + T]
+
+    def finish(self, steps_run):
+        """After the loop: the slots of the steps no token of the chunk ran get each token's last keys/values."""
+        c = self.cache
+        if c is not None and steps_run < c.steps:
+            T = self.k.size(1)
+            c.k[steps_run:, :, self.pos:self.pos + T] = self.k
+            c.v[steps_run:, :, self.pos:self.pos + T] = self.v
+
+
+class RecurrentDepth(nn.Module):
+    """Runs transformer.h as prelude -> core x r -> coda. Holds the adapter; the blocks stay in transformer.h (the
+    core's once), so that parameter names, per-block sharding and MoE bookkeeping are those of a plain GPT."""
+
+    def __init__(self, config, blocks):
+        super().__init__()
+        self.config = config  # shared with GPT: dre_threshold and max_reasoning_steps may be changed for inference
+        self.n_prelude, self.n_core = config.n_prelude, config.n_layer - config.n_prelude - config.n_coda
+        from model import Norm  # here: model.py imports this file
+        self.adapter = nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias)
+        self.norm = Norm(config)  # the state's scale after each step
+        # parameters one core step uses per token, for FLOP counts
+        core = blocks[self.n_prelude:self.n_prelude + self.n_core]
+        self.step_params = sum(active_params(b) for b in core) + sum(p.numel() for p in self.adapter.parameters()) \
+            + sum(p.numel() for p in self.norm.parameters())
+        self.iteration = None  # the optimizer step r is drawn for (set by train.py); None: a fresh draw per forward
+        self.sampled = []  # r of each training forward since pop_sampled()
+        self.last_steps = None  # (B, T) core steps each token of the last forward ran
+        self.observed = []  # (steps, loss, mask) per observe() call since metrics()
+
+    @torch.compiler.disable  # a host-side draw; a compiled model specialises on r (one graph per value)
+    def sample_steps(self):
+        probs = step_distribution(self.config.dre_mean_steps, self.config.max_reasoning_steps)
+        if self.iteration is None:
+            r = int(torch.multinomial(probs, 1)) + 1
+        else:
+            r = random.Random(self.iteration).choices(range(1, len(probs) + 1), weights=probs.tolist())[0]
+        self.sampled.append(r)
+        return r
+
+    def pop_sampled(self):
+        """The r drawn by each training forward since the last call."""
+        sampled, self.sampled = self.sampled, []
+        return sampled
+
+    def expected_steps(self):
+        """E[r] and E[min(r, dre_backprop_steps)] under the training distribution: forward and backward core steps."""
+        probs = step_distribution(self.config.dre_mean_steps, self.config.max_reasoning_steps)
+        r = torch.arange(1, len(probs) + 1, dtype=torch.float64)
+        return (probs * r).sum().item(), (probs * r.clamp(max=self.config.dre_backprop_steps)).sum().item()
+
+    def core_flops_per_step(self, seq_len):
+        """Forward FLOPs of one core step for one token: 2 per parameter, plus attention over seq_len keys."""
+        return 2 * self.step_params + 4 * self.n_core * self.config.n_embd * seq_len
+
+    def training_flops_per_token(self, active_params, seq_len):
+        """model.flops_per_token for a DRE model: the blocks outside the core forward and backward once (6 per
+        parameter, PaLM's 12*layers*width*T for attention), the core E[r] times forward and E[min(r, k)] backward."""
+        fwd, bwd = self.expected_steps()
+        d, outside = self.config.n_embd, self.config.n_layer - self.n_core
+        attn = 12 * outside * d * seq_len + (4 * fwd + 8 * bwd) * self.n_core * d * seq_len
+        return 6 * (active_params - self.step_params) + (2 * fwd + 4 * bwd) * self.step_params + attn
+
+    def new_caches(self, length):
+        """One cache per block of transformer.h for generate(): a KVCache outside the core, a StepCache in it."""
+        from model import KVCache
+        P, C = self.n_prelude, self.n_core
+        return [StepCache(length, self.config.max_reasoning_steps) if P <= i < P + C else KVCache(length)
+                for i in range(self.config.n_layer)]
+
+    def run_block(self, block, x, cos, sin, cache=None):
+        if self.config.grad_checkpoint and self.training and cache is None:
+            return checkpoint(block, x, cos, sin, use_reentrant=False)
+        return block(x, cos, sin, cache)
+
+    def step(self, s, e, core, cos, sin, kvs=None):
+        x = s + self.adapter(torch.cat([s, e], dim=-1))
+        for j, block in enumerate(core):
+            x = self.run_block(block, x, cos, sin, kvs[j] if kvs else None)
+        return self.norm(x)
+
+    def run_coda(self, s, coda, cos, sin, caches=None, commit=True):
+        """The coda on the states s; with commit=False the caches are read and written but not advanced, so the
+        next call overwrites this one's keys (a look at the prediction of a state that may not be final)."""
+        for i, block in enumerate(coda):
+            cache = caches[i] if caches else None
+            pos = cache.pos if cache is not None else 0
+            s = self.run_block(block, s, cos, sin, cache)
+            if cache is not None and not commit:
+                cache.pos = pos
+        return s
+
+    def forward(self, x, blocks, cos, sin, caches=None, steps=None, head=None):
+        """x: the embedded tokens (B, T, d) -> the coda's output. steps: None draws r in training and decides per
+        token by dre_threshold at inference; an int runs every token that many core steps; a (B, T) tensor gives
+        each token its own count. caches: from new_caches(), for generation. head: the coda's output -> logits,
+        which the exit test compares from step to step."""
+        P, C = self.n_prelude, self.n_core
+        caches = caches or [None] * len(blocks)
+        for i in range(P):
+            x = self.run_block(blocks[i], x, cos, sin, caches[i])
+        core, coda = blocks[P:P + C], blocks[P + C:]
+        if steps is None and self.training:
+            steps = self.sample_steps()
+        if self.training and not isinstance(steps, int):
+            raise ValueError("training runs the same number of core steps for every token (an int or None)")
+        if isinstance(steps, int) and caches[0] is None:
+            s = self.iterate(x, core, cos, sin, steps)
+            self.last_steps = torch.full(x.shape[:2], steps, dtype=torch.long, device=x.device)
+            return self.run_coda(s, coda, cos, sin)
+        return self.iterate_per_token(x, core, coda, cos, sin, caches[P:P + C], caches[P + C:], steps, head)
+
+    def iterate(self, e, core, cos, sin, r):
+        """r core steps for every token; gradients through the last dre_backprop_steps only."""
+        if r < 1:
+            raise ValueError(f"the core needs at least 1 step, got {r}")
+        with_grad = min(r, self.config.dre_backprop_steps)
+        s = e
+        with torch.no_grad():  # a state made without grad is cut off from the steps before it
+            for _ in range(r - with_grad):
+                s = self.step(s, e, core, cos, sin)
+        moes = [b.mlp for b in core if isinstance(b.mlp, MoE)]
+        aux = [0.0] * len(moes)
+        for _ in range(with_grad):
+            s = self.step(s, e, core, cos, sin)
+            aux = [a + moe.aux_loss for a, moe in zip(aux, moes)]
+        for a, moe in zip(aux, moes):  # each MoE core layer's balancing loss: the mean over the steps with gradients
+            moe.aux_loss = a / with_grad
+        return s
+
+    @torch.no_grad()
+    def iterate_per_token(self, e, core, coda, cos, sin, caches, coda_caches, steps, head):
+        """Inference: each token runs until its prediction stops changing (steps=None) or for its given count;
+        returns the coda's output. See the top of this file for the keys and values of tokens that stopped early."""
+        B, T, _ = e.shape
+        S = self.config.max_reasoning_steps
+        threshold = self.config.dre_threshold if steps is None else 0.0
+        if threshold > 0 and head is None:
+            raise ValueError("exiting by dre_threshold needs the head, to compare successive predictions")
+        caches = None if caches[0] is None else caches
+        limit = None
+        if steps is None:
+            most = S
+        elif isinstance(steps, int):
+            most = steps
+        else:
+            limit = torch.as_tensor(steps, device=e.device)
+            if limit.shape != (B, T):
+                raise ValueError(f"per-token steps must have shape {(B, T)}, got {tuple(limit.shape)}")
+            most = int(limit.max())
+            if int(limit.min()) < 1:
+                raise ValueError("every token needs at least 1 core step")
+        if most < 1:
+            raise ValueError(f"the core needs at least 1 step, got {most}")
+        if caches and most > caches[0].steps:
+            raise ValueError(f"{most} steps but the generation cache holds {caches[0].steps} (max_reasoning_steps)")
+        pos = caches[0].pos if caches else 0
+        kvs = [StepKV(c, pos) for c in (caches or [None] * len(core))]
+        s, y, logp = e, None, None
+        taken = torch.zeros(B, T, dtype=torch.long, device=e.device)
+        active = torch.ones(B, T, dtype=torch.bool, device=e.device)
+        running = B * T  # tokens still running; while all are, nothing needs masking
+        for i in range(1, most + 1):
+            for kv in kvs:
+                kv.step, kv.active = i - 1, (active if running < B * T else None)
+            new = self.step(s, e, core, cos, sin, kvs)
+            taken += active
+            s = torch.where(active[..., None], new, s) if running < B * T else new
+            done = taken >= limit if limit is not None else torch.zeros_like(active)
+            if threshold > 0:  # the prediction after this step against the one after the previous step
+                y = self.run_coda(s, coda, cos, sin, coda_caches, commit=False)
+                logp, last = head(y).float().log_softmax(-1), logp
+                if logp.shape[:2] != (B, T):
+                    raise ValueError("adaptive exit needs each rank to hold whole sequences; with tensor parallelism "
+                                     "evaluate at fixed depth (dre_threshold=0)")
+                if last is not None:
+                    done = done | ((logp.exp() * (logp - last)).sum(-1) < threshold)
+            active = active & ~done
+            running = int(active.sum())  # a host sync per step: the loop length depends on it
+            if i == most or running == 0:  # at batch 1 this is where an easy token saves the remaining steps
+                break
+        for kv in kvs:
+            kv.finish(i)
+        for c in caches or []:
+            c.pos += T
+        self.last_steps = taken
+        if y is None:
+            return self.run_coda(s, coda, cos, sin, coda_caches)
+        for c in coda_caches:  # the last look was at every token's final state: keep its keys and values
+            if c is not None:
+                c.pos += T
+        return y
+
+    @torch.no_grad()
+    def observe(self, logits, targets):
+        """Records each token's steps (from the last forward) and loss; targets (B, T') are the last T' positions'
+        next tokens (-1: none), logits (B, T', vocab)."""
+        T = targets.size(1)
+        if self.last_steps.size(1) != T and targets.size(1) != 1:
+            return  # tensor parallelism: this rank ran a slice of the sequence; its steps are not gathered
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction="none")
+        self.observed.append((self.last_steps[:, -T:].reshape(-1), loss, targets.reshape(-1) != -1))
+
+    def metrics(self):
+        """Statistics of the tokens observed since the last call (then reset): mean steps, histogram of steps
+        1..max_reasoning_steps, the core's forward FLOPs per token (attention over block_size keys, as in
+        flops_per_token) and Spearman's rank correlation between a token's steps and its loss."""
+        if not self.observed:
+            return {}
+        steps, loss, keep = (torch.cat(t) for t in zip(*self.observed))
+        self.observed = []
+        steps, loss = steps[keep], loss[keep]
+        mean = steps.float().mean().item()
+        return {"tokens": steps.numel(), "mean_steps": mean, "max_steps": self.config.max_reasoning_steps,
+                "histogram": torch.bincount(steps, minlength=self.config.max_reasoning_steps + 1)[1:].tolist(),
+                "core_flops_per_token": mean * self.core_flops_per_step(self.config.block_size),
+                "spearman": spearman(steps.float(), loss)}
+
+
+def describe(m):
+    """One line for a metrics() dict."""
+    if not m:
+        return "dre: no tokens observed"
+    hist = " ".join(f"{i + 1}:{n}" for i, n in enumerate(m["histogram"]) if n)
+    return (f"dre: {m['mean_steps']:.2f} core steps per token of max {m['max_steps']} "
+            f"({m['mean_steps'] / m['max_steps']:.0%} of the core compute), {m['core_flops_per_token'] / 1e6:.2f} "
+            f"MFLOPs/token in the core, Spearman(steps, loss) {m['spearman']:+.3f} over {m['tokens']} tokens; "
+            f"steps histogram {hist}")

@@ -1,0 +1,299 @@
+"""reasoning.py (the Dynamic Reasoning Engine): the core loop is the recurrence written out by hand, adaptive exit
+reduces to the fixed depth at threshold 0 and stops where the prediction settles, cached generation with early exits
+equals the full forward and skips the steps, truncated backprop cuts the gradient, a trained toy spends its steps on
+the tokens it cannot predict, training draws depend on the step alone, and train.py trains, logs and resumes a DRE
+model."""
+import json
+import math
+
+import pytest
+import torch
+
+import model as model_py
+from conftest import run_train
+from model import GPT, GPTConfig
+from reasoning import spearman, step_distribution
+
+VOCAB, BLOCK, D = 50, 32, 32
+
+
+def make_model(seed=0, **overrides):
+    """A tiny DRE model with weights large enough that every token, position and step matters (as in test_model);
+    its predictions settle after a different number of steps for each token, which is what early exit needs."""
+    torch.manual_seed(seed)
+    kwargs = dict(block_size=BLOCK, vocab_size=VOCAB, n_layer=3, n_head=4, n_embd=D, dre=True,
+                  max_reasoning_steps=6, dre_mean_steps=3.0, dre_backprop_steps=2, dre_threshold=0.0)
+    kwargs.update(overrides)
+    model = GPT(GPTConfig(**kwargs))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.size(-1)))
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def tokens(B, T, seed=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def by_hand(model, idx, r):
+    """prelude (output e) -> r x [s = norm(core(s + adapter(concat(s, e))))] from s = e -> coda -> head."""
+    cfg, t = model.config, model.transformer
+    T = idx.size(1)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    x = t.wte(idx)
+    blocks = list(t.h)
+    prelude, core, coda = (blocks[:cfg.n_prelude], blocks[cfg.n_prelude:cfg.n_layer - cfg.n_coda],
+                           blocks[cfg.n_layer - cfg.n_coda:])
+    for block in prelude:
+        x = block(x, cos, sin)
+    e = s = x
+    for _ in range(r):
+        x = s + t.recur.adapter(torch.cat([s, e], dim=-1))
+        for block in core:
+            x = block(x, cos, sin)
+        s = t.recur.norm(x)
+    x = s
+    for block in coda:
+        x = block(x, cos, sin)
+    return model.lm_head(t.ln_f(x))
+
+
+SHAPES = {
+    "1+1+1": dict(),
+    "core of 2 blocks": dict(n_layer=5, n_prelude=2, n_coda=1),
+    "no prelude": dict(n_layer=2, n_prelude=0, n_coda=1),
+    "MoE core": dict(n_expert=4, top_k=2, expert_hidden=32),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("r", [1, 4])
+def test_r_core_steps_equal_r_applications_written_out(shape, r):
+    model = make_model(**SHAPES[shape])
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        expected = by_hand(model, idx, r)
+        torch.testing.assert_close(model(idx, steps=r)[0], expected)  # evaluation
+        model.train()
+        torch.testing.assert_close(model(idx, steps=r)[0], expected)  # the training path (no dropout here)
+
+
+def test_core_weights_appear_once_in_the_parameters():
+    model = make_model(n_layer=4, n_prelude=1, n_coda=1)
+    dense = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=D))
+    adapter, state_norm = 2 * D * D, D
+    assert model.num_params() == dense.num_params() + adapter + state_norm
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(set(names)) and sum(".h.1.attn.c_q" in n for n in names) == 1
+
+
+def test_threshold_zero_runs_every_token_max_steps_and_equals_the_fixed_depth():
+    model = make_model()
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        model.config.dre_threshold = 0.0
+        adaptive = model(idx)[0]
+        assert (model.transformer.recur.last_steps == 6).all()
+        model.train()
+        fixed = model(idx, steps=6)[0]  # the training path: 6 steps for everyone, no exit machinery
+        model.eval()
+        torch.testing.assert_close(adaptive, fixed)
+        model.config.dre_threshold = 0.05  # and a positive threshold does stop some tokens early
+        model(idx)
+        assert model.transformer.recur.last_steps.min() < 6
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_generation_with_early_exit_equals_the_full_forward_with_the_same_steps(B, monkeypatch):
+    model = make_model(dre_threshold=0.05)
+    recur = model.transformer.recur
+    prompt = tokens(B, 5)
+    steps, logits = [], []
+    sample_next = model_py.sample_next
+    monkeypatch.setattr(model_py, "sample_next", lambda x, *a: logits.append(x.clone()) or sample_next(x, *a))
+    hook = recur.register_forward_hook(lambda m, i, o: steps.append(m.last_steps.clone()))
+    out = model.generate(prompt, 20, temperature=0.0)
+    hook.remove()
+    steps = torch.cat(steps, dim=1)  # the steps of positions 0 .. T-2 (the last token was never run)
+    assert steps.shape == (B, out.size(1) - 1)
+    # the test means something only if tokens stopped at different steps, and later tokens ran steps that earlier
+    # ones had skipped (so they read keys/values filled in from the earlier tokens' last step)
+    assert steps.min() < steps.max()
+    assert any((steps[b, :t] < steps[b, t]).any() for b in range(B) for t in range(steps.size(1)))
+    with torch.no_grad():
+        full = model(out[:, :-1], steps=steps)[0]
+    generated = torch.stack(logits, dim=1)  # the logits each new token was sampled from
+    torch.testing.assert_close(generated, full[:, prompt.size(1) - 1:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[:, prompt.size(1):], full[:, prompt.size(1) - 1:].argmax(-1))
+
+
+def test_at_batch_1_a_token_runs_only_the_core_steps_it_needs():
+    model = make_model(dre_threshold=0.05)
+    recur, core = model.transformer.recur, model.transformer.h[1]
+    calls, steps = [], []
+    core.register_forward_hook(lambda m, i, o: calls.append(1))
+    recur.register_forward_hook(lambda m, i, o: steps.append(m.last_steps.clone()))
+    model.generate(tokens(1, 1), 30, temperature=0.0)
+    per_token = torch.cat(steps, dim=1)[0]
+    assert per_token.min() < 6
+    assert len(calls) == per_token.sum()  # not 6 per token
+
+
+def test_a_token_stops_at_the_first_step_whose_prediction_moved_less_than_the_threshold():
+    # one-token sequences: nothing else in the batch affects a token, so its exit can be worked out from fixed depths
+    model = make_model(dre_threshold=0.05)
+    idx = tokens(32, 1)
+    with torch.no_grad():
+        logp = [model(idx, steps=r)[0][:, 0].log_softmax(-1) for r in range(1, 7)]
+        kl = [(p.exp() * (p - q)).sum(-1) for q, p in zip(logp, logp[1:])]  # KL(after step i || after step i-1)
+        expected = [next((i + 2 for i in range(5) if kl[i][b] < 0.05), 6) for b in range(32)]
+        model(idx)
+    assert len(set(expected)) > 1
+    assert model.transformer.recur.last_steps[:, 0].tolist() == expected
+
+
+def test_backprop_depth_cuts_the_gradient_before_the_last_k_steps():
+    model = make_model(dre_backprop_steps=2).train()
+    idx = tokens(2, 10)
+
+    def step_gradients(r):
+        deltas = []
+
+        def add_delta(module, inputs, output):  # a zero perturbation of each step's core input, to read its gradient
+            deltas.append(torch.zeros_like(output, requires_grad=True))
+            return output + deltas[-1]
+
+        hook = model.transformer.recur.adapter.register_forward_hook(add_delta)
+        _, loss = model(idx, idx, steps=r)
+        model.zero_grad()
+        loss.backward()
+        hook.remove()
+        return [d.grad is not None and d.grad.abs().sum().item() > 0 for d in deltas]
+
+    assert step_gradients(5) == [False, False, False, True, True]
+    assert step_gradients(2) == [True, True]
+    assert model.transformer.h[0].attn.c_q.weight.grad.abs().sum() > 0  # the prelude learns through the injections
+    model.config.dre_backprop_steps = 5
+    assert step_gradients(5) == [True] * 5
+
+
+def test_a_trained_toy_spends_more_steps_on_the_tokens_it_finds_harder():
+    # every second token is a fixed function of the one before (learnable: low loss), the others are random (high
+    # loss whatever the model does). After a short training the unpredictable tokens should run more core steps.
+    V, T = 16, 32
+
+    def batch(gen, B):
+        x = torch.randint(0, V, (B, T + 1), generator=gen)
+        x[:, 1::2] = (3 * x[:, 0:-1:2] + 1) % V
+        return x[:, :-1], x[:, 1:]
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=3, n_head=2, n_embd=32, dre=True, max_reasoning_steps=6,
+                          dre_mean_steps=3.0, dre_backprop_steps=3, dre_threshold=1e-3))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        _, loss = model(*batch(gen, 32))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        _, loss = model(*batch(torch.Generator().manual_seed(1), 64))
+    steps = model.transformer.recur.last_steps.float()
+    m = model.transformer.recur.metrics()
+    assert loss < 0.75 * math.log(V)  # it learned the predictable half
+    assert m["spearman"] > 0.3, m
+    predictable, random_ = steps[:, 0::2].mean().item(), steps[:, 1::2].mean().item()  # targets at odd / even places
+    assert random_ > predictable + 1, (predictable, random_)
+
+
+def test_training_draws_follow_the_distribution_and_depend_only_on_the_step():
+    probs = step_distribution(4.0, 8)
+    assert probs.sum().item() == pytest.approx(1.0) and (probs >= 0).all() and probs[0] > 0
+    # r = 1 + Poisson(lambda), E[lambda] = mean - 1: without clipping the mean is the requested one
+    assert (step_distribution(4.0, 60) * torch.arange(1, 61)).sum().item() == pytest.approx(4.0, abs=1e-3)
+    recur = make_model(max_reasoning_steps=8, dre_mean_steps=4.0).transformer.recur
+    fresh = [recur.sample_steps() for _ in range(2000)]  # iteration None: a new draw each time
+    by_step = []
+    for i in range(2000):
+        recur.iteration = i
+        by_step.append(recur.sample_steps())
+    for draws in (fresh, by_step):
+        assert min(draws) == 1 and max(draws) == 8
+        assert sum(draws) / len(draws) == pytest.approx(recur.expected_steps()[0], abs=0.12)
+    # with the optimizer step set, r is a function of the step alone: every micro-batch and every rank (another
+    # process, another model object) draws the same one, and so does a run resumed at that step
+    assert recur.sample_steps() == by_step[-1]
+    other = make_model(seed=1, max_reasoning_steps=8, dre_mean_steps=4.0).transformer.recur
+    other.iteration = 1234
+    assert other.sample_steps() == by_step[1234]
+
+
+def test_flops_per_token_counts_the_mean_steps_of_the_core():
+    # one step is a plain pass through every block: the dense formula plus the adapter's matmul
+    one = make_model(n_layer=4, max_reasoning_steps=1, dre_mean_steps=1.0)
+    dense = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=D))
+    assert one.flops_per_token() == dense.flops_per_token() + 6 * (2 * D * D + D)  # adapter, state norm
+    # r steps forward, min(r, k) backward for the core (2 blocks + adapter), once for the rest
+    model = make_model(n_layer=4, max_reasoning_steps=8, dre_mean_steps=4.0, dre_backprop_steps=2)
+    fwd, bwd = model.transformer.recur.expected_steps()
+    assert 3.5 < fwd < 4.0 and 1.5 < bwd < 2.0  # clipping at 8 trims the mean; k=2 caps the backward
+    core = 2 * sum(p.numel() for p in dense.transformer.h[0].parameters()) + 2 * D * D + D
+    outside = dense.num_params() - 2 * sum(p.numel() for p in dense.transformer.h[0].parameters())
+    attention = 12 * 2 * D * BLOCK + (4 * fwd + 8 * bwd) * 2 * D * BLOCK
+    assert model.flops_per_token() == pytest.approx(6 * outside + (2 * fwd + 4 * bwd) * core + attention)
+
+
+def test_spearman_matches_a_hand_worked_example():
+    # ranks of x: 1, 2.5, 2.5, 4 (a tie); of y: 1, 3, 2, 4 -> Pearson of the ranks = 4.5 / sqrt(4.5 * 5)
+    x, y = torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([0.1, 0.5, 0.3, 0.9])
+    assert spearman(x, y) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert spearman(y, -y) == pytest.approx(-1.0)
+    assert math.isnan(spearman(torch.ones(4), y))
+
+
+def test_bad_configurations_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="core"):
+        GPTConfig(n_layer=2, dre=True, n_prelude=1, n_coda=1)
+    with pytest.raises(ValueError, match="dre_mean_steps"):
+        GPTConfig(n_layer=3, dre=True, max_reasoning_steps=4, dre_mean_steps=6.0)
+    model = make_model()
+    with pytest.raises(ValueError, match="shape"):
+        model(tokens(2, 8), steps=torch.ones(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="same number"):
+        model.train()(tokens(2, 8), steps=torch.ones(2, 8, dtype=torch.long))
+
+
+TINY_DRE = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=3", "--n_head=2",
+            "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
+            "--warmup_iters=2", "--lr_decay_iters=100", "--learning_rate=3e-3", "--dre=True",
+            "--max_reasoning_steps=5", "--dre_mean_steps=3.0", "--dre_backprop_steps=2"]
+
+
+def metrics(out_dir):
+    with open(out_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_py_trains_a_dre_model_logs_its_steps_and_resumes_exactly(char_data, tmp_path):
+    run_train([*TINY_DRE, f"--out_dir={tmp_path / 'whole'}", "--max_iters=8", "--eval_interval=4"], char_data)
+    run_train([*TINY_DRE, f"--out_dir={tmp_path / 'split'}", "--max_iters=4", "--eval_interval=4"], char_data)
+    run_train([*TINY_DRE, f"--out_dir={tmp_path / 'split'}", "--max_iters=8", "--eval_interval=4",
+               "--init_from=resume", "--dre_threshold=0.1"], char_data)  # an inference setting: no new model
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    steps = {r["iter"]: r["dre_steps"] for r in whole if "dre_steps" in r}
+    assert sorted(steps) == list(range(1, 9)) and all(len(s) == 1 and 1 <= s[0] <= 5 for s in steps.values())
+    assert len({s[0] for s in steps.values()}) > 1  # drawn, not fixed
+    # the resumed run draws the same core steps and so computes the same losses, bit for bit
+    assert {r["iter"]: (r["dre_steps"], r["loss"]) for r in split if "dre_steps" in r} == \
+        {r["iter"]: (r["dre_steps"], r["loss"]) for r in whole if "dre_steps" in r}
+    evals = [r for r in whole if "val_loss" in r]
+    dre = evals[-1]["val_dre"]
+    assert sum(dre["histogram"]) == dre["tokens"] == 2 * 4 * 32 and 1 <= dre["mean_steps"] <= 5
+    assert dre["core_flops_per_token"] > 0
+    ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["dre"] and ckpt["model_args"]["dre_threshold"] == 0.1
