@@ -91,6 +91,9 @@ def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gr
                                  f"it must be divisible by {tp}")
         if config.layout != "modern":
             raise ValueError("tensor parallelism supports layout='modern' only")
+        if config.dre:
+            raise ValueError("dre is not supported with tensor parallelism yet (it is with ddp and fsdp): the "
+                             "adapter's gradients and the exit test would need the whole sequence on every rank")
         if config.qk_norm and layout == "fsdp+tp":
             raise ValueError("qk_norm is not supported with fsdp+tp yet (it is with tp and with fsdp)")
     dp = world_size // tp
@@ -128,6 +131,8 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
         for block in model.transformer.h:
             fully_shard(block, **kw)
+        if model.config.dre:  # adaptive exit runs the core until every rank's tokens have stopped (reasoning.py)
+            model.transformer.recur.exit_group = mesh["dp"].get_group()
         fully_shard(model, **kw)  # the rest: embeddings, final norm, head
     return model
 

@@ -179,6 +179,9 @@ class RecurrentDepth(nn.Module):
         self.sampled = []  # r of each training forward since pop_sampled()
         self.last_steps = None  # (B, T) core steps each token of the last forward ran
         self.observed = []  # (steps, loss, mask) per observe() call since metrics()
+        # FSDP (set by parallel.py): the ranks whose core all-gathers must pair up, so at inference every one of them
+        # runs as many core steps as the slowest, each its tokens' own number of steps in effect
+        self.exit_group = None
 
     @torch.compiler.disable  # a host-side draw; a compiled model specialises on r (one graph per value)
     def sample_steps(self):
@@ -329,7 +332,7 @@ class RecurrentDepth(nn.Module):
                     done = done | ((logp.exp() * (logp - last)).sum(-1) < threshold)
             active = active & ~done
             running = int(active.sum())  # a host sync per step: the loop length depends on it
-            if i == most or running == 0:  # at batch 1 this is where an easy token saves the remaining steps
+            if i == most or self.anyone_running(running, e.device) == 0:  # at batch 1 an easy token saves the remaining steps
                 break
         for kv in kvs:
             kv.finish(i)
@@ -342,6 +345,13 @@ class RecurrentDepth(nn.Module):
             if c is not None:
                 c.pos += T
         return y
+
+    def anyone_running(self, running, device):
+        if self.exit_group is None:
+            return running
+        t = torch.tensor([running], device=device)
+        torch.distributed.all_reduce(t, group=self.exit_group)
+        return int(t)
 
     @torch.no_grad()
     def observe(self, logits, targets):

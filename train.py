@@ -157,7 +157,8 @@ if parallel == "auto":
 try:
     parallelism.check_layout(parallel, tp_size, world_size, GPTConfig(
         n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden, layout=layout,
-        qk_norm=qk_norm, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, moe_every=moe_every),
+        qk_norm=qk_norm, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, moe_every=moe_every, dre=dre,
+        n_prelude=n_prelude, n_coda=n_coda),
         batch_size, block_size, gradient_accumulation_steps)
     if parallel in ("fsdp", "tp", "fsdp+tp") and (optimizer == "muon" or dtype == "float16"):
         raise ValueError(f"parallel={parallel!r} works with optimizer='adamw' and fp32/bf16 only")

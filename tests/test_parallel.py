@@ -15,6 +15,9 @@ TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_la
         "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=100", "--learning_rate=3e-3",
         "--eval_interval=10", "--max_iters=10"]
 MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--n_shared_expert=1", "--moe_balance=bias"]
+# a recurrent core (reasoning.py) run 1-4 times, drawn per optimizer step: every rank must draw the same r
+DRE = ["--dre", "--n_layer=3", "--max_reasoning_steps=4", "--dre_mean_steps=2.5", "--dre_backprop_steps=2"]
+MODELS = {"dense": [], "moe": MOE, "dre": DRE}
 
 
 def torchrun(nproc, args, cwd, check=True):
@@ -52,26 +55,26 @@ def assert_same_run(out_dir, ref_dir):
 
 @pytest.fixture(scope="module")
 def reference(char_data, tmp_path_factory):
-    """One process, 10 steps, for the dense and the MoE model; then the dense one resumed for two more steps."""
+    """One process, 10 steps, for the dense, the MoE and the DRE model; then the dense one resumed for two more."""
     out = tmp_path_factory.mktemp("single")
-    run_train([*TINY, f"--out_dir={out / 'dense'}"], char_data)
-    run_train([*TINY, *MOE, f"--out_dir={out / 'moe'}"], char_data)
+    for name, args in MODELS.items():
+        run_train([*TINY, *args, f"--out_dir={out / name}"], char_data)
     run_train([*TINY, f"--out_dir={out / 'dense_more'}", "--max_iters=12"], char_data)
     return out
 
 
-@pytest.mark.parametrize("layout,nproc,moe,extra", [
-    ("ddp", 2, False, []), ("fsdp", 2, False, []), ("tp", 2, False, []), ("fsdp", 2, True, []),
-    ("tp", 2, True, []), ("fsdp+tp", 4, False, []),
-    ("ddp", 2, False, ["--gradient_accumulation_steps=1", "--batch_size=4"]),
+@pytest.mark.parametrize("layout,nproc,model,extra", [
+    ("ddp", 2, "dense", []), ("fsdp", 2, "dense", []), ("tp", 2, "dense", []), ("fsdp", 2, "moe", []),
+    ("tp", 2, "moe", []), ("fsdp+tp", 4, "dense", []), ("ddp", 2, "dre", []), ("fsdp", 2, "dre", []),
+    ("ddp", 2, "dense", ["--gradient_accumulation_steps=1", "--batch_size=4"]),
 ])
-def test_layout_matches_single_process(char_data, reference, tmp_path, layout, nproc, moe, extra):
+def test_layout_matches_single_process(char_data, reference, tmp_path, layout, nproc, model, extra):
     # ddp and fsdp: each rank one of the two micro-batches of 2 sequences; tp: both ranks the same ones; fsdp+tp:
     # both at once. The last case is one micro-batch of 4 sequences, which the two ranks share (2 each)
     out = tmp_path / "run"
-    torchrun(nproc, [*TINY, *(MOE if moe else []), f"--out_dir={out}", f"--parallel={layout}", "--tp_size=2",
-                     *extra], char_data)
-    assert_same_run(out, reference / ("moe" if moe else "dense"))
+    torchrun(nproc, [*TINY, *MODELS[model], f"--out_dir={out}", f"--parallel={layout}", "--tp_size=2", *extra],
+             char_data)
+    assert_same_run(out, reference / model)
 
 
 def test_fsdp_checkpoint_resumes_on_one_process(char_data, reference, tmp_path):
@@ -88,6 +91,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(char_data, reference, tmp_path):
     (["--parallel=tp", "--tp_size=2", "--n_head=3", "--n_kv_head=3", "--n_embd=48"], "n_head=3"),
     (["--parallel=ddp", "--gradient_accumulation_steps=3", "--batch_size=3"], "batch is too small"),
     (["--parallel=none"], "unrelated models"),
+    (["--parallel=tp", "--tp_size=2", *DRE], "dre is not supported with tensor parallelism"),
 ])
 def test_impossible_layout_fails_before_any_work(char_data, tmp_path, args, message):
     proc = torchrun(2, [*TINY, f"--out_dir={tmp_path}", *args], char_data, check=False)
