@@ -63,10 +63,11 @@ class GPTConfig:
     dre: bool = False
     n_prelude: int = 1
     n_coda: int = 1
-    max_reasoning_steps: int = 8  # the most core steps a token runs (training draws are clipped to it)
+    max_reasoning_steps: int = 6  # the most core steps a token runs (training draws are clipped to it)
+    dre_sample_steps: bool = True  # draw the core steps per optimizer step; False: always max_reasoning_steps
     dre_mean_steps: float = 4.0  # mean core steps drawn per training step
-    dre_backprop_steps: int = 4  # gradients flow through the last this-many core steps
-    dre_threshold: float = 1e-3  # inference: a token stops once its prediction moves less than this (KL, nats)
+    dre_backprop_steps: int = 6  # gradients flow through the core's last this-many steps
+    dre_threshold: float = 1e-2  # inference: a token stops once its prediction moves less than this (KL, nats)
 
     def __post_init__(self):
         if self.layout not in ("modern", "gpt2"):
@@ -98,7 +99,8 @@ class GPTConfig:
             if min(self.n_prelude, self.n_coda) < 0 or self.n_layer - self.n_prelude - self.n_coda < 1:
                 raise ValueError(f"dre needs a core: n_layer={self.n_layer} must exceed n_prelude={self.n_prelude} "
                                  f"+ n_coda={self.n_coda} (both >= 0)")
-            if self.max_reasoning_steps < 1 or not 1 <= self.dre_mean_steps <= self.max_reasoning_steps:
+            if self.max_reasoning_steps < 1 or (self.dre_sample_steps and
+                                                not 1 <= self.dre_mean_steps <= self.max_reasoning_steps):
                 raise ValueError(f"dre needs 1 <= dre_mean_steps={self.dre_mean_steps} <= max_reasoning_steps="
                                  f"{self.max_reasoning_steps}")
             if self.dre_backprop_steps < 1:

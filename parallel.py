@@ -92,8 +92,8 @@ def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gr
         if config.layout != "modern":
             raise ValueError("tensor parallelism supports layout='modern' only")
         if config.dre:
-            raise ValueError("dre is not supported with tensor parallelism yet (it is with ddp and fsdp): the "
-                             "adapter's gradients and the exit test would need the whole sequence on every rank")
+            raise ValueError("dre is not supported with tensor parallelism yet (it is with ddp and fsdp): its exit "
+                             "test compares each token's predictions while every rank holds a slice of the sequence")
         if config.qk_norm and layout == "fsdp+tp":
             raise ValueError("qk_norm is not supported with fsdp+tp yet (it is with tp and with fsdp)")
     dp = world_size // tp

@@ -5,45 +5,45 @@ shared core as it needs, trained end to end with the language model.
 The model (after Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
 Approach"):
 
-    e   = prelude(embed(tokens))                          the first n_prelude blocks of transformer.h, run once
-    s_0 = e
-    s_i = norm(core(s_{i-1} + adapter(concat(s_{i-1}, e))))   the middle blocks of transformer.h, run r times
-    out = head(coda(s_r))                                 the last n_coda blocks, run once
+    e   = prelude(embed(tokens))      the first n_prelude blocks of transformer.h, run once
+    s_0 = e,  s_i = core(s_{i-1})     the middle blocks, run r times: the residual stream goes round the core again
+    out = head(coda(s_r))             the last n_coda blocks, run once
+
+Unrolled, this is a deeper pre-norm GPT whose middle layers share weights: at r = 1 it is exactly the plain GPT of the
+same blocks, and the parameters (and optimizer state, checkpoints, FSDP shards) are those of that small model.
 
 Why this mechanism rather than the alternatives:
 - A halting head (ACT, PonderNet) has to learn when to stop from a ponder cost traded against the loss, a balance
-  that is easy to get wrong. A core trained at random depths learns to give a usable prediction at any depth, so
-  "the prediction stopped changing" is a halting signal that needs no extra loss and no extra parameters.
+  that is easy to get wrong. A recurrent core needs no extra loss and no extra parameters: "the prediction stopped
+  changing" is the halting signal.
 - Mixture-of-Depths routes a fixed fraction of tokens around each block: the saving is set by a capacity, not by the
   token. Recurrence spends depth where the prediction is still moving.
-- The core's weights exist once (ordinary model.Block modules in transformer.h, dense or MoE), so parameters,
-  optimizer state, checkpoints and FSDP/DDP see a small model; depth is chosen at run time.
 
-Choices within the design, and what they were measured against (Tiny Shakespeare, 1 + 1 + 1 blocks of 128):
-- Injection: the state keeps its residual path and the prelude's output is re-injected through a linear adapter on
-  concat(state, e), so each step starts from where the last one ended. Geiping's form, s_i = core(adapter(concat(
-  s_{i-1}, e))) from s_0 = 0, routes the whole stream through the adapter at every step; it trained a little worse
-  here (val 1.740 against 1.733 after 1000 iterations). Without the norm the state grows with every step (its RMS
-  went from 1.4 to 34 over 8 steps) and the loss got worse after the second step; the RMSNorm after each step keeps
-  the state's scale independent of the number of steps.
-- Initial state: e, not noise: outputs are deterministic, so cached generation, the full forward and their tests
-  agree exactly, and one step is a plain pass through the blocks.
-- Training depth: one r for all tokens of a forward (static shapes for torch.compile and the parallel wrappers),
-  r = 1 + Poisson(lambda) with lambda log-normal around dre_mean_steps - 1 (Geiping's heavy-tailed schedule: mostly
-  moderate depths, sometimes deep ones), clipped to max_reasoning_steps. train.py sets `iteration` to the optimizer
-  step before its micro-batches, and r is then a function of the step alone: every micro-batch of the step on every
-  rank runs the same r without the ranks talking (FSDP needs it: the core's all-gathers must match), any split of
-  the global batch over ranks and accumulation steps computes the same thing, and a resumed run continues the
-  sequence. Left at None (a loop of your own), r is drawn afresh at each forward from torch's RNG.
-- Truncated backprop: the first r - dre_backprop_steps steps run without autograd; gradients flow through the last
-  dre_backprop_steps steps (and into the prelude through their injections), so memory and backward cost do not grow
-  with r.
+Choices within the design, measured on Tiny Shakespeare (1 + 1 + 1 blocks of 128, val loss; README has the runs):
+- Plain repetition, no re-injection. Geiping re-injects e at every step through an adapter on concat(s, e); our first
+  version did that and renormalised the state after each step (without the norm the state grew with every step).
+  It trained worse than the same 3 blocks without recurrence (val 1.610 against 1.570 after 1800 iterations); we
+  think because the norm sets the stream to unit scale while the blocks are initialised to add ~0.02 to it. Plain repetition keeps the pre-norm residual stream the blocks were
+  designed for, adds no parameters, and reached 1.597 in the same run.
+- Training depth: r = 1 + Poisson(lambda) with lambda log-normal around dre_mean_steps - 1 (Geiping's heavy-tailed
+  schedule), clipped to max_reasoning_steps, one r for all tokens of a forward (static shapes for torch.compile and
+  the parallel wrappers). Drawing r trains every depth to predict, which is what lets a token stop early: trained at
+  a fixed 6 steps (dre_sample_steps=False) the model reached 1.573 at 6 steps, but its loss rose by 1.5% at the
+  threshold where it saved 29% of the core, and its generation was slower than at 6 steps; the drawn-r model kept its
+  loss within 0.3% while running 45% of the core. train.py sets `iteration` to the optimizer step, and r is then a
+  function of the step alone: every micro-batch on every rank runs the same r without the ranks talking (FSDP's
+  all-gathers must pair up), and a resumed run continues the sequence. Left at None, r is drawn from torch's RNG.
+- Truncated backprop: the first r - dre_backprop_steps steps run without autograd, so memory and backward cost stop
+  growing with r. What those steps added to the stream is then a constant, s = e + (s - e).detach(): the gradient
+  reaches the prelude and the embeddings along the residual path, and none reaches the core through the skipped
+  steps. (Without re-injection, simply cutting the graph would leave the prelude and embeddings with no gradient.)
 - Exit at inference: after each step the coda and the head read the state, and a token stops once its next-token
   distribution moved less than dre_threshold (KL(p_i || p_{i-1}) in nats), or at max_reasoning_steps. The first step
   has nothing to compare with, so an adaptive token runs at least 2 steps. The cheaper test, the relative change of
-  the state, gave more steps to the tokens with lower loss (Spearman -0.05 to -0.3 on the checkpoints measured);
-  the KL gives them to those with higher loss. Its price is a coda pass and a head per step; dre_threshold=0 skips it
-  and runs every token max_reasoning_steps steps.
+  the state, gave more steps to the tokens with lower loss; the KL gives them to those with higher loss. Its price is
+  a coda pass and a head per step; dre_threshold=0 skips it and runs every token max_reasoning_steps steps.
+- Initial state e, not noise: outputs are deterministic, so cached generation, the full forward and their tests agree
+  exactly.
 
 Keys and values when tokens run different numbers of steps. Step i of the core attends to the step-i keys/values of
 the earlier tokens (StepCache keeps one copy of the core blocks' cache per step). A token that exited after step j has
@@ -58,7 +58,8 @@ Batches: the full forward and generation at batch > 1 run the core until every t
 exited token's state is frozen and its step results discarded, so the saving shows in the steps-per-token metrics
 but not in the wall clock. At batch 1 (cached generation) a new token runs exactly the steps it needs. In the full
 forward the exit test's coda sees the other tokens' current states, in generation the earlier tokens' final ones, so
-the two may stop a token at different steps; the outputs for given steps are the same.
+the two may stop a token at different steps; the outputs for given steps are the same. Under FSDP every rank runs
+the core as many times as the slowest (exit_group), since each step's all-gathers are collectives.
 
 Metrics (metrics()): per token, the steps it ran and its loss, recorded in evaluation and generation: mean steps, the
 histogram, the core's forward FLOPs per token, and Spearman's rank correlation between steps and loss.
@@ -161,20 +162,15 @@ class StepKV:
 
 
 class RecurrentDepth(nn.Module):
-    """Runs transformer.h as prelude -> core x r -> coda. Holds the adapter; the blocks stay in transformer.h (the
-    core's once), so that parameter names, per-block sharding and MoE bookkeeping are those of a plain GPT."""
+    """Runs transformer.h as prelude -> core x r -> coda. It has no parameters: the blocks stay in transformer.h
+    (the core's once), so that parameter names, per-block sharding and MoE bookkeeping are those of a plain GPT."""
 
     def __init__(self, config, blocks):
         super().__init__()
         self.config = config  # shared with GPT: dre_threshold and max_reasoning_steps may be changed for inference
         self.n_prelude, self.n_core = config.n_prelude, config.n_layer - config.n_prelude - config.n_coda
-        from model import Norm  # here: model.py imports this file
-        self.adapter = nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias)
-        self.norm = Norm(config)  # the state's scale after each step
         # parameters one core step uses per token, for FLOP counts
-        core = blocks[self.n_prelude:self.n_prelude + self.n_core]
-        self.step_params = sum(active_params(b) for b in core) + sum(p.numel() for p in self.adapter.parameters()) \
-            + sum(p.numel() for p in self.norm.parameters())
+        self.step_params = sum(active_params(b) for b in blocks[self.n_prelude:self.n_prelude + self.n_core])
         self.iteration = None  # the optimizer step r is drawn for (set by train.py); None: a fresh draw per forward
         self.sampled = []  # r of each training forward since pop_sampled()
         self.last_steps = None  # (B, T) core steps each token of the last forward ran
@@ -183,12 +179,20 @@ class RecurrentDepth(nn.Module):
         # runs as many core steps as the slowest, each its tokens' own number of steps in effect
         self.exit_group = None
 
+    def train_distribution(self):
+        """P(r = 1), ..., P(r = max_reasoning_steps) in training."""
+        if self.config.dre_sample_steps:
+            return step_distribution(self.config.dre_mean_steps, self.config.max_reasoning_steps)
+        return torch.eye(self.config.max_reasoning_steps, dtype=torch.float64)[-1]  # always max_reasoning_steps
+
     @torch.compiler.disable  # a host-side draw; a compiled model specialises on r (one graph per value)
     def sample_steps(self):
-        probs = step_distribution(self.config.dre_mean_steps, self.config.max_reasoning_steps)
-        if self.iteration is None:
+        probs = self.train_distribution()
+        if not self.config.dre_sample_steps:
+            r = self.config.max_reasoning_steps
+        elif self.iteration is None:
             r = int(torch.multinomial(probs, 1)) + 1
-        else:
+        else:  # a generator of its own, seeded by the step: the same draw on every rank and after a resume
             r = random.Random(self.iteration).choices(range(1, len(probs) + 1), weights=probs.tolist())[0]
         self.sampled.append(r)
         return r
@@ -200,7 +204,7 @@ class RecurrentDepth(nn.Module):
 
     def expected_steps(self):
         """E[r] and E[min(r, dre_backprop_steps)] under the training distribution: forward and backward core steps."""
-        probs = step_distribution(self.config.dre_mean_steps, self.config.max_reasoning_steps)
+        probs = self.train_distribution()
         r = torch.arange(1, len(probs) + 1, dtype=torch.float64)
         return (probs * r).sum().item(), (probs * r.clamp(max=self.config.dre_backprop_steps)).sum().item()
 
@@ -228,11 +232,10 @@ class RecurrentDepth(nn.Module):
             return checkpoint(block, x, cos, sin, use_reentrant=False)
         return block(x, cos, sin, cache)
 
-    def step(self, s, e, core, cos, sin, kvs=None):
-        x = s + self.adapter(torch.cat([s, e], dim=-1))
+    def step(self, s, core, cos, sin, kvs=None):
         for j, block in enumerate(core):
-            x = self.run_block(block, x, cos, sin, kvs[j] if kvs else None)
-        return self.norm(x)
+            s = self.run_block(block, s, cos, sin, kvs[j] if kvs else None)
+        return s
 
     def run_coda(self, s, coda, cos, sin, caches=None, commit=True):
         """The coda on the states s; with commit=False the caches are read and written but not advanced, so the
@@ -271,13 +274,15 @@ class RecurrentDepth(nn.Module):
             raise ValueError(f"the core needs at least 1 step, got {r}")
         with_grad = min(r, self.config.dre_backprop_steps)
         s = e
-        with torch.no_grad():  # a state made without grad is cut off from the steps before it
+        with torch.no_grad():
             for _ in range(r - with_grad):
-                s = self.step(s, e, core, cos, sin)
+                s = self.step(s, core, cos, sin)
+        if r > with_grad:  # what the skipped steps added to the stream, as a constant: the gradient reaches e along
+            s = e + (s - e).detach()  # the residual path, and none reaches the core through those steps
         moes = [b.mlp for b in core if isinstance(b.mlp, MoE)]
         aux = [0.0] * len(moes)
         for _ in range(with_grad):
-            s = self.step(s, e, core, cos, sin)
+            s = self.step(s, core, cos, sin)
             aux = [a + moe.aux_loss for a, moe in zip(aux, moes)]
         for a, moe in zip(aux, moes):  # each MoE core layer's balancing loss: the mean over the steps with gradients
             moe.aux_loss = a / with_grad
@@ -318,7 +323,7 @@ class RecurrentDepth(nn.Module):
         for i in range(1, most + 1):
             for kv in kvs:
                 kv.step, kv.active = i - 1, (active if running < B * T else None)
-            new = self.step(s, e, core, cos, sin, kvs)
+            new = self.step(s, core, cos, sin, kvs)
             taken += active
             s = torch.where(active[..., None], new, s) if running < B * T else new
             done = taken >= limit if limit is not None else torch.zeros_like(active)

@@ -86,10 +86,11 @@ moe_bias_rate = 1e-3             # moe_balance='bias': bias step per optimizer s
 dre = False
 n_prelude = 1                    # blocks run once before the core
 n_coda = 1                       # blocks run once after it
-max_reasoning_steps = 8          # the most core steps a token runs
-dre_mean_steps = 4.0             # mean r drawn in training (heavy-tailed, clipped to max_reasoning_steps)
-dre_backprop_steps = 4           # gradients flow through the last this-many core steps
-dre_threshold = 1e-3             # evaluation: a token stops once its prediction moves less than this (KL in nats)
+max_reasoning_steps = 6          # the most core steps a token runs
+dre_sample_steps = True          # r drawn per optimizer step (heavy-tailed, clipped to max); False: always the max
+dre_mean_steps = 4.0             # mean r drawn in training
+dre_backprop_steps = 6           # gradients flow through the core's last this-many steps
+dre_threshold = 1e-2             # evaluation: a token stops once its prediction moves less than this (KL in nats)
 # optimizer
 optimizer = "adamw"              # 'adamw' or 'muon' (Muon for hidden matrices, AdamW for the rest)
 learning_rate = 6e-4             # peak learning rate
@@ -253,7 +254,8 @@ model_args = dict(layout=layout, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_
                   capacity_factor=capacity_factor, router_score=router_score, router_renormalize=router_renormalize,
                   moe_balance=moe_balance, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, dre=dre,
                   n_prelude=n_prelude, n_coda=n_coda, max_reasoning_steps=max_reasoning_steps,
-                  dre_mean_steps=dre_mean_steps, dre_backprop_steps=dre_backprop_steps, dre_threshold=dre_threshold)
+                  dre_sample_steps=dre_sample_steps, dre_mean_steps=dre_mean_steps,
+                  dre_backprop_steps=dre_backprop_steps, dre_threshold=dre_threshold)
 run_settings = ("dropout", "grad_checkpoint", "capacity_factor", "aux_loss_coef", "z_loss_coef", "dre_threshold")
 if model_args["vocab_size"] > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
     model_args["vocab_size"] = 64 * math.ceil(model_args["vocab_size"] / 64)
@@ -588,7 +590,8 @@ while True:
                   f"aux loss {moe_loss_sum.item():.4f}")
             record.update(moe_loss=moe_loss_sum.item(), moe=moe)
         if dre_steps:
-            print(f"  dre: {sum(dre_steps) / len(dre_steps):.2f} core steps per micro-batch (drawn)")
+            print(f"  dre: {sum(dre_steps) / len(dre_steps):.2f} core steps per micro-batch"
+                  + (" (drawn)" if dre_sample_steps else ""))
             record["dre_steps"] = dre_steps
         log(record)
 

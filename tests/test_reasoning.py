@@ -39,7 +39,7 @@ def tokens(B, T, seed=1):
 
 
 def by_hand(model, idx, r):
-    """prelude (output e) -> r x [s = norm(core(s + adapter(concat(s, e))))] from s = e -> coda -> head."""
+    """prelude -> r x core -> coda -> head: the core's blocks applied r times in a row."""
     cfg, t = model.config, model.transformer
     T = idx.size(1)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
@@ -49,13 +49,9 @@ def by_hand(model, idx, r):
                            blocks[cfg.n_layer - cfg.n_coda:])
     for block in prelude:
         x = block(x, cos, sin)
-    e = s = x
     for _ in range(r):
-        x = s + t.recur.adapter(torch.cat([s, e], dim=-1))
         for block in core:
             x = block(x, cos, sin)
-        s = t.recur.norm(x)
-    x = s
     for block in coda:
         x = block(x, cos, sin)
     return model.lm_head(t.ln_f(x))
@@ -84,8 +80,7 @@ def test_r_core_steps_equal_r_applications_written_out(shape, r):
 def test_core_weights_appear_once_in_the_parameters():
     model = make_model(n_layer=4, n_prelude=1, n_coda=1)
     dense = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=D))
-    adapter, state_norm = 2 * D * D, D
-    assert model.num_params() == dense.num_params() + adapter + state_norm
+    assert model.num_params() == dense.num_params()  # the same model, run differently
     names = [n for n, _ in model.named_parameters()]
     assert len(names) == len(set(names)) and sum(".h.1.attn.c_q" in n for n in names) == 1
 
@@ -158,24 +153,39 @@ def test_a_token_stops_at_the_first_step_whose_prediction_moved_less_than_the_th
 def test_backprop_depth_cuts_the_gradient_before_the_last_k_steps():
     model = make_model(dre_backprop_steps=2).train()
     idx = tokens(2, 10)
+    prelude, core = model.transformer.h[0], model.transformer.h[1]
 
     def step_gradients(r):
-        deltas = []
+        deltas, e, core_inputs = [], [], []
 
-        def add_delta(module, inputs, output):  # a zero perturbation of each step's core input, to read its gradient
+        def add_delta(module, inputs, output):  # a zero perturbation of each step's output, to read its gradient
             deltas.append(torch.zeros_like(output, requires_grad=True))
             return output + deltas[-1]
 
-        hook = model.transformer.recur.adapter.register_forward_hook(add_delta)
+        def keep(into):
+            def hook(module, inputs, output=None):
+                x = inputs[0] if output is None else output
+                if x.requires_grad:
+                    x.retain_grad()
+                into.append(x)
+            return hook
+
+        hooks = [core.register_forward_hook(add_delta), prelude.register_forward_hook(keep(e)),
+                 core.register_forward_pre_hook(keep(core_inputs))]
         _, loss = model(idx, idx, steps=r)
         model.zero_grad()
         loss.backward()
-        hook.remove()
+        for h in hooks:
+            h.remove()
+        # the skipped steps pass the gradient from the first step with grad to the prelude's output unchanged (the
+        # residual path), and none into the core through themselves
+        first = core_inputs[max(r - model.config.dre_backprop_steps, 0)]
+        torch.testing.assert_close(e[0].grad, first.grad, rtol=0, atol=0)
         return [d.grad is not None and d.grad.abs().sum().item() > 0 for d in deltas]
 
     assert step_gradients(5) == [False, False, False, True, True]
     assert step_gradients(2) == [True, True]
-    assert model.transformer.h[0].attn.c_q.weight.grad.abs().sum() > 0  # the prelude learns through the injections
+    assert prelude.attn.c_q.weight.grad.abs().sum() > 0
     model.config.dre_backprop_steps = 5
     assert step_gradients(5) == [True] * 5
 
@@ -216,7 +226,7 @@ def test_training_draws_follow_the_distribution_and_depend_only_on_the_step():
     assert probs.sum().item() == pytest.approx(1.0) and (probs >= 0).all() and probs[0] > 0
     # r = 1 + Poisson(lambda), E[lambda] = mean - 1: without clipping the mean is the requested one
     assert (step_distribution(4.0, 60) * torch.arange(1, 61)).sum().item() == pytest.approx(4.0, abs=1e-3)
-    recur = make_model(max_reasoning_steps=8, dre_mean_steps=4.0).transformer.recur
+    recur = make_model(max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0).transformer.recur
     fresh = [recur.sample_steps() for _ in range(2000)]  # iteration None: a new draw each time
     by_step = []
     for i in range(2000):
@@ -228,24 +238,30 @@ def test_training_draws_follow_the_distribution_and_depend_only_on_the_step():
     # with the optimizer step set, r is a function of the step alone: every micro-batch and every rank (another
     # process, another model object) draws the same one, and so does a run resumed at that step
     assert recur.sample_steps() == by_step[-1]
-    other = make_model(seed=1, max_reasoning_steps=8, dre_mean_steps=4.0).transformer.recur
+    other = make_model(seed=1, max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0).transformer.recur
     other.iteration = 1234
     assert other.sample_steps() == by_step[1234]
 
 
 def test_flops_per_token_counts_the_mean_steps_of_the_core():
-    # one step is a plain pass through every block: the dense formula plus the adapter's matmul
-    one = make_model(n_layer=4, max_reasoning_steps=1, dre_mean_steps=1.0)
+    # one step is a plain pass through every block: the dense formula
+    one = make_model(n_layer=4, max_reasoning_steps=1, dre_sample_steps=False)
     dense = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=D))
-    assert one.flops_per_token() == dense.flops_per_token() + 6 * (2 * D * D + D)  # adapter, state norm
-    # r steps forward, min(r, k) backward for the core (2 blocks + adapter), once for the rest
-    model = make_model(n_layer=4, max_reasoning_steps=8, dre_mean_steps=4.0, dre_backprop_steps=2)
+    assert one.flops_per_token() == dense.flops_per_token()
+    # r steps forward, min(r, k) backward for the core (2 blocks), once for the rest
+    model = make_model(n_layer=4, max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0,
+                       dre_backprop_steps=2)
     fwd, bwd = model.transformer.recur.expected_steps()
     assert 3.5 < fwd < 4.0 and 1.5 < bwd < 2.0  # clipping at 8 trims the mean; k=2 caps the backward
-    core = 2 * sum(p.numel() for p in dense.transformer.h[0].parameters()) + 2 * D * D + D
+    core = 2 * sum(p.numel() for p in dense.transformer.h[0].parameters())
     outside = dense.num_params() - 2 * sum(p.numel() for p in dense.transformer.h[0].parameters())
     attention = 12 * 2 * D * BLOCK + (4 * fwd + 8 * bwd) * 2 * D * BLOCK
     assert model.flops_per_token() == pytest.approx(6 * outside + (2 * fwd + 4 * bwd) * core + attention)
+    # trained at a fixed depth: every step runs max_reasoning_steps forward, the last k of them backward
+    fixed = make_model(n_layer=4, max_reasoning_steps=8, dre_sample_steps=False, dre_backprop_steps=2)
+    assert fixed.transformer.recur.expected_steps() == (8.0, 2.0)
+    fixed.train()(tokens(2, 8))
+    assert fixed.transformer.recur.pop_sampled() == [8]
 
 
 def test_spearman_matches_a_hand_worked_example():
@@ -260,7 +276,7 @@ def test_bad_configurations_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="core"):
         GPTConfig(n_layer=2, dre=True, n_prelude=1, n_coda=1)
     with pytest.raises(ValueError, match="dre_mean_steps"):
-        GPTConfig(n_layer=3, dre=True, max_reasoning_steps=4, dre_mean_steps=6.0)
+        GPTConfig(n_layer=3, dre=True, max_reasoning_steps=4, dre_sample_steps=True, dre_mean_steps=6.0)
     model = make_model()
     with pytest.raises(ValueError, match="shape"):
         model(tokens(2, 8), steps=torch.ones(2, 7, dtype=torch.long))
@@ -271,7 +287,8 @@ def test_bad_configurations_are_refused_with_a_reason():
 TINY_DRE = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=3", "--n_head=2",
             "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
             "--warmup_iters=2", "--lr_decay_iters=100", "--learning_rate=3e-3", "--dre=True",
-            "--max_reasoning_steps=5", "--dre_mean_steps=3.0", "--dre_backprop_steps=2"]
+            "--max_reasoning_steps=5", "--dre_sample_steps=True", "--dre_mean_steps=3.0",
+            "--dre_backprop_steps=2"]
 
 
 def metrics(out_dir):
