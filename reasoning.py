@@ -187,13 +187,13 @@ class RecurrentDepth(nn.Module):
 
     @torch.compiler.disable  # a host-side draw; a compiled model specialises on r (one graph per value)
     def sample_steps(self):
-        probs = self.train_distribution()
         if not self.config.dre_sample_steps:
             r = self.config.max_reasoning_steps
         elif self.iteration is None:
-            r = int(torch.multinomial(probs, 1)) + 1
+            r = int(torch.multinomial(self.train_distribution(), 1)) + 1
         else:  # a generator of its own, seeded by the step: the same draw on every rank and after a resume
-            r = random.Random(self.iteration).choices(range(1, len(probs) + 1), weights=probs.tolist())[0]
+            probs = self.train_distribution().tolist()
+            r = random.Random(self.iteration).choices(range(1, len(probs) + 1), weights=probs)[0]
         self.sampled.append(r)
         return r
 
@@ -330,9 +330,6 @@ class RecurrentDepth(nn.Module):
             if threshold > 0:  # the prediction after this step against the one after the previous step
                 y = self.run_coda(s, coda, cos, sin, coda_caches, commit=False)
                 logp, last = head(y).float().log_softmax(-1), logp
-                if logp.shape[:2] != (B, T):
-                    raise ValueError("adaptive exit needs each rank to hold whole sequences; with tensor parallelism "
-                                     "evaluate at fixed depth (dre_threshold=0)")
                 if last is not None:
                     done = done | ((logp.exp() * (logp - last)).sum(-1) < threshold)
             active = active & ~done
@@ -363,8 +360,6 @@ class RecurrentDepth(nn.Module):
         """Records each token's steps (from the last forward) and loss; targets (B, T') are the last T' positions'
         next tokens (-1: none), logits (B, T', vocab)."""
         T = targets.size(1)
-        if self.last_steps.size(1) != T and targets.size(1) != 1:
-            return  # tensor parallelism: this rank ran a slice of the sequence; its steps are not gathered
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction="none")
         self.observed.append((self.last_steps[:, -T:].reshape(-1), loss, targets.reshape(-1) != -1))
