@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import configurator
-from model import GPT, MLP, GPTConfig, hardware_peak_flops
+from model import GPT, MLP, GPTConfig
+from parallel import hardware_peak_flops
 from moe import MoE
 
 # model and batch, as in train.py (config files for train.py work here; keys bench.py lacks are ignored)

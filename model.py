@@ -11,8 +11,9 @@ and the tensors are on CUDA. q, k and v are separate projections (not GPT-2's fu
 parallelism can shard each of them by columns; GPT-2's fused weight is split when it is loaded.
 """
 
+import dataclasses
 import math
-import time
+import os
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,16 @@ class GPTConfig:
 
     def is_moe(self, layer):
         return self.n_expert > 0 and layer % self.moe_every == self.moe_every - 1
+
+    @classmethod
+    def defaults(cls):
+        """Every field with its default: train.py, bench.py and model.py's command line take them as settings."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_settings(cls, settings, **overrides):
+        """The config from those of a dict's keys that are fields (a script's settings), then the overrides."""
+        return cls(**{**{k: v for k, v in settings.items() if k in cls.defaults()}, **overrides})
 
 
 class RMSNorm(nn.Module):
@@ -468,42 +479,26 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, matched against torch.cuda.get_device_name().
-GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A6000", 155e12), ("L40S", 362e12),
-                  ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),
-                  ("T4", 65e12)]
-_measured_peak = {}
-
-
-def hardware_peak_flops(device_type, dtype=torch.float32, override=0.0):
-    """The FLOP/s that MFU is a fraction of: `override` when given, the table above on CUDA, and on the CPU what a
-    2048^3 matmul in `dtype` actually reaches here (measured once, ~0.1 s), since CPUs vary too much to tabulate."""
-    if override:
-        return override
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), 312e12)
-    if dtype not in _measured_peak:
-        n = 2048 if dtype != torch.float32 else 1024
-        a = b = torch.full((n, n), 0.5, dtype=dtype)  # not randn: that would advance the global RNG
-        a @ b  # warm-up
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        _measured_peak[dtype] = 2 * n ** 3 / best
-    return _measured_peak[dtype]
+def load_run(out_dir):
+    """The model a run saved in out_dir/ckpt.pt, ready for inference (no dropout), and the run's settings."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(out_dir, "ckpt_dcp")):
+            raise FileNotFoundError(f"{out_dir} holds a distributed checkpoint; turn it into {path} first: "
+                                    f"python parallel.py export {out_dir}")
+        raise FileNotFoundError(f"{path} not found; train a model first (python train.py ...)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt["config"]
 
 
 if __name__ == "__main__":
     # python model.py config/medium_moe.py [--n_expert=16 ...]: the model a config builds, without building it
-    import dataclasses
     import sys
 
     import configurator
-    shape = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
-    shape = configurator.apply(shape, sys.argv[1:], skip_unknown_in_files=True)
+    shape = configurator.apply(GPTConfig.defaults(), sys.argv[1:], skip_unknown_in_files=True)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(GPTConfig(**shape))
     total, active = model.num_params(non_embedding=False), model.num_params(non_embedding=False, active=True)

@@ -26,6 +26,7 @@ turns one into the single-file ckpt.pt that sample.py reads.
 import os
 import shutil
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,41 @@ import torch.nn as nn
 
 LAYOUTS = ("none", "ddp", "fsdp", "tp", "fsdp+tp")
 DCP_DIR = "ckpt_dcp"  # inside out_dir
+
+
+def pick_device(device):
+    """'auto' is cuda, then mps, then cpu; anything else is kept."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, matched against torch.cuda.get_device_name().
+GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A6000", 155e12), ("L40S", 362e12),
+                  ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),
+                  ("T4", 65e12)]
+_measured_peak = {}
+
+
+def hardware_peak_flops(device_type, dtype=torch.float32, override=0.0):
+    """The FLOP/s that MFU is a fraction of: `override` when given, the table above on CUDA, and on the CPU what a
+    square matmul in `dtype` reaches here (measured once, ~0.1 s), since CPUs vary too much to tabulate."""
+    if override:
+        return override
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), 312e12)
+    if dtype not in _measured_peak:
+        n = 2048 if dtype != torch.float32 else 1024
+        a = b = torch.full((n, n), 0.5, dtype=dtype)  # not randn: that would advance the global RNG
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _measured_peak[dtype] = 2 * n ** 3 / best
+    return _measured_peak[dtype]
 
 
 def init(device, backend="auto"):

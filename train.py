@@ -28,7 +28,7 @@ import configurator
 import parallel as parallelism  # the module; `parallel` below is the layout's name
 import constitution
 import reasoning
-from model import GPT, GPTConfig, hardware_peak_flops
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -486,7 +486,7 @@ def log(record):
 # -----------------------------------------------------------------------------
 # the loop
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size
-peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
+peak = parallelism.hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
 while True:
