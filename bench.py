@@ -27,28 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import configurator
-from model import GPT, MLP, GPTConfig
-from parallel import hardware_peak_flops
+import parallel
+from model import GPT, MLP, GPTConfig, load_run
 from moe import MoE
 
-# model and batch, as in train.py (config files for train.py work here; keys bench.py lacks are ignored)
+# model and batch, as in train.py: every field of model.GPTConfig is a setting (config files for train.py work here;
+# keys bench.py lacks are ignored)
+globals().update(GPTConfig.defaults())
 batch_size = 12
-block_size = 1024
-vocab_size = 50304
-layout = "modern"
-n_layer = 12
-n_head = 12
-n_kv_head = 0
-n_embd = 768
-mlp_hidden = 0
-bias = False
-qk_norm = False
-dropout = 0.0
-grad_checkpoint = False
-n_expert = 0
-top_k = 2
-expert_hidden = 0
-moe_every = 1
 optimizer = "adamw"
 learning_rate = 6e-4
 weight_decay = 0.1
@@ -74,7 +60,6 @@ memory_layout = ""           # set for the worker processes bench.py starts itse
 estimate = False
 gpus = 8
 tp_size = 2
-n_shared_expert = 0
 # --dre: a trained DRE checkpoint (out_dir/ckpt.pt) run at fixed core steps 1..max_reasoning_steps and at each of
 # dre_thresholds: val loss, steps and core FLOPs per token, and generation speed at batch 1 (timed round-robin)
 dre = False
@@ -89,8 +74,7 @@ try:
 except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+device = parallel.pick_device(device)
 device_type = device.split(":")[0]
 dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 if dtype == "auto":
@@ -171,10 +155,7 @@ def local_bytes(tensors):
 
 
 def model_config():
-    return GPTConfig(block_size=block_size, vocab_size=vocab_size, layout=layout, n_layer=n_layer, n_head=n_head,
-                     n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden, bias=bias, qk_norm=qk_norm,
-                     n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, moe_every=moe_every,
-                     n_shared_expert=n_shared_expert)
+    return GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
 
 
 def bench_memory():
@@ -203,8 +184,8 @@ def bench_memory():
 
 
 def memory_worker():
-    import parallel
-    rank, _, world, dev = parallel.init("cpu")
+
+    rank, _, world, dev = parallel.init_distributed("cpu")
     torch.manual_seed(seed)
     model = GPT(model_config())
     mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu")
@@ -256,15 +237,14 @@ def estimate_memory():
 
 def bench_dre():
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
+    try:
+        model, run_cfg = load_run(out_dir)
+    except FileNotFoundError:
         sys.exit(f"error: {path} not found; train a DRE model first (python train.py config/shakespeare_char_dre.py)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not ckpt["model_args"].get("dre"):
+    if not model.config.dre:
         sys.exit(f"error: {path} is not a DRE model (it was trained with dre=False)")
-    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
-    model.load_state_dict(ckpt["model"])
-    model.eval().to(device)
-    cfg, recur, run_cfg = model.config, model.transformer.recur, ckpt["config"]
+    model.to(device)
+    cfg, recur = model.config, model.depth
     data_dir = os.path.join("data", run_cfg["dataset"])
     with open(os.path.join(data_dir, "meta.json")) as f:
         token_dtype = np.dtype(json.load(f).get("dtype", "uint16"))
@@ -284,14 +264,18 @@ def bench_dre():
     with torch.no_grad(), ctx:
         for name, steps, threshold in settings:  # each token's steps and loss on the same val batches
             cfg.max_reasoning_steps, cfg.dre_threshold = steps, threshold
-            losses = [model(b[:, :-1], b[:, 1:])[1].item() for b in batches]
+            losses = []
+            for b in batches:
+                logits, loss = model(b[:, :-1], b[:, 1:])
+                recur.observe(logits, b[:, 1:])
+                losses.append(loss.item())
             rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics(), times=[])
         for r in range(1 + rounds):  # generation: settings interleaved round by round, the first round untimed
             for name, steps, threshold in settings:
                 cfg.max_reasoning_steps, cfg.dre_threshold = steps, threshold
                 torch.manual_seed(seed)
                 t0 = time.perf_counter()
-                model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200)
+                model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200, observe=recur.observe)
                 sync()
                 if r:
                     rows[name]["times"].append((time.perf_counter() - t0) / dre_new_tokens)
@@ -327,10 +311,7 @@ if moe:
 
 runs = []
 for dt, comp in variants:
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, layout=layout, n_layer=n_layer,
-                          n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden, bias=bias,
-                          qk_norm=qk_norm, dropout=dropout, grad_checkpoint=grad_checkpoint, n_expert=n_expert,
-                          top_k=top_k, expert_hidden=expert_hidden, moe_every=moe_every)).to(device)
+    model = GPT(model_config()).to(device)
     opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, optimizer)
     ctx = nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt])
     fwd = torch.compile(model) if comp else model
@@ -369,7 +350,7 @@ print(f"{'variant':<22} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6} {'vs first':>
 base = statistics.median(runs[0]["times"])
 for run in runs:
     t = statistics.median(run["times"])
-    mfu = run["model"].flops_per_token(block_size) * tokens / t / hardware_peak_flops(device_type, run["dtype"],
+    mfu = run["model"].flops_per_token(block_size) * tokens / t / parallel.hardware_peak_flops(device_type, run["dtype"],
                                                                                      peak_flops)
     print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu * 100:>5.1f}% {base / t:>8.2f}x "
           f"{run['warmup_s']:>10.1f}")

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from moe import MoE
+from moe import MoE, active_params
 from reasoning import RecurrentDepth
 
 try:
@@ -246,10 +246,40 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = Norm(config)
         self.mlp = MoE(config) if config.is_moe(layer) else MLP(config)
+        if config.is_moe(layer) and config.n_shared_expert:  # experts every token goes through, as one dense MLP
+            self.mlp.shared = MLP(config, config.n_shared_expert * config.expert_hidden)
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache)
         return x + self.mlp(self.ln_2(x))
+
+
+def run_block(block, x, cos, sin, cache, grad_checkpoint):
+    if grad_checkpoint and cache is None:  # recompute the block's activations in backward rather than store them
+        return checkpoint(block, x, cos, sin, use_reentrant=False)
+    return block(x, cos, sin, cache)
+
+
+class Sequential(nn.Module):
+    """How the GPT runs its blocks: here each once, in order (the dense path). reasoning.RecurrentDepth is the
+    other implementation, which runs the middle blocks several times; both take and return the residual stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, x, blocks, cos, sin, caches=None, steps=None, head=None):
+        for i, block in enumerate(blocks):
+            x = run_block(block, x, cos, sin, caches[i] if caches else None,
+                          self.config.grad_checkpoint and self.training)
+        return x
+
+    def new_caches(self, length):
+        return [KVCache(length) for _ in range(self.config.n_layer)]
+
+    def training_flops_per_token(self, active_params, seq_len):
+        # 6 per matmul parameter a token uses (forward 2, backward 4) plus attention's 12*n_layer*n_embd*T (PaLM)
+        return 6 * active_params + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
 
 class GPT(nn.Module):
@@ -264,8 +294,8 @@ class GPT(nn.Module):
         ))
         if config.layout == "gpt2":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        if config.dre:  # h runs as prelude -> core (repeated) -> coda; the core's blocks are in h once
-            self.transformer.recur = RecurrentDepth(config, self.transformer.h)
+        # how h runs: each block once, or as prelude -> core (repeated) -> coda, the core's blocks in h once
+        self.depth = RecurrentDepth(config, self.transformer.h) if config.dre else Sequential(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -289,15 +319,12 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True, active=False):
         """Parameter count; non_embedding leaves out the lookup tables (but keeps the head, which is a matmul);
         active counts, of each MoE layer's routed experts, only the top_k a token uses."""
-        n = sum(p.numel() for p in self.parameters())
+        n = active_params(self) if active else sum(p.numel() for p in self.parameters())
         if non_embedding:
             if "wpe" in self.transformer:
                 n -= self.transformer.wpe.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
-        if active:
-            for moe in self.moe_layers():
-                n -= (moe.n_expert - moe.top_k) * (moe.w1[0].numel() + moe.w3[0].numel() + moe.w2[0].numel())
         return n
 
     def moe_layers(self):
@@ -337,15 +364,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.transformer.drop(x)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        if self.config.dre:  # the exit test compares the predictions of successive core steps: it needs the head
-            head = lambda y: self.lm_head(self.transformer.ln_f(y))  # noqa: E731
-            return self.transformer.ln_f(self.transformer.recur(x, self.transformer.h, cos, sin, caches, steps, head))
-        for i, block in enumerate(self.transformer.h):
-            if self.config.grad_checkpoint and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, caches[i] if caches else None)
-        return self.transformer.ln_f(x)
+        head = lambda y: self.lm_head(self.transformer.ln_f(y))  # noqa: E731 (the DRE's exit test reads predictions)
+        return self.transformer.ln_f(self.depth(x, self.transformer.h, cos, sin, caches, steps, head))
 
     def forward(self, idx, targets=None, steps=None):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -1.
@@ -355,15 +375,14 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if self.config.dre and not self.training:  # each token's steps against its loss, for its metrics()
-                self.transformer.recur.observe(logits, targets)
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, observe=None):
         """Continues idx (B, T) by max_new_tokens tokens. With the KV cache each new token costs one position's
         forward. When the context window is full the cache restarts from the newest half of it, so the context a
-        token sees stays between block_size/2 and block_size tokens while the re-encoding cost is amortised."""
+        token sees stays between block_size/2 and block_size tokens while the re-encoding cost is amortised.
+        observe(logits (B, 1, vocab), next_ids (B, 1)) is called for each new token (sample.py: DRE metrics)."""
         block_size, caches = self.config.block_size, None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -371,28 +390,24 @@ class GPT(nn.Module):
             else:
                 if caches is None or caches[0].pos == block_size:
                     keep = block_size if caches is None else block_size // 2
-                    caches = (self.transformer.recur.new_caches(block_size) if self.config.dre else
-                              [KVCache(block_size) for _ in self.transformer.h])
+                    caches = self.depth.new_caches(block_size)
                     h = self.hidden(idx[:, -keep:], caches)
                 else:
                     h = self.hidden(idx[:, -1:], caches)
                 logits = self.lm_head(h[:, -1])
             idx_next = sample_next(logits.float(), temperature, top_k, top_p)
-            if self.config.dre:  # the steps of the token that predicted idx_next against its surprisal
-                self.transformer.recur.observe(logits[:, None], idx_next)
+            if observe is not None:
+                observe(logits[:, None], idx_next)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw", impl=None):
         """A list of optimizers. 'adamw': decay on matrices and embeddings, none on gains and biases.
         'muon': Muon (orthogonalised momentum) for the blocks' 2-D weights, AdamW for embeddings, head and gains;
-        Muon's lr is rescaled to match AdamW's update size, so one learning_rate serves both."""
+        Muon's lr is rescaled to match AdamW's update size, so one learning_rate serves both. `impl`: AdamW's
+        implementation keywords (parallel.optimizer_kwargs); by default fused."""
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        # fused kernels take one kind of tensor: under tensor parallelism the blocks' weights are DTensors and the
-        # embeddings plain tensors, so those runs step parameter by parameter
-        tensor_parallel = any(hasattr(p, "device_mesh") for p in params.values()) and \
-            not all(hasattr(p, "device_mesh") for p in params.values())
-        impl = {"foreach": False} if tensor_parallel else {"fused": device_type in ("cuda", "cpu")}
+        impl = impl or {"fused": device_type in ("cuda", "cpu")}
         if optimizer == "adamw":
             decay = [p for p in params.values() if p.dim() >= 2]
             no_decay = [p for p in params.values() if p.dim() < 2]
@@ -413,12 +428,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6 per matmul parameter a token uses (forward 2, backward 4; for MoE only the
-        active experts) plus attention's 12*n_layer*n_embd*T (PaLM, appendix B)."""
-        cfg = self.config
-        T = seq_len or cfg.block_size
-        if cfg.dre:  # the core runs E[r] times forward, E[min(r, dre_backprop_steps)] backward
-            return self.transformer.recur.training_flops_per_token(self.num_params(active=True), T)
-        return 6 * self.num_params(active=True) + 12 * cfg.n_layer * cfg.n_embd * T
+        active experts) plus attention (PaLM, appendix B); a DRE core counts the steps it runs."""
+        return self.depth.training_flops_per_token(self.num_params(active=True), seq_len or self.config.block_size)
 
     @classmethod
     def from_pretrained(cls, model_type, dropout=0.0):

@@ -1,33 +1,16 @@
 """
 Mixture-of-Experts: a router picks top_k of n_expert SwiGLU MLPs for each token, and only those run.
 
-The layer, in forward order:
-1. Router. A linear gate scored in fp32 (softmax, or sigmoid as in DeepSeek-V3); top_k experts per token, their scores
-   renormalised to sum to one (optional). With moe_balance='bias' a per-expert bias is added to the scores for the
-   choice only, never to the weights, and train.py nudges it after each step toward equal load (aux-loss-free
-   balancing, DeepSeek-V3 section 2.1.2).
-2. Dispatch. The N*top_k (token, expert) pairs are sorted by expert once. Each expert's tokens are then a contiguous
-   slice, and the experts' three matmuls are three grouped GEMMs over that order (kernels/): on a GPU one Triton launch
-   each, with the gather of token rows and the scatter of results fused into the matmul; no Python loop over experts.
-3. Capacity (optional). Dropless by default. With capacity_factor > 0 each expert takes at most
-   ceil(N*top_k*capacity_factor/E) tokens, keeping those it scored highest; a dropped pair contributes nothing, so a
-   token dropped by all its experts passes through the block on the residual stream alone.
-4. Combine. Each pair's output is weighted by its router score and summed per token; shared experts, when configured,
-   see every token and are added on top.
-
-Balancing losses, returned through GPT.moe_loss() for train.py to add to the language-model loss:
-- Switch Transformer's auxiliary loss aux_loss_coef * E * sum_i f_i * P_i, where f_i is the fraction of routed pairs
-  that chose expert i and P_i the mean router probability of expert i; it is aux_loss_coef at perfect balance.
-- ST-MoE's router z-loss z_loss_coef * mean(logsumexp(logits)^2), on the logits (not the probabilities), which keeps
-  them small enough for the fp32 softmax to stay accurate.
-
-Metrics (GPT.moe_metrics()) are counted on the device without host syncs and read only at log time.
+In forward order: route (fp32 scores, top_k, optional renormalisation and DeepSeek-V3's balancing bias), dispatch
+(the token-expert pairs sorted by expert once, capacity applied if set), three grouped GEMMs over that order
+(kernels/), and combine (each pair's output weighted by its score, summed per token, shared experts added). The
+balancing losses (Switch's aux loss, ST-MoE's router z-loss) reach train.py through GPT.moe_loss(); routing metrics
+are counted on the device and read only at log time. The README's MoE section has the formulas.
 """
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -39,34 +22,11 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class EnterTP(torch.autograd.Function):
-    """Megatron's f: identity forward; backward sums the input's gradient over the tensor-parallel group, whose ranks
-    each hold a slice of every expert's hidden units and so each contribute part of it."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class LeaveTP(torch.autograd.Function):
-    """Megatron's g: sums the ranks' partial expert outputs; the gradient of a sum reaches each part unchanged."""
-
-    @staticmethod
-    def forward(ctx, y, group):
-        y = y.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+def active_params(module):
+    """Parameters of `module` that one token uses: of each MoE layer's routed experts, only top_k."""
+    idle = sum((m.n_expert - m.top_k) * (m.w1[0].numel() + m.w3[0].numel() + m.w2[0].numel())
+               for m in module.modules() if isinstance(m, MoE))
+    return sum(p.numel() for p in module.parameters()) - idle
 
 
 class MoE(nn.Module):
@@ -84,10 +44,7 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, h, d))  # down, feeds the residual stream (GPT rescales its init)
         for w in (self.w1, self.w3, self.w2):
             nn.init.normal_(w, mean=0.0, std=0.02)
-        self.shared = None
-        if config.n_shared_expert:
-            from model import MLP  # the dense SwiGLU, config.n_shared_expert experts wide
-            self.shared = MLP(config, hidden=config.n_shared_expert * h)
+        self.shared = None  # experts every token goes through: a dense MLP that model.Block puts here
         self.dropout = nn.Dropout(config.dropout)
         # aux-loss-free balancing: added to the scores when choosing experts (saved in checkpoints)
         self.register_buffer("expert_bias", torch.zeros(E), persistent=config.moe_balance == "bias")
@@ -97,7 +54,9 @@ class MoE(nn.Module):
         self.register_buffer("load_seen", torch.zeros(E), persistent=False)
         self.register_buffer("dropped", torch.zeros(2), persistent=False)  # (dropped pairs, routed pairs)
         self.aux_loss = None  # the balancing losses of the last forward, for GPT.moe_loss()
-        self.tp_group = None  # set by parallel.py under tensor parallelism
+        # tensor parallelism (parallel.py) makes these Megatron's f and g: each rank then holds a slice of every
+        # expert's hidden units, so the experts' input gradient and their outputs are summed over the group
+        self.enter_experts, self.leave_experts = nn.Identity(), nn.Identity()
 
     def route(self, x):
         """x: (N, d) -> expert ids (N, k), combine weights (N, k) fp32, and the balancing loss."""
@@ -153,7 +112,7 @@ class MoE(nn.Module):
         order, offsets = self.dispatch(expert, weight)
         token = order // self.top_k
         w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
-        xe = x if self.tp_group is None else EnterTP.apply(x, self.tp_group)
+        xe = self.enter_experts(x)
         if torch.is_autocast_enabled(x.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
             dt = torch.get_autocast_dtype(x.device.type)
             xe, w1, w3, w2 = xe.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
@@ -161,8 +120,7 @@ class MoE(nn.Module):
             xe, token = xe.index_select(0, token), None
         h = F.silu(grouped_mm(xe, w1, offsets, gather_idx=token)) * grouped_mm(xe, w3, offsets, gather_idx=token)
         y = grouped_mm(h, w2, offsets, scatter_idx=order, out_rows=expert.numel())  # (N*k, d), zero where dropped
-        if self.tp_group is not None:
-            y = LeaveTP.apply(y, self.tp_group)
+        y = self.leave_experts(y)
         out = self.dropout(torch.bmm(weight.to(y.dtype).unsqueeze(1), y.view(B * T, self.top_k, d)).view(B, T, d))
         if self.shared is not None:
             out = out + self.shared(x.view(B, T, d))
@@ -192,3 +150,10 @@ class MoE(nn.Module):
         self.load_seen.zero_()
         self.dropped.zero_()
         return out
+
+
+def describe(metrics, aux_loss):
+    """The log line for the MoE layers' metrics() since the last one; the worst layer is the one to watch."""
+    return (f"moe: balance {min(m['balance'] for m in metrics):.3f} (worst layer), entropy "
+            f"{min(m['entropy_bits'] for m in metrics):.2f} bits, dropped {max(m['dropped'] for m in metrics):.1%}, "
+            f"aux loss {aux_loss:.4f}")

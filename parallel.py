@@ -71,7 +71,7 @@ def hardware_peak_flops(device_type, dtype=torch.float32, override=0.0):
     return _measured_peak[dtype]
 
 
-def init(device, backend="auto"):
+def init_distributed(device, backend="auto"):
     """Joins the process group torchrun describes in the environment. Returns (rank, local_rank, world_size,
     device); a plain `python train.py` (no torchrun variables) is rank 0 of 1."""
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -168,7 +168,7 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         for block in model.transformer.h:
             fully_shard(block, **kw)
         if model.config.dre:  # adaptive exit runs the core until every rank's tokens have stopped (reasoning.py)
-            model.transformer.recur.exit_group = mesh["dp"].get_group()
+            model.depth.exit_group = mesh["dp"].get_group()
         fully_shard(model, **kw)  # the rest: embeddings, final norm, head
     return model
 
@@ -200,8 +200,8 @@ def apply_tensor_parallel(model, tp_mesh):
             "ln_2": SequenceParallel(),
         }
         if isinstance(block.mlp, MoE):
-            # experts are split by hidden units like a dense MLP; the router is whole on every rank. moe.py sums the
-            # experts' partial outputs over the group (block.mlp.tp_group) before weighting them by the router
+            # experts are split by hidden units like a dense MLP; the router is whole on every rank. The experts'
+            # partial outputs are summed over the group (LeaveTP) before the router's weights apply
             plan["mlp"] = PrepareModuleInputOutput(**gather_seq, use_local_input=True, output_layouts=(Replicate(),),
                                                    desired_output_layouts=(Shard(1),))
             if block.mlp.shared is not None:
@@ -211,7 +211,7 @@ def apply_tensor_parallel(model, tp_mesh):
             for name, placement in (("w1", Shard(2)), ("w3", Shard(2)), ("w2", Shard(1))):
                 setattr(moe, name, nn.Parameter(distribute_tensor(getattr(moe, name).data, tp_mesh, [placement])))
             moe.router.weight = nn.Parameter(distribute_tensor(moe.router.weight.data, tp_mesh, [Replicate()]))
-            moe.tp_group = tp_mesh.get_group()
+            moe.enter_experts, moe.leave_experts = EnterTP(tp_mesh.get_group()), LeaveTP(tp_mesh.get_group())
         else:
             plan.update({"mlp": PrepareModuleInput(**gather_seq),
                          "mlp.c_gate": ColwiseParallel(), "mlp.c_fc": ColwiseParallel(),
@@ -228,6 +228,58 @@ def _all_reduced(t, group):
     t = t.clone()
     dist.all_reduce(t, group=group)
     return t
+
+
+class EnterTP(nn.Module):
+    """Megatron's f: identity forward; backward sums the input's gradient over the tensor-parallel group, whose ranks
+    each hold a slice of every expert's hidden units and so each contribute part of it."""
+
+    class _F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _all_reduced(grad, ctx.group), None
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x):
+        return self._F.apply(x, self.group)
+
+
+class LeaveTP(EnterTP):
+    """Megatron's g: sums the ranks' partial expert outputs; the gradient of a sum reaches each part unchanged."""
+
+    class _F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y, group):
+            return _all_reduced(y, group)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+
+def optimizer_kwargs(model, device_type):
+    """Fused optimizer kernels take one kind of tensor: under tensor parallelism the blocks' weights are DTensors
+    and the embeddings plain tensors, so those runs step parameter by parameter."""
+    kinds = {hasattr(p, "device_mesh") for p in model.parameters()}
+    return {"foreach": False} if len(kinds) == 2 else {"fused": device_type in ("cuda", "cpu")}
+
+
+def agree(stop_requested, nonfinite, device):
+    """Every rank's view of (a stop was requested anywhere, a loss was non-finite anywhere): all ranks must stop
+    together, or the others would hang in their next collective. One all-reduce, and a host sync: call it at log
+    and evaluation intervals only."""
+    flags = torch.stack([torch.tensor(float(stop_requested), device=device), nonfinite.float()])
+    if dist.is_initialized():
+        dist.all_reduce(flags)
+    return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def no_sync(model, layout, sync):
@@ -256,7 +308,7 @@ def clip_grad_norm_(params, max_norm):
 # distributed checkpoints
 
 
-def save(out_dir, model, optimizers, meta):
+def save_sharded(out_dir, model, optimizers, meta):
     """Every rank writes its shards of the model and optimizer state; rank 0 adds `meta` (iteration, config, RNG
     states...). Written to a temporary directory, then swapped in: a crash mid-save leaves the previous one intact."""
     import torch.distributed.checkpoint as dcp
@@ -281,7 +333,7 @@ def save(out_dir, model, optimizers, meta):
         dist.barrier()
 
 
-def find(out_dir):
+def find_sharded(out_dir):
     """The DCP checkpoint directory in out_dir, or None. A crash between save's two renames leaves only `.old`."""
     for path in (os.path.join(out_dir, DCP_DIR), os.path.join(out_dir, DCP_DIR + ".old")):
         if os.path.exists(os.path.join(path, "meta.pt")):
@@ -289,7 +341,7 @@ def find(out_dir):
     return None
 
 
-def load(path, model, optimizers):
+def load_sharded(path, model, optimizers):
     """Loads a DCP checkpoint into an already parallelized (or plain) model and its optimizers, resharding as
     needed: a checkpoint saved on 2 ranks loads on 1 or on 8. Returns the meta dict."""
     import torch.distributed.checkpoint as dcp
@@ -304,7 +356,7 @@ def load(path, model, optimizers):
 def export(out_dir):
     """DCP checkpoint -> out_dir/ckpt.pt (model weights, model_args, config, iteration), in one process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    path = find(out_dir)
+    path = find_sharded(out_dir)
     if path is None:
         raise FileNotFoundError(f"no distributed checkpoint ({DCP_DIR}/) in {out_dir}")
     tmp = os.path.join(out_dir, "ckpt.pt.tmp")

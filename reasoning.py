@@ -1,68 +1,14 @@
 """
 The Dynamic Reasoning Engine (DRE): a recurrent-depth transformer that gives each token as many passes through a
-shared core as it needs, trained end to end with the language model.
-
-The model (after Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
-Approach"):
+shared core as it needs (after Geiping et al. 2025):
 
     e   = prelude(embed(tokens))      the first n_prelude blocks of transformer.h, run once
-    s_0 = e,  s_i = core(s_{i-1})     the middle blocks, run r times: the residual stream goes round the core again
+    s_0 = e,  s_i = core(s_{i-1})     the middle blocks, run r times
     out = head(coda(s_r))             the last n_coda blocks, run once
 
-Unrolled, this is a deeper pre-norm GPT whose middle layers share weights: at r = 1 it is exactly the plain GPT of the
-same blocks, and the parameters (and optimizer state, checkpoints, FSDP shards) are those of that small model.
-
-Why this mechanism rather than the alternatives:
-- A halting head (ACT, PonderNet) has to learn when to stop from a ponder cost traded against the loss, a balance
-  that is easy to get wrong. A recurrent core needs no extra loss and no extra parameters: "the prediction stopped
-  changing" is the halting signal.
-- Mixture-of-Depths routes a fixed fraction of tokens around each block: the saving is set by a capacity, not by the
-  token. Recurrence spends depth where the prediction is still moving.
-
-Choices within the design, measured on Tiny Shakespeare (1 + 1 + 1 blocks of 128, val loss; README has the runs):
-- Plain repetition, no re-injection. Geiping re-injects e at every step through an adapter on concat(s, e); our first
-  version did that and renormalised the state after each step (without the norm the state grew with every step).
-  It trained worse than the same 3 blocks without recurrence (val 1.610 against 1.570 after 1800 iterations); we
-  think because the norm sets the stream to unit scale while the blocks are initialised to add ~0.02 to it. Plain repetition keeps the pre-norm residual stream the blocks were
-  designed for, adds no parameters, and reached 1.597 in the same run.
-- Training depth: r = 1 + Poisson(lambda) with lambda log-normal around dre_mean_steps - 1 (Geiping's heavy-tailed
-  schedule), clipped to max_reasoning_steps, one r for all tokens of a forward (static shapes for torch.compile and
-  the parallel wrappers). Drawing r trains every depth to predict, which is what lets a token stop early: trained at
-  a fixed 6 steps (dre_sample_steps=False) the model reached 1.573 at 6 steps, but its loss rose by 1.5% at the
-  threshold where it saved 29% of the core, and its generation was slower than at 6 steps; the drawn-r model kept its
-  loss within 0.3% while running 45% of the core. train.py sets `iteration` to the optimizer step, and r is then a
-  function of the step alone: every micro-batch on every rank runs the same r without the ranks talking (FSDP's
-  all-gathers must pair up), and a resumed run continues the sequence. Left at None, r is drawn from torch's RNG.
-- Truncated backprop: the first r - dre_backprop_steps steps run without autograd, so memory and backward cost stop
-  growing with r. What those steps added to the stream is then a constant, s = e + (s - e).detach(): the gradient
-  reaches the prelude and the embeddings along the residual path, and none reaches the core through the skipped
-  steps. (Without re-injection, simply cutting the graph would leave the prelude and embeddings with no gradient.)
-- Exit at inference: after each step the coda and the head read the state, and a token stops once its next-token
-  distribution moved less than dre_threshold (KL(p_i || p_{i-1}) in nats), or at max_reasoning_steps. The first step
-  has nothing to compare with, so an adaptive token runs at least 2 steps. The cheaper test, the relative change of
-  the state, gave more steps to the tokens with lower loss; the KL gives them to those with higher loss. Its price is
-  a coda pass and a head per step; dre_threshold=0 skips it and runs every token max_reasoning_steps steps.
-- Initial state e, not noise: outputs are deterministic, so cached generation, the full forward and their tests agree
-  exactly.
-
-Keys and values when tokens run different numbers of steps. Step i of the core attends to the step-i keys/values of
-the earlier tokens (StepCache keeps one copy of the core blocks' cache per step). A token that exited after step j has
-no step-(j+1..max) keys of its own: later steps see the keys and values it produced at its last step j (copied into
-the later slots when it exits). This costs no core computation for the exited token (recomputing them from its last
-state would need the whole step once the core has more than one block), and it is what a converged token would
-produce anyway. The coda's caches hold each token's final keys; the looks the exit test takes at a state that may not
-be final write into the next slot without advancing the cache, so the next look (or the next token) overwrites them.
-The full, uncached forward applies the same rules, so given the same steps per token it reproduces generation.
-
-Batches: the full forward and generation at batch > 1 run the core until every token of the batch has exited; an
-exited token's state is frozen and its step results discarded, so the saving shows in the steps-per-token metrics
-but not in the wall clock. At batch 1 (cached generation) a new token runs exactly the steps it needs. In the full
-forward the exit test's coda sees the other tokens' current states, in generation the earlier tokens' final ones, so
-the two may stop a token at different steps; the outputs for given steps are the same. Under FSDP every rank runs
-the core as many times as the slowest (exit_group), since each step's all-gathers are collectives.
-
-Metrics (metrics()): per token, the steps it ran and its loss, recorded in evaluation and generation: mean steps, the
-histogram, the core's forward FLOPs per token, and Spearman's rank correlation between steps and loss.
+At r = 1 it is exactly the plain GPT of the same blocks, and it has that model's parameters. Training draws r per
+optimizer step and backpropagates through the last dre_backprop_steps; at inference a token stops once its
+next-token distribution moves less than dre_threshold (KL, nats). The README's DRE section explains the choices.
 """
 
 import functools
@@ -73,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from moe import MoE
+from moe import MoE, active_params
 
 
 @functools.lru_cache(maxsize=16)  # drawn from at every training step; the tensor is never modified
@@ -90,15 +36,6 @@ def step_distribution(mean, max_steps, sigma=0.5, points=1000):
     probs[:-1] = torch.exp(n * lam.log() - lam - torch.lgamma(n + 1)).mean(1)
     probs[-1] = (1 - probs[:-1].sum()).clamp(min=0)
     return probs
-
-
-def active_params(block):
-    """Parameters of a block that one token uses: of an MoE layer's routed experts only top_k."""
-    n = sum(p.numel() for p in block.parameters())
-    if isinstance(block.mlp, MoE):
-        moe = block.mlp
-        n -= (moe.n_expert - moe.top_k) * (moe.w1[0].numel() + moe.w3[0].numel() + moe.w2[0].numel())
-    return n
 
 
 def ranks(x):
@@ -120,10 +57,16 @@ def spearman(x, y):
 
 
 class StepCache:
-    """Keys and values of one core block for generation, one copy per step: (steps, B, length, heads, head_dim)."""
+    """Keys and values of one block for generation, one copy per core step: (steps, B, length, heads, head_dim).
+    Outside the core there is one step, and update() makes it a plain KV cache (as model.KVCache)."""
 
     def __init__(self, length, steps):
         self.length, self.steps, self.pos, self.k, self.v = length, steps, 0, None, None
+
+    def update(self, k, v):
+        k, v = StepKV(self, self.pos).update(k, v)
+        self.pos = k.size(1)  # the keys so far
+        return k, v
 
 
 class StepKV:
@@ -221,10 +164,9 @@ class RecurrentDepth(nn.Module):
         return 6 * (active_params - self.step_params) + (2 * fwd + 4 * bwd) * self.step_params + attn
 
     def new_caches(self, length):
-        """One cache per block of transformer.h for generate(): a KVCache outside the core, a StepCache in it."""
-        from model import KVCache
+        """One cache per block of transformer.h for generate(): a step per core step in the core, one outside it."""
         P, C = self.n_prelude, self.n_core
-        return [StepCache(length, self.config.max_reasoning_steps) if P <= i < P + C else KVCache(length)
+        return [StepCache(length, self.config.max_reasoning_steps if P <= i < P + C else 1)
                 for i in range(self.config.n_layer)]
 
     def run_block(self, block, x, cos, sin, cache=None):
@@ -389,3 +331,8 @@ def describe(m):
             f"({m['mean_steps'] / m['max_steps']:.0%} of the core compute), {m['core_flops_per_token'] / 1e6:.2f} "
             f"MFLOPs/token in the core, Spearman(steps, loss) {m['spearman']:+.3f} over {m['tokens']} tokens; "
             f"steps histogram {hist}")
+
+
+def describe_drawn(steps, drawn=True):
+    """The training log line for the core steps of each micro-batch since the last one."""
+    return f"dre: {sum(steps) / len(steps):.2f} core steps per micro-batch" + (" (drawn)" if drawn else "")

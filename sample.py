@@ -16,7 +16,8 @@ import torch
 
 import configurator
 import reasoning
-from model import GPT, GPTConfig
+from model import GPT, load_run
+from parallel import pick_device
 
 init_from = "resume"     # 'resume' (from out_dir) or a GPT-2 variant: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
 out_dir = "out"          # the run directory to load ckpt.pt from
@@ -38,8 +39,7 @@ try:
 except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device = pick_device(device)
 device_type = device.split(":")[0]
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -49,16 +49,11 @@ torch.manual_seed(seed)
 
 meta = {"tokenizer": "gpt2"}
 if init_from == "resume":
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        if os.path.isdir(os.path.join(out_dir, "ckpt_dcp")):
-            sys.exit(f"error: {out_dir} holds a distributed checkpoint; turn it into {ckpt_path} first: "
-                     f"python parallel.py export {out_dir}")
-        sys.exit(f"error: {ckpt_path} not found; train a model first (python train.py ...) or pass --init_from=gpt2")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig(**{**checkpoint["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
-    model.load_state_dict(checkpoint["model"])
-    meta_path = os.path.join("data", checkpoint["config"]["dataset"], "meta.json")
+    try:
+        model, run_config = load_run(out_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e} (or pass --init_from=gpt2)")
+    meta_path = os.path.join("data", run_config["dataset"], "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -72,8 +67,11 @@ if model.config.dre:
         model.config.dre_threshold = dre_threshold
     if max_reasoning_steps is not None:
         model.config.max_reasoning_steps = max_reasoning_steps
+raw_model = model
 if compile:
     model = torch.compile(model)
+# DRE models: each generated token's core steps against its surprisal, for the line at the end
+observe = raw_model.depth.observe if raw_model.config.dre else None
 
 if meta["tokenizer"] == "char":
     stoi = {c: i for i, c in enumerate(meta["chars"])}
@@ -102,7 +100,8 @@ new_tokens, seconds = 0, 0.0
 with torch.no_grad(), autocast:
     for _ in range(num_samples):
         t0 = time.perf_counter()
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
+        y = raw_model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                               observe=observe)
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
@@ -111,5 +110,5 @@ with torch.no_grad(), autocast:
         print("---------------")
 print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:,.0f} tokens/s "
       f"(batch 1, KV cache, {device}, {dtype})")
-if model.config.dre:  # steps of the generated tokens at dre_threshold; "loss" is each sampled token's surprisal
-    print(f"{reasoning.describe(model.transformer.recur.metrics())} (dre_threshold {model.config.dre_threshold})")
+if observe is not None:  # at dre_threshold; "loss" is each sampled token's surprisal
+    print(f"{reasoning.describe(raw_model.depth.metrics())} (dre_threshold {raw_model.config.dre_threshold})")

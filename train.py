@@ -24,11 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import chat
 import configurator
-import parallel as parallelism  # the module; `parallel` below is the layout's name
-import constitution
+import moe
 import reasoning
 from model import GPT, GPTConfig
+from parallel import (DCP_DIR, agree, check_layout, clip_grad_norm_, find_sharded, hardware_peak_flops,
+                      init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
+                      pick_device, save_sharded, teardown)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -56,41 +59,9 @@ val_jsonl = ""                   # held-out lines of the same kind; empty: every
 dpo_beta = 0.1                   # DPO's beta: a larger one keeps the policy closer to the reference
 dpo_soft_labels = False          # target each pair's p_chosen rather than 1 (conservative DPO on AI-feedback labels)
 ref_from = ""                    # dpo: out_dir of the frozen reference model; empty: the weights this run starts from
-# model
-layout = "modern"                # 'modern' (RoPE, RMSNorm, SwiGLU) or 'gpt2' (learned positions, LayerNorm, GELU)
-n_layer = 12
-n_head = 12
-n_kv_head = 0                    # 0: same as n_head; fewer: grouped-query attention
-n_embd = 768
-mlp_hidden = 0                   # 0: the layout's default width
-dropout = 0.0                    # 0 for pretraining, try 0.1+ for fine-tuning
-bias = False                     # biases in Linear layers and norms
-qk_norm = False                  # RMSNorm on queries and keys
-tie_embeddings = True            # share the token embedding with the output head
-rope_theta = 10000.0
-# mixture of experts (moe.py): n_expert > 0 replaces the MLP of every moe_every-th block
-n_expert = 0
-top_k = 2                        # experts per token
-expert_hidden = 0                # each expert's width; 0: mlp_hidden
-moe_every = 1
-n_shared_expert = 0              # experts that see every token
-capacity_factor = 0.0            # 0: dropless; else tokens over ceil(tokens*top_k*factor/n_expert) are dropped
-router_score = "softmax"         # 'softmax' or 'sigmoid'
-router_renormalize = True        # the top_k weights of a token sum to one
-moe_balance = "aux"              # 'aux': Switch loss; 'bias': also DeepSeek-V3's aux-loss-free routing bias
-aux_loss_coef = 0.01             # Switch load-balancing loss
-z_loss_coef = 0.001              # router z-loss
+# model: every field of model.GPTConfig is a setting too (n_layer, n_embd, n_expert, dre, ...), with the
+# dataclass's defaults and comments; vocab_size comes from the data's meta.json
 moe_bias_rate = 1e-3             # moe_balance='bias': bias step per optimizer step
-# dynamic reasoning engine (reasoning.py): the blocks between the first n_prelude and the last n_coda of the n_layer
-# form a core that runs r times, r drawn per step in training and chosen per token at inference
-dre = False
-n_prelude = 1                    # blocks run once before the core
-n_coda = 1                       # blocks run once after it
-max_reasoning_steps = 6          # the most core steps a token runs
-dre_sample_steps = True          # r drawn per optimizer step (heavy-tailed, clipped to max); False: always the max
-dre_mean_steps = 4.0             # mean r drawn in training
-dre_backprop_steps = 6           # gradients flow through the core's last this-many steps
-dre_threshold = 1e-2             # evaluation: a token stops once its prediction moves less than this (KL in nats)
 # optimizer
 optimizer = "adamw"              # 'adamw' or 'muon' (Muon for hidden matrices, AdamW for the rest)
 learning_rate = 6e-4             # peak learning rate
@@ -115,10 +86,10 @@ parallel = "auto"                # 'ddp', 'fsdp', 'tp', 'fsdp+tp' under torchrun
 tp_size = 1                      # tensor-parallel group size ('tp', 'fsdp+tp')
 fsdp_reshard_after_forward = True  # False: keep parameters gathered from forward to backward (ZeRO-2-like)
 fsdp_cpu_offload = False         # keep sharded parameters, gradients and optimizer state in CPU memory
-grad_checkpoint = False          # recompute activations in backward to save memory
 seed = 1337
 peak_flops = 0.0                 # FLOP/s that MFU is measured against; 0: look it up / measure it
 # -----------------------------------------------------------------------------
+globals().update({k: v for k, v in GPTConfig.defaults().items() if k not in globals() and k != "vocab_size"})
 config_keys = list(configurator.hyperparameters(globals()))
 try:
     globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:]))
@@ -128,10 +99,8 @@ config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per device
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 try:
-    rank, local_rank, world_size, device = parallelism.init(device, backend)
+    rank, local_rank, world_size, device = init_distributed(pick_device(device), backend)
 except RuntimeError as e:
     sys.exit(f"error: {e}")
 distributed, master = world_size > 1, rank == 0
@@ -140,9 +109,7 @@ device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if dtype == "auto":
     if device_type == "cuda":
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    else:
-        # measured with bench.py on a 2-core CPU (README): bf16 autocast is 1.7x faster than fp32 at 256 wide,
-        # but only 0.9-1.3x at 128-192, where the casts cost about what the faster matmuls save
+    else:  # bf16 autocast pays on the CPU from 256 wide; below, the casts cost what the matmuls save (README)
         dtype = "bfloat16" if device_type == "cpu" and n_embd >= 256 else "float32"
 dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 if dtype not in dtypes:
@@ -156,21 +123,18 @@ config["device"], config["dtype"] = device, dtype
 if parallel == "auto":
     parallel = "ddp" if world_size > 1 else "none"
 try:
-    parallelism.check_layout(parallel, tp_size, world_size, GPTConfig(
-        n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_hidden=mlp_hidden, layout=layout,
-        qk_norm=qk_norm, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, moe_every=moe_every, dre=dre,
-        n_prelude=n_prelude, n_coda=n_coda),
-        batch_size, block_size, gradient_accumulation_steps)
+    check_layout(parallel, tp_size, world_size, GPTConfig.from_settings(config), batch_size,
+                             block_size, gradient_accumulation_steps)
     if parallel in ("fsdp", "tp", "fsdp+tp") and (optimizer == "muon" or dtype == "float16"):
         raise ValueError(f"parallel={parallel!r} works with optimizer='adamw' and fp32/bf16 only")
 except ValueError as e:
     if master:
         print(f"error: {e}")
-    parallelism.teardown()
+    teardown()
     sys.exit(1)
 sharded = parallel in ("fsdp", "tp", "fsdp+tp")  # checkpoints go through torch.distributed.checkpoint
 # data-parallel ranks read different slices of each global batch; tensor-parallel ranks of a group the same one
-mesh, dp_rank, dp_size = parallelism.mesh_and_ranks(parallel, tp_size, world_size, device_type)
+mesh, dp_rank, dp_size = mesh_and_ranks(parallel, tp_size, world_size, device_type)
 if gradient_accumulation_steps % dp_size == 0:  # the step's micro-batches are shared out among the ranks...
     gradient_accumulation_steps //= dp_size
 else:  # ...or, when there are too few, each micro-batch is (check_layout made sure one of the two divides)
@@ -196,10 +160,10 @@ if os.path.exists(meta_path):
 token_dtype = np.dtype(meta.get("dtype", "uint16"))
 bin_splits = ("train", "val") if mode == "pretrain" else ()  # sft and dpo read JSONL instead, tokenized once here
 if mode != "pretrain":
-    tokenizer = constitution.Tokenizer(meta)  # meta.json's tokenizer; GPT-2's without one, as for the token files
+    tokenizer = chat.Tokenizer(meta)  # meta.json's tokenizer; GPT-2's without one, as for the token files
     meta.setdefault("vocab_size", tokenizer.vocab_size)
     try:
-        chat_data = constitution.finetune_data(mode, train_jsonl, val_jsonl, tokenizer)
+        chat_data = chat.finetune_data(mode, train_jsonl, val_jsonl, tokenizer)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if master:
@@ -226,7 +190,7 @@ def get_batch(split, generator):
     windows from the same generator and keeps its own slice, so a step sees the same data in every layout."""
     lo, hi = dp_rank * batch_size, (dp_rank + 1) * batch_size
     if mode != "pretrain":  # (X, Y) for sft, (X, Y, p) for dpo; Y is -1 outside the responses
-        batch_fn = constitution.sft_batch if mode == "sft" else constitution.preference_batch
+        batch_fn = chat.sft_batch if mode == "sft" else chat.preference_batch
         # the rank's slice is taken of the examples: a dpo batch has two rows (chosen, rejected) per example
         return [t.to(device) for t in batch_fn(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size)]
     # a new memmap per batch: np.memmap holds on to the pages it has read (nanoGPT's leak workaround)
@@ -245,56 +209,53 @@ data_gen = torch.Generator().manual_seed(seed)
 
 # -----------------------------------------------------------------------------
 # model
-iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-model_args = dict(layout=layout, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-                  mlp_hidden=mlp_hidden, block_size=block_size, bias=bias, dropout=dropout, qk_norm=qk_norm,
-                  tie_embeddings=tie_embeddings, rope_theta=rope_theta, grad_checkpoint=grad_checkpoint,
-                  vocab_size=meta.get("vocab_size", 50304), n_expert=n_expert, top_k=top_k,
-                  expert_hidden=expert_hidden, moe_every=moe_every, n_shared_expert=n_shared_expert,
-                  capacity_factor=capacity_factor, router_score=router_score, router_renormalize=router_renormalize,
-                  moe_balance=moe_balance, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, dre=dre,
-                  n_prelude=n_prelude, n_coda=n_coda, max_reasoning_steps=max_reasoning_steps,
-                  dre_sample_steps=dre_sample_steps, dre_mean_steps=dre_mean_steps,
-                  dre_backprop_steps=dre_backprop_steps, dre_threshold=dre_threshold)
-run_settings = ("dropout", "grad_checkpoint", "capacity_factor", "aux_loss_coef", "z_loss_coef", "dre_threshold")
-if model_args["vocab_size"] > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
-    model_args["vocab_size"] = 64 * math.ceil(model_args["vocab_size"] / 64)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-resume_dcp = parallelism.find(out_dir) if init_from == "resume" else None
-if resume_dcp and os.path.exists(ckpt_path) and \
-        os.path.getmtime(ckpt_path) > os.path.getmtime(os.path.join(resume_dcp, "meta.pt")):
-    resume_dcp = None  # a later single-file checkpoint wins
-if init_from == "scratch":
-    model = GPT(GPTConfig(**model_args))
-elif init_from == "resume" and resume_dcp:  # a sharded run's checkpoint: shapes now, contents once parallelized
-    checkpoint = torch.load(os.path.join(resume_dcp, "meta.pt"), map_location="cpu", weights_only=True)
-    model_args.update({k: v for k, v in checkpoint["model_args"].items() if k not in run_settings})
-    model = GPT(GPTConfig(**model_args))
-    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-elif init_from == "resume" or os.path.isdir(init_from):
-    path = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
-    if not os.path.exists(path):
-        sys.exit(f"error: init_from={init_from!r} but {path} does not exist")
-    if init_from == "resume" and sharded:
-        sys.exit(f"error: {path} is a single-file checkpoint; resume it with parallel='none' or 'ddp' (sharded "
-                 f"layouts resume from the {parallelism.DCP_DIR}/ their own runs write)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+# settings a run may change when it resumes or fine-tunes; every other model setting comes from the checkpoint
+RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "aux_loss_coef", "z_loss_coef", "dre_threshold")
+
+
+def init_model():
+    """The model init_from names, its settings, and what a resumed run continues from (None unless 'resume'):
+    'scratch'; 'resume', from the newer of out_dir's ckpt.pt and distributed checkpoint; a run's out_dir, whose
+    weights start a fresh run (to fine-tune); or a GPT-2 name. Exits with a message when that cannot be had."""
+    vocab = meta.get("vocab_size", 50304)
+    if vocab > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
+        vocab = 64 * math.ceil(vocab / 64)
+    args = dict(vars(GPTConfig.from_settings(config, vocab_size=vocab)))
+    if init_from == "scratch":
+        return GPT(GPTConfig(**args)), args, None
+    if init_from.startswith("gpt2"):
+        model = GPT.from_pretrained(init_from, dropout=dropout)
+        model.config.grad_checkpoint = grad_checkpoint
+        if block_size < model.config.block_size:
+            model.crop_block_size(block_size)
+        return model, dict(vars(model.config)), None
+    dcp = find_sharded(out_dir) if init_from == "resume" else None
+    if dcp and not (os.path.exists(ckpt_path) and
+                    os.path.getmtime(ckpt_path) > os.path.getmtime(os.path.join(dcp, "meta.pt"))):
+        # a sharded run's checkpoint: shapes now, contents once the model is parallelized (parallel.load)
+        ckpt = {**torch.load(os.path.join(dcp, "meta.pt"), map_location="cpu", weights_only=True), "dcp": dcp}
+    elif init_from == "resume" or os.path.isdir(init_from):
+        path = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
+        if not os.path.exists(path):
+            sys.exit(f"error: init_from={init_from!r} but {path} does not exist")
+        if init_from == "resume" and sharded:
+            sys.exit(f"error: {path} is a single-file checkpoint; resume it with parallel='none' or 'ddp' (sharded "
+                     f"layouts resume from the {DCP_DIR}/ their own runs write)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*' or a directory holding a ckpt.pt, "
+                 f"got {init_from!r}")
     # the architecture comes from the checkpoint; everything else from this run's config
-    model_args.update({k: v for k, v in checkpoint["model_args"].items() if k not in run_settings})
-    model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(checkpoint["model"])
-    if init_from == "resume":
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-elif init_from.startswith("gpt2"):
-    model = GPT.from_pretrained(init_from, dropout=dropout)
-    model.config.grad_checkpoint = grad_checkpoint
-    model_args = {k: getattr(model.config, k) for k in model_args}
-    if block_size < model.config.block_size:
-        model.crop_block_size(block_size)
-        model_args["block_size"] = block_size
-else:
-    sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*' or a directory holding a ckpt.pt, "
-             f"got {init_from!r}")
+    args.update({k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS})
+    model = GPT(GPTConfig(**args))
+    if "model" in ckpt:
+        model.load_state_dict(ckpt["model"])
+    return model, args, ckpt if init_from == "resume" else None
+
+
+model, model_args, resume = init_model()
+iter_num, best_val_loss = (resume["iter_num"], resume["best_val_loss"]) if resume else (0, float("inf"))
 vocab_size = model.config.vocab_size
 if meta.get("vocab_size", 0) > vocab_size:
     sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
@@ -305,11 +266,11 @@ for split in bin_splits:  # scan whole files up to ~128M tokens up front (a seco
 model.to(device)
 ref_model = None
 if mode == "dpo":  # DPO's frozen reference: ref_from's weights, by default those this run started from
-    if not ref_from and init_from == "resume":
-        ref_from = checkpoint["config"].get("ref_from", "")  # what the interrupted run used
+    if not ref_from and resume:
+        ref_from = resume["config"].get("ref_from", "")  # what the interrupted run used
         if not ref_from:
             sys.exit("error: this dpo run started from scratch, so its reference is gone: set ref_from")
-    ref_model = constitution.reference_model(ref_from or model, device)
+    ref_model = chat.reference_model(ref_from or model, device)
     config["ref_from"] = ref_from or (init_from if os.path.isdir(init_from) else "")
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -325,28 +286,14 @@ if compile and not sharded:
     model = torch.compile(model)
 # GPU fsdp: bf16 (or fp16) compute with fp32 gradient reduction; elsewhere autocast does the casting
 param_dtype = ptdtype if device_type == "cuda" and "fsdp" in parallel and dtype != "float32" else None
-model = parallelism.parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward,
+model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward,
                                 fsdp_cpu_offload)
 if compile and sharded:
     model = torch.compile(model)
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
-if resume_dcp:
-    parallelism.load(resume_dcp, raw_model, optimizers)
-if init_from == "resume":
-    if not resume_dcp:
-        for opt, state in zip(optimizers, checkpoint["optimizers"]):
-            opt.load_state_dict(state)
-    scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint["rng"][rank % len(checkpoint["rng"])]  # each rank's own streams (dropout, data order)
-    torch.set_rng_state(rng["torch"])
-    if device_type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), *rng["numpy"][1:]))
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    data_gen.set_state(rng["data"])
-checkpoint = None  # free memory
+optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                            optimizer_kwargs(raw_model, device_type))
 
 
 def rng_states():
@@ -359,6 +306,26 @@ def rng_states():
             "data": data_gen.get_state()}
 
 
+def set_rng_states(rng):
+    torch.set_rng_state(rng["torch"])
+    if device_type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), *rng["numpy"][1:]))
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    data_gen.set_state(rng["data"])
+
+
+if resume:
+    if "dcp" in resume:
+        load_sharded(resume["dcp"], raw_model, optimizers)
+    else:
+        for opt, state in zip(optimizers, resume["optimizers"]):
+            opt.load_state_dict(state)
+    scaler.load_state_dict(resume["scaler"])
+    set_rng_states(resume["rng"][rank % len(resume["rng"])])  # each rank's own streams (dropout, data order)
+    resume = None  # free memory
+
+
 def save_checkpoint():
     """Called on every rank (it gathers each rank's RNG states); rank 0 writes ckpt.pt atomically: to a temporary
     file first, renamed over the old one only once complete, so a crash mid-save leaves the last one intact.
@@ -367,47 +334,36 @@ def save_checkpoint():
     if distributed:
         rngs = [None] * world_size
         dist.all_gather_object(rngs, rng_states())
+    state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+             "rng": rngs, "scaler": scaler.state_dict()}
     if sharded:
-        parallelism.save(out_dir, raw_model, optimizers, {
-            "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-            "rng": rngs, "scaler": scaler.state_dict()})
+        save_sharded(out_dir, raw_model, optimizers, state)
         if master:
-            print(f"saved distributed checkpoint to {os.path.join(out_dir, parallelism.DCP_DIR)} (iter {iter_num})")
-        return
-    if not master:
-        return
-    ckpt = {
-        "model": raw_model.state_dict(),
-        "optimizers": [opt.state_dict() for opt in optimizers],
-        "scaler": scaler.state_dict(),
-        "model_args": model_args,
-        "iter_num": iter_num,
-        "best_val_loss": best_val_loss,
-        "config": config,
-        "rng": rngs,
-    }
-    tmp = ckpt_path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
-    print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
+            print(f"saved distributed checkpoint to {os.path.join(out_dir, DCP_DIR)} (iter {iter_num})")
+    elif master:
+        state.update(model=raw_model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers])
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+        print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
 
 
 def forward(batch):
-    """The loss of a batch, and in dpo mode its preference statistics (accuracy, reward margin, rewards)."""
+    """The loss of a batch and, in dpo mode, its preference statistics (accuracy, reward margin, rewards). In
+    evaluation a DRE model records each token's core steps against its loss, for its metrics()."""
     if mode == "dpo":
-        return constitution.dpo_forward(model, ref_model, *batch, dpo_beta, dpo_soft_labels)
-    return model(*batch)[1], {}
-
-
-dre_eval = {}  # DRE: per split, steps per token and their correlation with the loss at the last evaluation
+        return chat.dpo_forward(model, ref_model, *batch, dpo_beta, dpo_soft_labels)
+    logits, loss = model(*batch)
+    if raw_model.config.dre and not model.training:
+        raw_model.depth.observe(logits, batch[1])
+    return loss, {}
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches per split (and in dpo mode the mean statistics, as 'val_accuracy' etc.).
-    The batches are the same at every evaluation (a generator seeded afresh), which makes successive evaluations
-    comparable and leaves the training data stream untouched."""
-    out = {}
+    """Mean loss over eval_iters batches per split (and in dpo mode the mean statistics, as 'val_accuracy' etc.;
+    for a DRE model its metrics() as 'val_dre'). The batches are the same at every evaluation (a generator seeded
+    afresh), which makes successive evaluations comparable and leaves the training data stream untouched."""
+    out, dre_metrics = {}, {}
     model.eval()
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(seed + 1)
@@ -419,15 +375,15 @@ def estimate_loss():
             for name, value in stats.items():
                 out[f"{split}_{name}"] = out.get(f"{split}_{name}", 0.0) + value.item() / eval_iters
         out[split] = losses.mean().item()
-        if raw_model.config.dre:
-            dre_eval[split] = raw_model.transformer.recur.metrics()
+        if raw_model.config.dre:  # this rank's tokens: steps, core FLOPs, Spearman(steps, loss) at dre_threshold
+            dre_metrics[split] = raw_model.depth.metrics()
     model.train()
     if distributed:  # the mean over data-parallel ranks, each of which evaluated its slice of the batches
         keys = sorted(out)
         values = torch.tensor([out[k] for k in keys], device=device)
         dist.all_reduce(values)
         out = dict(zip(keys, (values / world_size).tolist()))
-    return out
+    return out, dre_metrics.get("val")
 
 
 def get_lr(it):
@@ -446,10 +402,26 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def feature_logs(stats, moe_loss):
+    """Each feature's line and metrics.jsonl fields since the last log line: MoE routing, the DRE's drawn core
+    steps, DPO's preference statistics. Every rank calls it (it resets the MoE counters)."""
+    lines, record = [], {}
+    if raw_model.moe_layers():
+        record.update(moe_loss=moe_loss.item(), moe=raw_model.moe_metrics())
+        lines.append(moe.describe(record["moe"], record["moe_loss"]))
+    if raw_model.config.dre:
+        record["dre_steps"] = raw_model.depth.pop_sampled()
+        lines.append(reasoning.describe_drawn(record["dre_steps"], dre_sample_steps))
+    if stats:
+        record.update({k: v.item() for k, v in stats.items()})
+        lines.append(chat.describe(record))
+    return lines, record
+
+
 def stop(message, code=1):
     if master:
         print(message)
-    parallelism.teardown()
+    teardown()
     sys.exit(code)
 
 
@@ -486,7 +458,7 @@ def log(record):
 # -----------------------------------------------------------------------------
 # the loop
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size
-peak = parallelism.hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
+peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
 while True:
@@ -494,27 +466,26 @@ while True:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
-    if distributed:  # all ranks must agree on stopping, or the others would hang in their next all-reduce
-        flags = torch.stack([torch.tensor(float(stop_requested), device=device), nonfinite])
-        dist.all_reduce(flags)
-        stop_requested, nonfinite = flags[0].item() > 0, flags[1].clamp(max=1)
     evaluate = iter_num % eval_interval == 0 or iter_num == max_iters or eval_only
-    if (evaluate or stop_requested or iter_num % log_interval == 0) and nonfinite.item():
-        stop(f"error: non-finite loss before iter {iter_num}; stopping before any checkpoint is overwritten (the "
-             f"last good one is in {out_dir}). Try a lower learning_rate, grad_clip > 0 or dtype='float32'.")
+    if distributed or evaluate or stop_requested or iter_num % log_interval == 0:  # (a host sync)
+        stop_requested, bad = agree(stop_requested, nonfinite, device)
+        if bad and (evaluate or stop_requested or iter_num % log_interval == 0):
+            stop(f"error: non-finite loss before iter {iter_num}; stopping before any checkpoint is overwritten "
+                 f"(the last good one is in {out_dir}). Try a lower learning_rate, grad_clip > 0 or "
+                 f"dtype='float32'.")
     if stop_requested:
         save_checkpoint()
         stop(f"stopped by signal at iter {iter_num}", code=0)
 
     if evaluate:
-        losses = estimate_loss()
+        losses, dre_val = estimate_loss()
         if master:
             extra = {k: v for k, v in losses.items() if k not in ("train", "val")}  # dpo: accuracy, margin, ...
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   + "".join(f", {k} {v:.4f}" for k, v in extra.items() if k.startswith("val_")))
-            if dre_eval:  # at dre_threshold: steps per token, core FLOPs, Spearman(steps, loss) (this rank's)
-                print(f"  {reasoning.describe(dre_eval['val'])}")
-                extra["val_dre"] = dre_eval["val"]
+            if dre_val is not None:
+                print(f"  {reasoning.describe(dre_val)}")
+                extra["val_dre"] = dre_val
             log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **extra})
         if not all(map(math.isfinite, losses.values())):
             stop(f"error: non-finite eval loss at iter {iter_num}; the last checkpoint in {out_dir} is kept. "
@@ -533,9 +504,9 @@ while True:
     loss_sum, moe_loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     stats_sum = {}  # dpo: accuracy, reward margin and rewards, averaged like the loss
     if raw_model.config.dre:  # core steps: one draw per optimizer step, the same on every rank (reasoning.py)
-        raw_model.transformer.recur.iteration = iter_num
+        raw_model.depth.iteration = iter_num
     for micro_step in range(gradient_accumulation_steps):
-        parallelism.no_sync(model, parallel, sync=micro_step == gradient_accumulation_steps - 1)
+        no_sync(model, parallel, sync=micro_step == gradient_accumulation_steps - 1)
         batch = get_batch("train", data_gen)
         with autocast:
             loss, stats = forward(batch)
@@ -550,7 +521,7 @@ while True:
     if grad_clip != 0.0:
         for opt in optimizers:
             scaler.unscale_(opt)
-        parallelism.clip_grad_norm_(list(model.parameters()), grad_clip)
+        clip_grad_norm_(list(model.parameters()), grad_clip)
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
@@ -561,38 +532,21 @@ while True:
     iter_num += 1
     iters_since_log += 1
 
-    moe = raw_model.moe_metrics() if iter_num % log_interval == 0 else []  # every rank: it resets the counters
-    dre_steps = raw_model.transformer.recur.pop_sampled() if raw_model.config.dre and not iter_num % log_interval \
-        else []  # the core steps drawn for each micro-batch since the last line
-    if distributed and iter_num % log_interval == 0:  # log the global batch's loss, not rank 0's share
-        losses = torch.stack([loss_sum, moe_loss_sum])
-        dist.all_reduce(losses)
-        loss_sum, moe_loss_sum = losses / world_size
-    if iter_num % log_interval == 0 and master:
-        lossf = loss_sum.item()  # host syncs (this and nonfinite.item()) happen only at log intervals
-        now = time.perf_counter()
-        dt = (now - t_log) / iters_since_log
-        t_log, iters_since_log = now, 0
-        tok_s = tokens_per_iter / dt
-        mfu = flops_per_iter / dt / peak
-        eta = (max_iters - iter_num) * dt
-        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tok_s:,.0f} tok/s, "
-              f"mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min")
-        record = {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_sec": tok_s, "mfu": mfu,
-                  "eta_s": eta}
-        if stats_sum:
-            record.update({k: v.item() for k, v in stats_sum.items()})
-            print(f"  dpo: accuracy {record['accuracy']:.3f}, reward margin {record['margin']:.4f}, chosen "
-                  f"{record['chosen_reward']:.4f}, rejected {record['rejected_reward']:.4f}")
-        if moe:  # routing since the last log line; the worst layer is the one to watch
-            print(f"  moe: balance {min(m['balance'] for m in moe):.3f} (worst layer), entropy "
-                  f"{min(m['entropy_bits'] for m in moe):.2f} bits, dropped {max(m['dropped'] for m in moe):.1%}, "
-                  f"aux loss {moe_loss_sum.item():.4f}")
-            record.update(moe_loss=moe_loss_sum.item(), moe=moe)
-        if dre_steps:
-            print(f"  dre: {sum(dre_steps) / len(dre_steps):.2f} core steps per micro-batch"
-                  + (" (drawn)" if dre_sample_steps else ""))
-            record["dre_steps"] = dre_steps
-        log(record)
+    if iter_num % log_interval == 0:
+        if distributed:  # log the global batch's loss, not rank 0's share
+            losses = torch.stack([loss_sum, moe_loss_sum])
+            dist.all_reduce(losses)
+            loss_sum, moe_loss_sum = losses / world_size
+        lines, features = feature_logs(stats_sum, moe_loss_sum)
+        if master:
+            lossf = loss_sum.item()  # host syncs (this and the flags above) happen only at log intervals
+            now = time.perf_counter()
+            dt = (now - t_log) / iters_since_log
+            t_log, iters_since_log = now, 0
+            tok_s, mfu, eta = tokens_per_iter / dt, flops_per_iter / dt / peak, (max_iters - iter_num) * dt
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tok_s:,.0f} tok/s, "
+                  f"mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min" + "".join(f"\n  {line}" for line in lines))
+            log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_sec": tok_s, "mfu": mfu,
+                 "eta_s": eta, **features})
 
-parallelism.teardown()
+teardown()

@@ -11,14 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_train
-from model import GPT, GPTConfig
+from model import GPT, MLP, GPTConfig
 from moe import MoE
 
 
 def make_moe(E=4, k=2, d=16, h=24, **kw):
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=d, n_expert=E, top_k=k, expert_hidden=h, **kw)
-    return MoE(cfg)
+    moe = MoE(cfg)
+    if cfg.n_shared_expert:  # as model.Block builds it
+        moe.shared = MLP(cfg, cfg.n_shared_expert * h)
+    return moe
 
 
 def naive_moe(moe, x):

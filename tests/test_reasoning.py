@@ -91,20 +91,20 @@ def test_threshold_zero_runs_every_token_max_steps_and_equals_the_fixed_depth():
     with torch.no_grad():
         model.config.dre_threshold = 0.0
         adaptive = model(idx)[0]
-        assert (model.transformer.recur.last_steps == 6).all()
+        assert (model.depth.last_steps == 6).all()
         model.train()
         fixed = model(idx, steps=6)[0]  # the training path: 6 steps for everyone, no exit machinery
         model.eval()
         torch.testing.assert_close(adaptive, fixed)
         model.config.dre_threshold = 0.05  # and a positive threshold does stop some tokens early
         model(idx)
-        assert model.transformer.recur.last_steps.min() < 6
+        assert model.depth.last_steps.min() < 6
 
 
 @pytest.mark.parametrize("B", [1, 2])
 def test_generation_with_early_exit_equals_the_full_forward_with_the_same_steps(B, monkeypatch):
     model = make_model(dre_threshold=0.05)
-    recur = model.transformer.recur
+    recur = model.depth
     prompt = tokens(B, 5)
     steps, logits = [], []
     sample_next = model_py.sample_next
@@ -127,7 +127,7 @@ def test_generation_with_early_exit_equals_the_full_forward_with_the_same_steps(
 
 def test_at_batch_1_a_token_runs_only_the_core_steps_it_needs():
     model = make_model(dre_threshold=0.05)
-    recur, core = model.transformer.recur, model.transformer.h[1]
+    recur, core = model.depth, model.transformer.h[1]
     calls, steps = [], []
     core.register_forward_hook(lambda m, i, o: calls.append(1))
     recur.register_forward_hook(lambda m, i, o: steps.append(m.last_steps.clone()))
@@ -147,7 +147,7 @@ def test_a_token_stops_at_the_first_step_whose_prediction_moved_less_than_the_th
         expected = [next((i + 2 for i in range(5) if kl[i][b] < 0.05), 6) for b in range(32)]
         model(idx)
     assert len(set(expected)) > 1
-    assert model.transformer.recur.last_steps[:, 0].tolist() == expected
+    assert model.depth.last_steps[:, 0].tolist() == expected
 
 
 def test_backprop_depth_cuts_the_gradient_before_the_last_k_steps():
@@ -212,9 +212,11 @@ def test_a_trained_toy_spends_more_steps_on_the_tokens_it_finds_harder():
         opt.step()
     model.eval()
     with torch.no_grad():
-        _, loss = model(*batch(torch.Generator().manual_seed(1), 64))
-    steps = model.transformer.recur.last_steps.float()
-    m = model.transformer.recur.metrics()
+        x, y = batch(torch.Generator().manual_seed(1), 64)
+        logits, loss = model(x, y)
+        model.depth.observe(logits, y)
+    steps = model.depth.last_steps.float()
+    m = model.depth.metrics()
     assert loss < 0.75 * math.log(V)  # it learned the predictable half
     assert m["spearman"] > 0.3, m
     predictable, random_ = steps[:, 0::2].mean().item(), steps[:, 1::2].mean().item()  # targets at odd / even places
@@ -226,7 +228,7 @@ def test_training_draws_follow_the_distribution_and_depend_only_on_the_step():
     assert probs.sum().item() == pytest.approx(1.0) and (probs >= 0).all() and probs[0] > 0
     # r = 1 + Poisson(lambda), E[lambda] = mean - 1: without clipping the mean is the requested one
     assert (step_distribution(4.0, 60) * torch.arange(1, 61)).sum().item() == pytest.approx(4.0, abs=1e-3)
-    recur = make_model(max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0).transformer.recur
+    recur = make_model(max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0).depth
     fresh = [recur.sample_steps() for _ in range(2000)]  # iteration None: a new draw each time
     by_step = []
     for i in range(2000):
@@ -238,7 +240,7 @@ def test_training_draws_follow_the_distribution_and_depend_only_on_the_step():
     # with the optimizer step set, r is a function of the step alone: every micro-batch and every rank (another
     # process, another model object) draws the same one, and so does a run resumed at that step
     assert recur.sample_steps() == by_step[-1]
-    other = make_model(seed=1, max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0).transformer.recur
+    other = make_model(seed=1, max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0).depth
     other.iteration = 1234
     assert other.sample_steps() == by_step[1234]
 
@@ -251,7 +253,7 @@ def test_flops_per_token_counts_the_mean_steps_of_the_core():
     # r steps forward, min(r, k) backward for the core (2 blocks), once for the rest
     model = make_model(n_layer=4, max_reasoning_steps=8, dre_sample_steps=True, dre_mean_steps=4.0,
                        dre_backprop_steps=2)
-    fwd, bwd = model.transformer.recur.expected_steps()
+    fwd, bwd = model.depth.expected_steps()
     assert 3.5 < fwd < 4.0 and 1.5 < bwd < 2.0  # clipping at 8 trims the mean; k=2 caps the backward
     core = 2 * sum(p.numel() for p in dense.transformer.h[0].parameters())
     outside = dense.num_params() - 2 * sum(p.numel() for p in dense.transformer.h[0].parameters())
@@ -259,9 +261,9 @@ def test_flops_per_token_counts_the_mean_steps_of_the_core():
     assert model.flops_per_token() == pytest.approx(6 * outside + (2 * fwd + 4 * bwd) * core + attention)
     # trained at a fixed depth: every step runs max_reasoning_steps forward, the last k of them backward
     fixed = make_model(n_layer=4, max_reasoning_steps=8, dre_sample_steps=False, dre_backprop_steps=2)
-    assert fixed.transformer.recur.expected_steps() == (8.0, 2.0)
+    assert fixed.depth.expected_steps() == (8.0, 2.0)
     fixed.train()(tokens(2, 8))
-    assert fixed.transformer.recur.pop_sampled() == [8]
+    assert fixed.depth.pop_sampled() == [8]
 
 
 def test_spearman_matches_a_hand_worked_example():
