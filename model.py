@@ -1,14 +1,8 @@
 """
-The GPT language model, in one file.
-
-Two layouts share every class:
-- 'modern' (the default): rotary positions, RMSNorm, SwiGLU MLP, optional QK-norm and grouped-query attention.
-- 'gpt2': learned positions, LayerNorm with bias, GELU MLP, tied head -- the exact shape of OpenAI's GPT-2, so its
-  weights load with GPT.from_pretrained('gpt2') and reproduce Hugging Face's logits.
-
-Attention goes through PyTorch's scaled_dot_product_attention, or flash-attn's kernel when that package is installed
-and the tensors are on CUDA. q, k and v are separate projections (not GPT-2's fused c_attn) so that tensor
-parallelism can shard each of them by columns; GPT-2's fused weight is split when it is loaded.
+The GPT language model. Two layouts share every class: 'modern' (rotary positions, RMSNorm, SwiGLU, optional
+QK-norm and grouped-query attention; numerically Llama) and 'gpt2' (learned positions, LayerNorm with bias, GELU,
+tied head: OpenAI's GPT-2, whose weights GPT.from_pretrained loads). q, k and v are separate projections so that
+tensor parallelism can shard each by columns; GPT-2's fused weight is split when it is loaded.
 """
 
 import dataclasses
@@ -334,15 +328,6 @@ class GPT(nn.Module):
         """The MoE layers' balancing losses (aux + z) from the last forward, for train.py to add; 0 if dense."""
         zero = torch.zeros((), device=self.lm_head.weight.device)
         return sum((moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None), zero)
-
-    def moe_metrics(self):
-        """Per MoE layer, the routing statistics since the last call (see MoE.metrics)."""
-        return [moe.metrics() for moe in self.moe_layers()]
-
-    def update_moe_bias(self, rate):
-        """After each optimizer step with moe_balance='bias': nudge the experts' routing biases toward equal load."""
-        for moe in self.moe_layers():
-            moe.update_bias(rate)
 
     def crop_block_size(self, block_size):
         """Shrinks the context window (e.g. to fine-tune GPT-2, trained at 1024, with shorter sequences)."""

@@ -1,26 +1,14 @@
 """
-Training on many devices with plain torch.distributed, launched by torchrun:
-
-    torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py --parallel=fsdp
-    torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py --parallel=fsdp+tp --tp_size=2
-
-Layouts (train.py's `parallel`):
-- 'ddp': every rank holds the whole model and optimizer; gradients are averaged (DistributedDataParallel).
-- 'fsdp': parameters, gradients and optimizer state are sharded across ranks (ZeRO-3; fully_shard per block, then
-  the root); a block's parameters are all-gathered just before it runs. fsdp_reshard_after_forward=False keeps them
-  gathered between forward and backward (ZeRO-2-like: more memory, one all-gather less).
-- 'tp': Megatron-style tensor parallelism with DTensor. Attention heads and MLP/expert hidden units are split across
-  the tp ranks (q, k, v, gate and up projections by columns, output and down projections by rows), and between blocks
-  the residual stream is split along the sequence (sequence parallelism), so norms and dropout run on 1/tp of it.
-- 'fsdp+tp': a 2-D mesh (dp, tp): tensor parallel inside each group of tp_size ranks, FSDP across the groups.
-
-Every layout computes the same thing as one process on the same global batch: each data-parallel rank reads its own
-slice of the global batch (train.py), tp ranks of one group read the same slice. tests/test_parallel.py checks losses
-and final parameters against a single process.
-
-Checkpoints of the sharded layouts go through torch.distributed.checkpoint (DCP): every rank writes its own shards,
-and a checkpoint loads on any world size and layout, a single process included. `python parallel.py export OUT_DIR`
-turns one into the single-file ckpt.pt that sample.py reads.
+Training on many devices with plain torch.distributed under torchrun. The layouts (train.py's `parallel`), each
+checked against one process by tests/test_parallel.py:
+- 'ddp': the whole model on every rank, gradients averaged (DistributedDataParallel).
+- 'fsdp': parameters, gradients and optimizer state sharded (fully_shard per block, then the root: ZeRO-3).
+- 'tp': Megatron tensor parallelism with DTensor: heads and hidden units split across the ranks, and between blocks
+  the residual stream split along the sequence (sequence parallelism).
+- 'fsdp+tp': a (dp, tp) mesh: tp inside each group of tp_size ranks, fsdp across the groups.
+Also here: everything else that only layouts need (device choice, the stop agreement between ranks, Megatron's f/g,
+clipping over DTensors) and distributed checkpoints (DCP), which load on any world size and layout.
+`python parallel.py export OUT_DIR` turns one into the single-file ckpt.pt that sample.py reads.
 """
 
 import os
@@ -31,6 +19,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from moe import MoE
+
+# imported where used: DTensor, FSDP and DCP take seconds to import, which a single-process run need not pay
 
 LAYOUTS = ("none", "ddp", "fsdp", "tp", "fsdp+tp")
 DCP_DIR = "ckpt_dcp"  # inside out_dir
@@ -153,7 +146,6 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
     if layout == "none":
         return model
     if layout == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
         # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
         # every rank from all-reduced loads (while their load counters are each rank's own)
         return DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
@@ -180,7 +172,6 @@ def apply_tensor_parallel(model, tp_mesh):
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
                                                    PrepareModuleOutput, RowwiseParallel, SequenceParallel,
                                                    parallelize_module)
-    from moe import MoE
     # embeddings and head stay whole on every rank (GPT-2-sized vocabularies are small next to the blocks); the
     # embedding output is cut to this rank's part of the sequence, the head sees the whole sequence again
     parallelize_module(model, tp_mesh, {
@@ -331,6 +322,7 @@ def save_sharded(out_dir, model, optimizers, meta):
             shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
+    return final
 
 
 def find_sharded(out_dir):

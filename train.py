@@ -1,13 +1,11 @@
 """
 The training loop. Runs on one CPU or GPU, or on many with torchrun (layouts in parallel.py):
 
-    python train.py config/train_shakespeare_char.py
-    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
-    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallel=ddp
+    python train.py config/train_shakespeare_char.py --batch_size=32
     torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py --parallel=fsdp+tp --tp_size=2
 
-Every hyperparameter is a global below; config files and --key=value override them (see configurator.py).
-The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
+Every hyperparameter is a global below (the model's are GPTConfig's fields); config files and --key=value override
+them (configurator.py). The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
 """
 
 import json
@@ -29,7 +27,7 @@ import configurator
 import moe
 import reasoning
 from model import GPT, GPTConfig
-from parallel import (DCP_DIR, agree, check_layout, clip_grad_norm_, find_sharded, hardware_peak_flops,
+from parallel import (agree, check_layout, clip_grad_norm_, find_sharded, hardware_peak_flops,
                       init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
                       pick_device, save_sharded, teardown)
 
@@ -96,7 +94,6 @@ try:
 except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 config = {k: globals()[k] for k in config_keys}
-# -----------------------------------------------------------------------------
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per device
 try:
@@ -241,7 +238,7 @@ def init_model():
             sys.exit(f"error: init_from={init_from!r} but {path} does not exist")
         if init_from == "resume" and sharded:
             sys.exit(f"error: {path} is a single-file checkpoint; resume it with parallel='none' or 'ddp' (sharded "
-                     f"layouts resume from the {DCP_DIR}/ their own runs write)")
+                     f"layouts resume from the ckpt_dcp/ their own runs write)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     else:
         sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*' or a directory holding a ckpt.pt, "
@@ -306,7 +303,7 @@ def rng_states():
             "data": data_gen.get_state()}
 
 
-def set_rng_states(rng):
+def set_rng_states(rng):  # the inverse of rng_states
     torch.set_rng_state(rng["torch"])
     if device_type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"])
@@ -337,9 +334,9 @@ def save_checkpoint():
     state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
              "rng": rngs, "scaler": scaler.state_dict()}
     if sharded:
-        save_sharded(out_dir, raw_model, optimizers, state)
+        path = save_sharded(out_dir, raw_model, optimizers, state)
         if master:
-            print(f"saved distributed checkpoint to {os.path.join(out_dir, DCP_DIR)} (iter {iter_num})")
+            print(f"saved distributed checkpoint to {path} (iter {iter_num})")
     elif master:
         state.update(model=raw_model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers])
         torch.save(state, ckpt_path + ".tmp")
@@ -407,7 +404,7 @@ def feature_logs(stats, moe_loss):
     steps, DPO's preference statistics. Every rank calls it (it resets the MoE counters)."""
     lines, record = [], {}
     if raw_model.moe_layers():
-        record.update(moe_loss=moe_loss.item(), moe=raw_model.moe_metrics())
+        record.update(moe_loss=moe_loss.item(), moe=[m.metrics() for m in raw_model.moe_layers()])
         lines.append(moe.describe(record["moe"], record["moe_loss"]))
     if raw_model.config.dre:
         record["dre_steps"] = raw_model.depth.pop_sampled()
@@ -425,8 +422,7 @@ def stop(message, code=1):
     sys.exit(code)
 
 
-# SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly
-stop_requested = False
+stop_requested = False  # SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly
 
 
 def request_stop(signum, frame):
@@ -527,8 +523,9 @@ while True:
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    if raw_model.config.moe_balance == "bias":
-        raw_model.update_moe_bias(moe_bias_rate)
+    if raw_model.config.moe_balance == "bias":  # nudge the routing biases toward equal load (moe.py)
+        for layer in raw_model.moe_layers():
+            layer.update_bias(moe_bias_rate)
     iter_num += 1
     iters_since_log += 1
 

@@ -1,16 +1,11 @@
 """
-The grouped GEMM at the heart of a Mixture-of-Experts layer, and the one function that picks how to run it.
-
-Rows (token copies) arrive sorted by expert: rows offsets[e]:offsets[e+1] belong to expert e. Row i reads input row
-gather_idx[i] (or i), is multiplied by w[e], and lands in output row scatter_idx[i] (or i):
+The grouped GEMM at the heart of a Mixture-of-Experts layer, and the one function that picks how to run it. Rows
+(token copies) arrive sorted by expert: rows offsets[e]:offsets[e+1] belong to expert e, and
 
     y[scatter_idx[i]] = x[gather_idx[i]] @ w[e]
 
-- On CUDA: one Triton launch for all experts (kernels/triton_gemm.py), the gather and the scatter fused into the
-  matmul's loads and stores, so no sorted or padded copy of the activations is ever made (ScatterMoE's scatter2scatter).
-- Elsewhere: plain PyTorch. One gather, one matmul per expert on its contiguous slice, one scatter. Measured on a 2-core
-  CPU (bench.py --moe) this is as fast as torch._grouped_mm, and 4-8x faster than running every expert on every token;
-  the Python loop over experts costs microseconds next to the matmuls.
+On CUDA it is one Triton launch for all experts, the gather and scatter fused into the matmul's loads and stores
+(ScatterMoE's scatter2scatter, kernels/triton_gemm.py); elsewhere one matmul per expert on its contiguous slice.
 """
 
 import torch

@@ -149,12 +149,12 @@ DTYPES = ["float32", "float16"]
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-def test_neither_with_empty_first_and_middle_expert(results, dt):
+def test_plain_grouped_mm_matches_float64_with_empty_first_and_middle_experts(results, dt):
     check(f"neither_{dt}", results, ("y", "dx", "dw"))
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-def test_gather_only_with_empty_last_expert_and_small_k_n(results, dt):
+def test_gathered_rows_match_float64_with_an_empty_last_expert_and_small_k_n(results, dt):
     check(f"gather_{dt}", results, ("y", "dx", "dw"))
 
 
@@ -167,7 +167,7 @@ def test_scatter_only_leaves_unwritten_rows_zero(results, dt):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-def test_top2_gather_scatter_forward_and_backward(results, dt):
+def test_top2_gather_and_scatter_match_float64_forward_and_backward(results, dt):
     c, got = check(f"top2_{dt}", results, ("y", "dx", "dw"))
     assert c["offsets"][3] == c["offsets"][2], "the routing was meant to leave expert 2 empty"
     assert len(c["gather_idx"].unique()) < len(c["gather_idx"]), "the routing was meant to repeat tokens"
@@ -178,7 +178,7 @@ def test_top2_gather_scatter_forward_and_backward(results, dt):
 
 
 @pytest.mark.parametrize("name,shape", [("empty_scatter", (5, N)), ("empty_sorted", (0, N))])
-def test_no_rows(results, name, shape):
+def test_zero_rows_give_zero_outputs_and_gradients(results, name, shape):
     c, got = check(name, results, ("y", "dx", "dw"))
     assert got["y"].shape == shape and torch.all(got["y"] == 0)
     assert torch.all(got["dx"] == 0) and torch.all(got["dw"] == 0)
@@ -195,5 +195,5 @@ def test_imports_without_triton_and_says_why_on_use():
     assert "needs triton" in proc.stdout
 
 
-def test_fp16_activations_with_fp32_weights(results):
+def test_fp16_activations_with_fp32_weights_match_float64(results):
     check("mixed", results, ("y", "dx", "dw"))
