@@ -433,26 +433,16 @@ class GPT(nn.Module):
         config = GPTConfig(layout="gpt2", block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd, bias=True, tie_embeddings=True,
                            norm_eps=c.layer_norm_epsilon, dropout=dropout)
-        model = cls(config)
-        hf = hf_model.state_dict()
-        sd = {"transformer.wte.weight": hf["transformer.wte.weight"],
-              "transformer.wpe.weight": hf["transformer.wpe.weight"]}
-        for part in ("weight", "bias"):
-            sd[f"transformer.ln_f.{part}"] = hf[f"transformer.ln_f.{part}"]
-        for i in range(c.n_layer):
-            src, dst = f"transformer.h.{i}.", f"transformer.h.{i}."
-            for norm in ("ln_1", "ln_2"):
-                for part in ("weight", "bias"):
-                    sd[dst + f"{norm}.{part}"] = hf[src + f"{norm}.{part}"]
-            # GPT-2's Conv1D stores weights as (in, out): transpose to nn.Linear's (out, in)
-            q, k, v = hf[src + "attn.c_attn.weight"].t().chunk(3, dim=0)
-            qb, kb, vb = hf[src + "attn.c_attn.bias"].chunk(3)
-            sd.update({dst + "attn.c_q.weight": q, dst + "attn.c_k.weight": k, dst + "attn.c_v.weight": v,
-                       dst + "attn.c_q.bias": qb, dst + "attn.c_k.bias": kb, dst + "attn.c_v.bias": vb})
-            for name in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-                sd[dst + name + ".weight"] = hf[src + name + ".weight"].t()
-                sd[dst + name + ".bias"] = hf[src + name + ".bias"]
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+        model, sd = cls(config), {}
+        for name, t in hf_model.state_dict().items():
+            if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older transformers
+                continue
+            if ".c_attn." in name:  # GPT-2's fused q, k, v: split into the three projections
+                for n, piece in zip("qkv", (t.t() if name.endswith("weight") else t).chunk(3)):
+                    sd[name.replace("c_attn", f"c_{n}")] = piece
+            else:  # GPT-2's Conv1D stores weights as (in, out): transpose to nn.Linear's (out, in)
+                sd[name] = t.t() if name.endswith(("c_proj.weight", "c_fc.weight")) else t
+        sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
         model.load_state_dict(sd, strict=True)
         return model
 

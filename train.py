@@ -187,9 +187,9 @@ def get_batch(split, generator):
     windows from the same generator and keeps its own slice, so a step sees the same data in every layout."""
     lo, hi = dp_rank * batch_size, (dp_rank + 1) * batch_size
     if mode != "pretrain":  # (X, Y) for sft, (X, Y, p) for dpo; Y is -1 outside the responses
-        batch_fn = chat.sft_batch if mode == "sft" else chat.preference_batch
         # the rank's slice is taken of the examples: a dpo batch has two rows (chosen, rejected) per example
-        return [t.to(device) for t in batch_fn(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size)]
+        batch = chat.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size)
+        return [t.to(device) for t in batch]
     # a new memmap per batch: np.memmap holds on to the pages it has read (nanoGPT's leak workaround)
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
     ix = torch.randint(len(data) - block_size, (dp_size * batch_size,), generator=generator)[lo:hi].tolist()

@@ -64,10 +64,15 @@ def test_dpo_loss_is_log2_when_the_policy_is_the_reference():
     tok, model = char_tokenizer(), tiny_model()
     pairs = [(chat.encode_chat(tok, "Say yes.", "Yes."), chat.encode_chat(tok, "Say yes.", "No, never."), 1.0),
              (chat.encode_chat(tok, "Count.", "One, two."), chat.encode_chat(tok, "Count.", "Hm."), 0.8)]
-    x, y, p = chat.preference_batch(pairs, 4, 64, torch.Generator().manual_seed(0))
+    x, y, p = chat.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(0))
     loss, stats = chat.dpo_forward(model, chat.reference_model(model, "cpu"), x, y, p, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
+
+
+def test_describe_is_the_dpo_log_line():
+    record = {"accuracy": 0.75, "margin": 0.123456, "chosen_reward": -0.5, "rejected_reward": -1.25, "loss": 0.7}
+    assert chat.describe(record) == "dpo: accuracy 0.750, reward margin 0.1235, chosen -0.5000, rejected -1.2500"
 
 
 def test_response_mask_excludes_prompt_tokens():
@@ -110,8 +115,8 @@ def test_data_parallel_ranks_share_out_the_pairs_not_the_rows():
     tok = char_tokenizer()
     pairs = [(chat.encode_chat(tok, f"Say {w}.", w.upper()), chat.encode_chat(tok, f"Say {w}.", w), 0.5 + i / 20)
              for i, w in enumerate(["ab", "cde", "fghi", "jk", "lmnop", "q", "rs", "tuv"])]
-    whole = chat.preference_batch(pairs, 4, 64, torch.Generator().manual_seed(3))
-    parts = [chat.preference_batch(pairs, 2, 64, torch.Generator().manual_seed(3), rank, 2) for rank in (0, 1)]
+    whole = chat.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(3))
+    parts = [chat.finetune_batch(pairs, 2, 64, torch.Generator().manual_seed(3), rank, 2) for rank in (0, 1)]
     for x, y, p in parts:
         assert x.size(0) == 2 * p.numel() == 4  # each rank: its pairs' chosen rows, then their rejected rows
     assert torch.cat([p for _, _, p in parts]).tolist() == whole[2].tolist()  # together, the same 4 pairs in order
@@ -496,7 +501,7 @@ def test_dpo_through_train_learns_the_rule_on_held_out_pairs(sft_run, char_data)
 
     # every held-out pair, scored exactly: the implicit reward, and the policy's own likelihoods before and after
     tok = char_tokenizer()
-    pairs = chat.preference_examples(sft_run / "prefs_val.jsonl", tok)
+    pairs = chat.load_examples(sft_run / "prefs_val.jsonl", tok, "dpo")
     x, y = chat.pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], 64)
     ref, policy = (load_run(sft_run / name)[0] for name in ("sft", "dpo"))
     with torch.no_grad():
