@@ -8,9 +8,7 @@ Measures training speed: forward + backward + optimizer step of a model on rando
     python bench.py --memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
     python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
 
-`dtype` and `compile` take comma-separated lists; every combination is measured in the same run, their timings
-interleaved round by round so that a noisy machine affects them alike. Prints median ms/iter, tokens/s, MFU and
-peak memory (CUDA: allocated by tensors; CPU: the process's peak resident size so far).
+`dtype` and `compile` take comma-separated lists: every combination is measured in the same run.
 """
 
 import itertools
@@ -18,6 +16,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -31,46 +30,42 @@ import parallel
 from model import GPT, MLP, GPTConfig, load_run
 from moe import MoE
 
-# model and batch, as in train.py: every field of model.GPTConfig is a setting (config files for train.py work here;
-# keys bench.py lacks are ignored)
+# model and batch, as in train.py, whose config files work here (keys bench.py lacks are ignored)
 globals().update(GPTConfig.defaults())
 batch_size = 12
 optimizer = "adamw"
 learning_rate = 6e-4
 weight_decay = 0.1
-# what to measure
 device = "auto"
-dtype = "float32,bfloat16"  # comma-separated list
-compile = None              # True, False, or False,True to compare both (None: False)
+dtype = "float32,bfloat16"
+compile = None              # True, False, or False,True to compare both
 warmup = 3                  # untimed steps per variant (compile happens here)
 rounds = 5                  # timed rounds; each times `steps` steps of every variant
 steps = 5
-peak_flops = 0.0
+peak_flops = 0.0            # the MFU denominator; 0: parallel.hardware_peak_flops
 seed = 1337
-# --moe: forward + backward of one layer on moe_tokens tokens of width moe_embd (8 experts of moe_hidden, top-2
-# unless n_expert / top_k say otherwise)
+# --moe: one layer on moe_tokens tokens of width moe_embd, 8 experts (or n_expert) of moe_hidden, top_k of them
 moe = False
 moe_tokens = 4096
 moe_embd = 256
 moe_hidden = 1024
-# --memory: each layout of parallel.py run for one step on 2 CPU processes (4 for fsdp+tp, with tp_size 2), the
-# bytes each rank holds measured from its tensors' local shards; --estimate works them out for `gpus` GPUs instead
+# --memory: one step of each parallel.py layout on 2 CPU processes (4 for fsdp+tp), bytes from the local shards;
+# --estimate works them out for `gpus` GPUs instead
 memory = False
-memory_layout = ""           # set for the worker processes bench.py starts itself
+memory_layout = ""          # set for the worker processes bench.py starts itself
 estimate = False
 gpus = 8
 tp_size = 2
-# --dre: a trained DRE checkpoint (out_dir/ckpt.pt) run at fixed core steps 1..max_reasoning_steps and at each of
-# dre_thresholds: val loss, steps and core FLOPs per token, and generation speed at batch 1 (timed round-robin)
+# --dre: out_dir's DRE checkpoint at core steps 1..max_reasoning_steps and at each of dre_thresholds
 dre = False
 out_dir = "out"
-dre_thresholds = "3e-4,1e-3,3e-3,1e-2"  # comma-separated (KL between successive steps' predictions, nats)
-dre_eval_batches = 20        # val batches of the checkpoint's batch_size x block_size
-dre_new_tokens = 200         # tokens generated per timed round
+dre_thresholds = "3e-4,1e-3,3e-3,1e-2"  # KL between successive steps' predictions, nats
+dre_eval_batches = 20       # val batches of the checkpoint's batch_size x block_size
+dre_new_tokens = 200        # tokens generated per timed round
 
 try:
     globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:],
-                                        skip_unknown_in_files=True))  # train.py's config files have more keys
+                                        skip_unknown_in_files=True))
 except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 
@@ -79,21 +74,69 @@ device_type = device.split(":")[0]
 dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32,bfloat16"
-compile_modes = compile if isinstance(compile, tuple) else (bool(compile),)  # --compile=False,True is a tuple
-variants = list(itertools.product(dtype.split(","), compile_modes))
 torch.manual_seed(seed)
 
 
-def sync():
-    if device_type == "cuda":
-        torch.cuda.synchronize()
+def autocast(dt):
+    return nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt])
+
+
+def timed(cases, fn, calls, n_rounds=rounds, skip=0):
+    """Median seconds of `calls` calls of fn(case) for each case, over n_rounds rounds after `skip` untimed ones.
+    The cases take turns within each round, so that a noisy machine slows them alike."""
+    times = [[] for _ in cases]
+    for r in range(skip + n_rounds):
+        for case, t in zip(cases, times):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(case)
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            if r >= skip:
+                t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def model_config():
+    return GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
+
+
+def bench_throughput():
+    compile_modes = compile if isinstance(compile, tuple) else (bool(compile),)  # --compile=False,True is a tuple
+    runs = []
+    for dt, comp in itertools.product(dtype.split(","), compile_modes):
+        model = GPT(model_config()).to(device)
+        opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, optimizer)
+        x = torch.randint(vocab_size, (batch_size, block_size + 1), device=device)
+        runs.append(dict(name=f"{dt}{' compiled' if comp else ''}", model=model, opts=opts, ctx=autocast(dt),
+                         fwd=torch.compile(model) if comp else model, dtype=dtypes[dt], x=x[:, :-1], y=x[:, 1:]))
+
+    def step(run):
+        with run["ctx"]:
+            _, loss = run["fwd"](run["x"], run["y"])
+        loss.backward()
+        for opt in run["opts"]:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    warmup_s = timed(runs, step, warmup, n_rounds=1)
+    times = [t / steps for t in timed(runs, step, steps)]
+    tokens = batch_size * block_size
+    print(f"{n_layer} layers x {n_embd} wide, {layout}, batch {batch_size} x {block_size} tokens, {device}, "
+          f"{runs[0]['model'].num_params(False) / 1e6:.2f}M parameters, median of {rounds} rounds x {steps} steps")
+    print(f"{'variant':<22} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6} {'vs first':>9} {'warm-up s':>10}")
+    for run, t, w in zip(runs, times, warmup_s):
+        peak = parallel.hardware_peak_flops(device_type, run["dtype"], peak_flops)
+        mfu = run["model"].flops_per_token(block_size) * tokens / t / peak
+        print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu * 100:>5.1f}% {times[0] / t:>8.2f}x "
+              f"{w:>10.1f}")
+    print("peak memory:", f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated" if device_type == "cuda"
+          else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (process)")
 
 
 def naive_moe(layer, x):
-    """The MoE layer as it is usually first written: route, then a Python loop over experts that gathers each
-    expert's tokens with index_select and adds its outputs back with index_add."""
-    probs = F.linear(x.float(), layer.router.weight.float()).softmax(-1)
-    weight, expert = probs.topk(layer.top_k, dim=-1)
+    """The MoE layer as it is usually first written: a Python loop over experts, index_select and index_add."""
+    weight, expert = F.linear(x.float(), layer.router.weight.float()).softmax(-1).topk(layer.top_k, dim=-1)
     weight = weight / weight.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
     for e in range(layer.n_expert):
@@ -105,9 +148,8 @@ def naive_moe(layer, x):
 
 
 def every_expert_moe(layer, x):
-    """Every expert on every token, the outputs of the unchosen ones multiplied by zero: no dispatch at all,
-    but n_expert/top_k times the FLOPs."""
-    probs = F.linear(x.float(), layer.router.weight.float()).softmax(-1)
+    """Every expert on every token, the unchosen ones weighted by zero: no dispatch, but n_expert/top_k the FLOPs."""
+    probs = F.linear(x.float(), layer.router.weight.float()).softmax(-1)  # bf16 under autocast
     weight, expert = probs.topk(layer.top_k, dim=-1)
     gates = torch.zeros_like(probs).scatter(1, expert, weight / weight.sum(-1, keepdim=True))
     h = F.silu(torch.einsum("nd,edh->enh", x, layer.w1)) * torch.einsum("nd,edh->enh", x, layer.w3)
@@ -126,45 +168,24 @@ def bench_moe():
              ("every expert on every token", lambda: every_expert_moe(layer, x)),
              (f"dense SwiGLU, {k * moe_hidden} wide", lambda: dense(x))]
     cases = [(name, dt, fn) for dt in dtype.split(",") for name, fn in impls]
-    times = {(name, dt): [] for name, dt, _ in cases}
 
-    def fwd_bwd(dt, fn):
-        with nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt]):
-            out = fn()
+    def fwd_bwd(case):
+        with autocast(case[1]):
+            out = case[2]()
         out.backward(grad)
 
-    for r in range(warmup + rounds):
-        for name, dt, fn in cases:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fwd_bwd(dt, fn)
-            sync()
-            if r >= warmup:
-                times[name, dt].append((time.perf_counter() - t0) / steps)
+    times = {case[:2]: t / steps for case, t in zip(cases, timed(cases, fwd_bwd, steps, skip=warmup))}
     print(f"MoE layer: {moe_tokens} tokens x {moe_embd} wide, {E} experts of {moe_hidden}, top-{k}, {device}; "
           f"forward + backward, median of {rounds} rounds x {steps}")
     print(f"{'implementation':<32} {'dtype':<9} {'ms':>8} {'vs dense':>9}")
-    for name, dt, _ in cases:
-        t = statistics.median(times[name, dt])
-        ref = statistics.median(times[impls[-1][0], dt])
-        print(f"{name:<32} {dt:<9} {t * 1000:>8.1f} {t / ref:>8.2f}x")
-
-
-def local_bytes(tensors):
-    return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
-
-
-def model_config():
-    return GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
+    for (name, dt), t in times.items():
+        print(f"{name:<32} {dt:<9} {t * 1000:>8.1f} {t / times[impls[-1][0], dt]:>8.2f}x")
 
 
 def bench_memory():
-    """Spawns one torchrun per layout; each rank builds the model, takes one AdamW step on a short batch and reports
-    the bytes of its parameters, gradients and optimizer state (local shards only)."""
-    import subprocess
-    cfg = model_config()
+    """One torchrun per layout, its ranks each reporting the local bytes of params, grads and optimizer state."""
     with torch.device("meta"):
-        n = GPT(cfg).num_params(non_embedding=False)
+        n = GPT(model_config()).num_params(non_embedding=False)
     print(f"{n_layer} layers x {n_embd} wide{f', {n_expert} experts' if n_expert else ''}: {n / 1e6:.1f}M parameters, "
           f"fp32 + AdamW; MiB per rank, measured on the CPU (gloo)")
     print(f"{'layout':<10} {'ranks':>5} {'params':>9} {'grads':>9} {'optimizer':>10} {'total':>9} {'vs none':>8}")
@@ -184,22 +205,22 @@ def bench_memory():
 
 
 def memory_worker():
-
-    rank, _, world, dev = parallel.init_distributed("cpu")
+    rank, _, world, _ = parallel.init_distributed("cpu")
     torch.manual_seed(seed)
     model = GPT(model_config())
     mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu")
     wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu")
-    opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw")[0]
-    T = min(block_size, 64)
-    x = torch.randint(vocab_size, (1, T + 1))
+    opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw",
+                                     parallel.optimizer_kwargs(model, "cpu"))[0]
+    x = torch.randint(vocab_size, (1, min(block_size, 64) + 1))
     _, loss = wrapped(x[:, :-1], x[:, 1:])
     (loss + model.moe_loss()).backward()
     opt.step()
     params = list(model.parameters())
-    sizes = torch.tensor([local_bytes(params), local_bytes(p.grad for p in params if p.grad is not None),
-                          local_bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))],
-                         dtype=torch.float64)
+    grads = [p.grad for p in params if p.grad is not None]
+    state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    sizes = torch.tensor([sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
+                          for tensors in (params, grads, state)], dtype=torch.float64)  # local shards only
     if world > 1:  # the largest rank is what has to fit
         torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
     if rank == 0:
@@ -208,11 +229,10 @@ def memory_worker():
 
 
 def estimate_memory():
-    """Per-GPU bytes for training this config on `gpus` GPUs, from the arithmetic: fp32 parameters and gradients
-    (4 + 4 bytes each) and AdamW's two fp32 moments (8 bytes); FSDP divides all three by the data-parallel size,
-    TP divides the blocks' share by tp_size; activations (bf16) per layer ~34*s*b*h bytes (Korthikanti et al. 2022,
-    attention scores not stored: flash / memory-efficient SDPA), divided by tp_size under sequence parallelism, not
-    by FSDP; with grad_checkpoint only each block's 2*s*b*h-byte input is kept, plus one block's full activations."""
+    """Per-GPU bytes on `gpus` GPUs: fp32 params, grads and AdamW's two moments (4 + 4 + 8 bytes), divided by the
+    data-parallel size under FSDP, the blocks' share by tp_size under TP; bf16 activations ~34*s*b*h bytes a layer
+    (Korthikanti et al. 2022, no stored attention scores) over tp_size (sequence parallel), with grad_checkpoint
+    only each block's 2*s*b*h-byte input plus one block's full activations."""
     cfg = model_config()
     with torch.device("meta"):
         model = GPT(cfg)
@@ -227,10 +247,9 @@ def estimate_memory():
     print(f"{'layout':<16} {'params':>8} {'grads':>8} {'optimizer':>10} {'activations':>12} {'total':>8}")
     for name, dp, tp in (("ddp", gpus, 1), ("fsdp", gpus, 1), (f"tp ({gpus})", 1, gpus),
                          (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size)):
-        weights = (total - blocks) + blocks / tp
-        shard = dp if "fsdp" in name else 1
-        act = L * per_layer / tp if not grad_checkpoint else L * 2 * s * b * h / tp + per_layer / tp
-        p, g, o = 4 * weights / shard, 4 * weights / shard, 8 * weights / shard
+        weights = ((total - blocks) + blocks / tp) / (dp if "fsdp" in name else 1)
+        act = L * 2 * s * b * h / tp + per_layer / tp if grad_checkpoint else L * per_layer / tp
+        p, g, o = 4 * weights, 4 * weights, 8 * weights
         print(f"{name:<16} {p / 2**30:>8.2f} {g / 2**30:>8.2f} {o / 2**30:>10.2f} {act / 2**30:>12.2f} "
               f"{(p + g + o + act) / 2**30:>8.2f}")
 
@@ -247,39 +266,32 @@ def bench_dre():
     cfg, recur = model.config, model.depth
     data_dir = os.path.join("data", run_cfg["dataset"])
     with open(os.path.join(data_dir, "meta.json")) as f:
-        token_dtype = np.dtype(json.load(f).get("dtype", "uint16"))
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")
+        val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=json.load(f).get("dtype", "uint16"), mode="r")
     B, T = run_cfg["batch_size"], cfg.block_size
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(val) - T, (dre_eval_batches, B), generator=gen).tolist()
+    starts = torch.randint(len(val) - T, (dre_eval_batches, B), generator=torch.Generator().manual_seed(seed))
     batches = [torch.from_numpy(np.stack([val[i:i + T + 1] for i in ix]).astype(np.int64)).to(device)
-               for ix in starts]
+               for ix in starts.tolist()]
     prompt = torch.from_numpy(val[:32].astype(np.int64))[None].to(device)
-    dt = dtype.split(",")[0]
-    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt])
-    S = cfg.max_reasoning_steps
+    dt, S = dtype.split(",")[0], cfg.max_reasoning_steps
     settings = [(f"{r} step{'s' * (r > 1)}", r, 0.0) for r in range(1, S + 1)]
     settings += [(f"threshold {t}", S, float(t)) for t in dre_thresholds.split(",")]
     rows = {}
-    with torch.no_grad(), ctx:
-        for name, steps, threshold in settings:  # each token's steps and loss on the same val batches
-            cfg.max_reasoning_steps, cfg.dre_threshold = steps, threshold
+
+    def generate(setting):  # batch 1, the same seed for every setting
+        name, cfg.max_reasoning_steps, cfg.dre_threshold = setting
+        torch.manual_seed(seed)
+        model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200, observe=recur.observe)
+        rows[name]["gen_steps"] = recur.metrics()["mean_steps"]
+
+    with torch.no_grad(), autocast(dt):
+        for name, cfg.max_reasoning_steps, cfg.dre_threshold in settings:  # each token's steps and loss
             losses = []
             for b in batches:
                 logits, loss = model(b[:, :-1], b[:, 1:])
                 recur.observe(logits, b[:, 1:])
                 losses.append(loss.item())
-            rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics(), times=[])
-        for r in range(1 + rounds):  # generation: settings interleaved round by round, the first round untimed
-            for name, steps, threshold in settings:
-                cfg.max_reasoning_steps, cfg.dre_threshold = steps, threshold
-                torch.manual_seed(seed)
-                t0 = time.perf_counter()
-                model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200, observe=recur.observe)
-                sync()
-                if r:
-                    rows[name]["times"].append((time.perf_counter() - t0) / dre_new_tokens)
-                rows[name]["gen_steps"] = recur.metrics()["mean_steps"]
+            rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics())
+        gen_s = timed(settings, generate, 1, skip=1)
     print(f"DRE checkpoint {path}: {cfg.n_prelude} prelude + {cfg.n_layer - cfg.n_prelude - cfg.n_coda} core + "
           f"{cfg.n_coda} coda blocks, {cfg.n_embd} wide, trained with mean {cfg.dre_mean_steps:g} core steps; "
           f"{device}, {dt}")
@@ -287,10 +299,9 @@ def bench_dre():
           f"32-token prompt, median of {rounds} rounds")
     print(f"{'core steps':<16} {'val loss':>9} {'vs max':>7} {'steps/token':>12} {'core compute':>13} "
           f"{'core MFLOPs/tok':>16} {'Spearman':>9} {'gen steps':>10} {'gen tok/s':>10} {'vs max':>7}")
-    top = rows[settings[S - 1][0]]
-    for name, _, _ in settings:
-        row = rows[name]
-        tok_s, top_tok_s = 1 / statistics.median(row["times"]), 1 / statistics.median(top["times"])
+    top, top_tok_s = rows[settings[S - 1][0]], dre_new_tokens / gen_s[S - 1]
+    for (name, _, _), t in zip(settings, gen_s):
+        row, tok_s = rows[name], dre_new_tokens / t
         print(f"{name:<16} {row['loss']:>9.4f} {row['loss'] / top['loss'] - 1:>+7.2%} {row['mean_steps']:>12.2f} "
               f"{row['mean_steps'] / S:>13.0%} {row['core_flops_per_token'] / 1e6:>16.2f} {row['spearman']:>+9.3f} "
               f"{row['gen_steps']:>10.2f} {tok_s:>10,.0f} {tok_s / top_tok_s:>6.2f}x")
@@ -298,63 +309,11 @@ def bench_dre():
 
 if memory_layout:
     memory_worker()
-    sys.exit()
-if dre:
+elif dre:
     bench_dre()
-    sys.exit()
-if memory:
+elif memory:
     estimate_memory() if estimate else bench_memory()
-    sys.exit()
-if moe:
+elif moe:
     bench_moe()
-    sys.exit()
-
-runs = []
-for dt, comp in variants:
-    model = GPT(model_config()).to(device)
-    opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, optimizer)
-    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt])
-    fwd = torch.compile(model) if comp else model
-    x = torch.randint(vocab_size, (batch_size, block_size + 1), device=device)
-    runs.append(dict(name=f"{dt}{' compiled' if comp else ''}", model=model, fwd=fwd, opts=opts, ctx=ctx,
-                     dtype=dtypes[dt], x=x[:, :-1], y=x[:, 1:], times=[]))
-
-
-def step(run):
-    with run["ctx"]:
-        _, loss = run["fwd"](run["x"], run["y"])
-    loss.backward()
-    for opt in run["opts"]:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
-for run in runs:
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step(run)
-    sync()
-    run["warmup_s"] = time.perf_counter() - t0
-for _ in range(rounds):
-    for run in runs:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(run)
-        sync()
-        run["times"].append((time.perf_counter() - t0) / steps)
-
-tokens = batch_size * block_size
-print(f"{n_layer} layers x {n_embd} wide, {layout}, batch {batch_size} x {block_size} tokens, {device}, "
-      f"{runs[0]['model'].num_params(False) / 1e6:.2f}M parameters, median of {rounds} rounds x {steps} steps")
-print(f"{'variant':<22} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6} {'vs first':>9} {'warm-up s':>10}")
-base = statistics.median(runs[0]["times"])
-for run in runs:
-    t = statistics.median(run["times"])
-    mfu = run["model"].flops_per_token(block_size) * tokens / t / parallel.hardware_peak_flops(device_type, run["dtype"],
-                                                                                     peak_flops)
-    print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu * 100:>5.1f}% {base / t:>8.2f}x "
-          f"{run['warmup_s']:>10.1f}")
-if device_type == "cuda":
-    print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated")
 else:
-    print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (process)")
+    bench_throughput()

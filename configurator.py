@@ -3,10 +3,9 @@ Overrides the globals of a script (train.py, sample.py, bench.py) from the comma
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
-Positional arguments are Python files executed in order; `--key=value` arguments are applied after them, the value
-parsed with `ast.literal_eval` and kept as a string when that fails; a bare `--flag` sets a bool to True. Unlike nanoGPT's exec'd snippet this one checks:
-a key the script does not define is an error that names the closest known key (a typo never silently does nothing),
-a value must have the type of the default (an int is accepted for a float; a None default accepts anything).
+Positional arguments are Python files run in order, then `--key=value` (parsed with ast.literal_eval, else kept as a
+string; a bare `--flag` sets a bool). Unlike nanoGPT's it checks: an unknown key is an error naming the closest known
+one, and a value must have its default's type (an int passes for a float; a None default accepts anything).
 """
 
 import ast

@@ -391,25 +391,22 @@ class GPT(nn.Module):
         'muon': Muon (orthogonalised momentum) for the blocks' 2-D weights, AdamW for embeddings, head and gains;
         Muon's lr is rescaled to match AdamW's update size, so one learning_rate serves both. `impl`: AdamW's
         implementation keywords (parallel.optimizer_kwargs); by default fused."""
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        # Muon takes 2-D matrices only: the router (a tiny classifier) and stacked 3-D experts stay with AdamW
+        hidden = [p for n, p in params.items() if optimizer == "muon" and n.startswith("transformer.h.")
+                  and p.dim() == 2 and "router" not in n]
+        ids = {id(p) for p in hidden}
+        rest = [p for p in params.values() if id(p) not in ids]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         impl = impl or {"fused": device_type in ("cuda", "cpu")}
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **impl)
         if optimizer == "adamw":
-            decay = [p for p in params.values() if p.dim() >= 2]
-            no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **impl)]
-        if optimizer == "muon":
-            # 2-D matrices only: the router (a tiny classifier) and stacked 3-D experts stay with AdamW
-            hidden = [p for n, p in params.items()
-                      if n.startswith("transformer.h.") and p.dim() == 2 and "router" not in n]
-            ids = {id(p) for p in hidden}
-            rest = [p for p in params.values() if id(p) not in ids]
-            muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
-                                    adjust_lr_fn="match_rms_adamw")
-            groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                      {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-            return [muon, torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **impl)]
-        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+            return [adamw]
+        return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
+                                 adjust_lr_fn="match_rms_adamw"), adamw]
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6 per matmul parameter a token uses (forward 2, backward 4; for MoE only the

@@ -90,7 +90,8 @@ def teardown():
         dist.destroy_process_group()
 
 
-def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gradient_accumulation_steps):
+def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gradient_accumulation_steps,
+                 optimizer="adamw", dtype="float32"):
     """Every reason a layout cannot work, found before any work is done. Raises ValueError."""
     if layout not in LAYOUTS:
         raise ValueError(f"parallel must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -129,6 +130,8 @@ def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gr
     if gradient_accumulation_steps % dp and batch_size % dp:
         raise ValueError(f"the batch is too small for {dp} data-parallel ranks: neither gradient_accumulation_steps="
                          f"{gradient_accumulation_steps} nor batch_size={batch_size} is a multiple of {dp}")
+    if layout in ("fsdp", "tp", "fsdp+tp") and (optimizer == "muon" or dtype == "float16"):
+        raise ValueError(f"parallel={layout!r} works with optimizer='adamw' and fp32/bf16 only")
 
 
 def mesh_and_ranks(layout, tp_size, world_size, device_type):

@@ -233,7 +233,7 @@ class RecurrentDepth(nn.Module):
     @torch.no_grad()
     def iterate_per_token(self, e, core, coda, cos, sin, caches, coda_caches, steps, head):
         """Inference: each token runs until its prediction stops changing (steps=None) or for its given count;
-        returns the coda's output. See the top of this file for the keys and values of tokens that stopped early."""
+        returns the coda's output (StepKV: the keys and values of tokens that stopped early)."""
         B, T, _ = e.shape
         S = self.config.max_reasoning_steps
         threshold = self.config.dre_threshold if steps is None else 0.0
@@ -276,7 +276,7 @@ class RecurrentDepth(nn.Module):
                     done = done | ((logp.exp() * (logp - last)).sum(-1) < threshold)
             active = active & ~done
             running = int(active.sum())  # a host sync per step: the loop length depends on it
-            if i == most or self.anyone_running(running, e.device) == 0:  # at batch 1 an easy token saves the remaining steps
+            if i == most or self.anyone_running(running, e.device) == 0:  # at batch 1 an easy token saves steps
                 break
         for kv in kvs:
             kv.finish(i)

@@ -120,10 +120,8 @@ config["device"], config["dtype"] = device, dtype
 if parallel == "auto":
     parallel = "ddp" if world_size > 1 else "none"
 try:
-    check_layout(parallel, tp_size, world_size, GPTConfig.from_settings(config), batch_size,
-                             block_size, gradient_accumulation_steps)
-    if parallel in ("fsdp", "tp", "fsdp+tp") and (optimizer == "muon" or dtype == "float16"):
-        raise ValueError(f"parallel={parallel!r} works with optimizer='adamw' and fp32/bf16 only")
+    check_layout(parallel, tp_size, world_size, GPTConfig.from_settings(config), batch_size, block_size,
+                 gradient_accumulation_steps, optimizer, dtype)
 except ValueError as e:
     if master:
         print(f"error: {e}")
@@ -230,7 +228,7 @@ def init_model():
     dcp = find_sharded(out_dir) if init_from == "resume" else None
     if dcp and not (os.path.exists(ckpt_path) and
                     os.path.getmtime(ckpt_path) > os.path.getmtime(os.path.join(dcp, "meta.pt"))):
-        # a sharded run's checkpoint: shapes now, contents once the model is parallelized (parallel.load)
+        # a sharded run's checkpoint: shapes now, contents once the model is parallelized (load_sharded)
         ckpt = {**torch.load(os.path.join(dcp, "meta.pt"), map_location="cpu", weights_only=True), "dcp": dcp}
     elif init_from == "resume" or os.path.isdir(init_from):
         path = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
@@ -283,8 +281,7 @@ if compile and not sharded:
     model = torch.compile(model)
 # GPU fsdp: bf16 (or fp16) compute with fp32 gradient reduction; elsewhere autocast does the casting
 param_dtype = ptdtype if device_type == "cuda" and "fsdp" in parallel and dtype != "float32" else None
-model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward,
-                                fsdp_cpu_offload)
+model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload)
 if compile and sharded:
     model = torch.compile(model)
 
@@ -326,7 +323,7 @@ if resume:
 def save_checkpoint():
     """Called on every rank (it gathers each rank's RNG states); rank 0 writes ckpt.pt atomically: to a temporary
     file first, renamed over the old one only once complete, so a crash mid-save leaves the last one intact.
-    Sharded layouts write a distributed checkpoint instead, every rank its own shards (parallel.save)."""
+    Sharded layouts write a distributed checkpoint instead, every rank its own shards (parallel.save_sharded)."""
     rngs = [rng_states()]
     if distributed:
         rngs = [None] * world_size

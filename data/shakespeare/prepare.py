@@ -1,6 +1,6 @@
 """
-Tiny Shakespeare with GPT-2's BPE tokenizer (tiktoken's "gpt2" encoding): about 338k tokens.
-Writes train.bin / val.bin (uint16 token ids of the first 90% / last 10% of the text) and meta.json next to this file.
+Tiny Shakespeare with GPT-2's BPE tokenizer (tiktoken's "gpt2" encoding). Writes train.bin / val.bin (uint16 token
+ids of the first 90% / last 10% of the text) and meta.json next to this file.
 
     python data/shakespeare/prepare.py                      # downloads input.txt
     python data/shakespeare/prepare.py --input path/to/input.txt   # no network needed for the text
@@ -41,8 +41,7 @@ enc = tiktoken.get_encoding("gpt2")
 # split the text, not the tokens, so that each file decodes to whole characters on its own;
 # encode_ordinary: a literal "<|endoftext|>" in the text is plain text, not the separator token
 n_chars = int(0.9 * len(text))
-train = np.array(enc.encode_ordinary(text[:n_chars]), dtype=np.uint16)
-val = np.array(enc.encode_ordinary(text[n_chars:]), dtype=np.uint16)
+train, val = (np.array(enc.encode_ordinary(part), dtype=np.uint16) for part in (text[:n_chars], text[n_chars:]))
 train.tofile(os.path.join(here, "train.bin"))
 val.tofile(os.path.join(here, "val.bin"))
 with open(os.path.join(here, "meta.json"), "w") as f:

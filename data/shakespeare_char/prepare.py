@@ -1,6 +1,6 @@
 """
-Tiny Shakespeare at the character level: each distinct character is one token (65 of them).
-Writes train.bin / val.bin (uint16 token ids, first 90% / last 10% of the text) and meta.json next to this file.
+Tiny Shakespeare at the character level, each distinct character one token. Writes train.bin / val.bin (uint16
+token ids of the first 90% / last 10% of the text) and meta.json next to this file.
 
     python data/shakespeare_char/prepare.py                      # downloads input.txt
     python data/shakespeare_char/prepare.py --input path/to/input.txt   # no network needed
