@@ -11,10 +11,11 @@ clipping over DTensors) and distributed checkpoints (DCP), which load on any wor
 `python parallel.py export OUT_DIR` turns one into the single-file ckpt.pt that sample.py reads.
 """
 
+import functools
 import os
 import shutil
 import sys
-import time
+import timeit
 
 import torch
 import torch.distributed as dist
@@ -40,28 +41,25 @@ def pick_device(device):
 GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A6000", 155e12), ("L40S", 362e12),
                   ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),
                   ("T4", 65e12)]
-_measured_peak = {}
 
 
 def hardware_peak_flops(device_type, dtype=torch.float32, override=0.0):
     """The FLOP/s that MFU is a fraction of: `override` when given, the table above on CUDA, and on the CPU what a
-    square matmul in `dtype` reaches here (measured once, ~0.1 s), since CPUs vary too much to tabulate."""
+    square matmul in `dtype` reaches here (measured once), since CPUs vary too much to tabulate."""
     if override:
         return override
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), 312e12)
-    if dtype not in _measured_peak:
-        n = 2048 if dtype != torch.float32 else 1024
-        a = b = torch.full((n, n), 0.5, dtype=dtype)  # not randn: that would advance the global RNG
-        a @ b  # warm-up
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        _measured_peak[dtype] = 2 * n ** 3 / best
-    return _measured_peak[dtype]
+    return _cpu_peak_flops(dtype)
+
+
+@functools.lru_cache
+def _cpu_peak_flops(dtype):
+    n = 2048 if dtype != torch.float32 else 1024
+    a = torch.full((n, n), 0.5, dtype=dtype)  # not randn: that would advance the global RNG
+    a @ a  # warm-up
+    return 2 * n ** 3 / min(timeit.repeat(lambda: a @ a, number=1, repeat=3))
 
 
 def init_distributed(device, backend="auto"):
@@ -184,6 +182,7 @@ def apply_tensor_parallel(model, tp_mesh):
                                       use_local_output=True),
     })
     gather_seq = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    group = tp_mesh.get_group()
     for block in model.transformer.h:
         plan = {
             "ln_1": SequenceParallel(),
@@ -195,7 +194,7 @@ def apply_tensor_parallel(model, tp_mesh):
         }
         if isinstance(block.mlp, MoE):
             # experts are split by hidden units like a dense MLP; the router is whole on every rank. The experts'
-            # partial outputs are summed over the group (LeaveTP) before the router's weights apply
+            # partial outputs are summed over the group (ExpertsTP) before the router's weights apply
             plan["mlp"] = PrepareModuleInputOutput(**gather_seq, use_local_input=True, output_layouts=(Replicate(),),
                                                    desired_output_layouts=(Shard(1),))
             if block.mlp.shared is not None:
@@ -205,7 +204,7 @@ def apply_tensor_parallel(model, tp_mesh):
             for name, placement in (("w1", Shard(2)), ("w3", Shard(2)), ("w2", Shard(1))):
                 setattr(moe, name, nn.Parameter(distribute_tensor(getattr(moe, name).data, tp_mesh, [placement])))
             moe.router.weight = nn.Parameter(distribute_tensor(moe.router.weight.data, tp_mesh, [Replicate()]))
-            moe.enter_experts, moe.leave_experts = EnterTP(tp_mesh.get_group()), LeaveTP(tp_mesh.get_group())
+            moe.enter_experts, moe.leave_experts = ExpertsTP(group, sum_output=False), ExpertsTP(group, sum_output=True)
         else:
             plan.update({"mlp": PrepareModuleInput(**gather_seq),
                          "mlp.c_gate": ColwiseParallel(), "mlp.c_fc": ColwiseParallel(),
@@ -213,7 +212,6 @@ def apply_tensor_parallel(model, tp_mesh):
         parallelize_module(block, tp_mesh, plan)
         if block.attn.q_norm is not None:
             # QK-norm's gains are shared by all heads, and each rank sees only its own heads: sum their gradients
-            group = tp_mesh.get_group()
             for p in (block.attn.q_norm.weight, block.attn.k_norm.weight):
                 p.register_hook(lambda grad, group=group: _all_reduced(grad, group))
 
@@ -224,39 +222,30 @@ def _all_reduced(t, group):
     return t
 
 
-class EnterTP(nn.Module):
-    """Megatron's f: identity forward; backward sums the input's gradient over the tensor-parallel group, whose ranks
-    each hold a slice of every expert's hidden units and so each contribute part of it."""
+class _MegatronFG(torch.autograd.Function):
+    """Megatron's f (identity forward, the gradient summed over the group) and g (the output summed, the gradient
+    passed through), chosen by sum_output."""
 
-    class _F(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, group):
-            ctx.group = group
-            return x.view_as(x)
+    @staticmethod
+    def forward(ctx, x, group, sum_output):
+        ctx.group, ctx.sum_output = group, sum_output
+        return _all_reduced(x, group) if sum_output else x.view_as(x)
 
-        @staticmethod
-        def backward(ctx, grad):
-            return _all_reduced(grad, ctx.group), None
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.sum_output else _all_reduced(grad, ctx.group)), None, None
 
-    def __init__(self, group):
+
+class ExpertsTP(nn.Module):
+    """What moe.MoE runs before (f) and after (g) its experts under tensor parallelism: each rank holds a slice of
+    every expert's hidden units, so the experts' input gradient and their outputs are partial sums over the group."""
+
+    def __init__(self, group, sum_output):
         super().__init__()
-        self.group = group
+        self.group, self.sum_output = group, sum_output
 
     def forward(self, x):
-        return self._F.apply(x, self.group)
-
-
-class LeaveTP(EnterTP):
-    """Megatron's g: sums the ranks' partial expert outputs; the gradient of a sum reaches each part unchanged."""
-
-    class _F(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, y, group):
-            return _all_reduced(y, group)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad, None
+        return _MegatronFG.apply(x, self.group, self.sum_output)
 
 
 def optimizer_kwargs(model, device_type):

@@ -1,19 +1,12 @@
 """Grouped GEMM for Mixture-of-Experts over expert-sorted rows, with the gather and scatter fused in.
 
-Layout. After routing, the M = tokens*top_k (token, expert) pairs are sorted by expert. Sorted row i
-belongs to expert e iff offsets[e] <= i < offsets[e+1] (offsets: [E+1], offsets[0] = 0, offsets[E] = M;
-groups are ragged and may be empty). Row i computes  x[gather_idx[i]] @ w[e]  and writes it to
-y[scatter_idx[i]]; either index may be None, meaning the identity (x resp. y already in sorted order).
-
-Why. Reading rows through gather_idx and writing through scatter_idx inside the matmul (as ScatterMoE's
-scatter2scatter does) means no sorted copy of x, no per-expert padding to a block multiple, and one
-launch for all experts instead of E small matmuls. Row tiles never straddle two experts: each expert's
-rows are cut into ceil(size/BLOCK_M) tiles, and each program finds its expert by counting tile ends.
-
-Backward: grad_x reuses the forward kernel on (dy, w^T) with the roles of the two indices swapped,
-then sums the rows that read the same token; grad_w has its own kernel reducing over each group's rows.
-Nothing here needs a host sync: the tile schedule is built with torch ops on the device and the grid is
-sized from shapes alone. offsets[E] == M is the caller's promise and is not checked (that would sync).
+Sorted row i belongs to expert e iff offsets[e] <= i < offsets[e+1] (groups ragged, possibly empty) and computes
+x[gather_idx[i]] @ w[e] into y[scatter_idx[i]] (either index None: the identity). Fusing the indexing into the loads
+and stores (ScatterMoE's scatter2scatter) means no sorted copy of x, no padding per expert, one launch for all
+experts. Row tiles never straddle two experts: each program finds its expert by counting tile ends. Backward: grad_x
+reuses the forward kernel on (dy, w^T) with the indices' roles swapped; grad_w has its own kernel. Nothing syncs with
+the host: the tile schedule is built on the device and the grid sized from shapes alone (offsets[E] == M is the
+caller's promise, not checked).
 """
 import torch
 
