@@ -36,13 +36,12 @@ class Tokenizer:
             self.enc = tiktoken.get_encoding(self.name)
             self.vocab_size = self.enc.n_vocab
 
-    def encode(self, text):
-        if self.name != "char":
-            return self.enc.encode(text, disallowed_special=())  # a literal "<|endoftext|>" is text, not a separator
-        unknown = sorted(set(text) - self.stoi.keys())
+    def encode(self, text, special=False):
+        if self.name != "char":  # a literal "<|endoftext|>" is text, not a separator, unless special=True
+            return self.enc.encode(text, allowed_special={"<|endoftext|>"} if special else set(), disallowed_special=())
+        unknown = ", ".join(map(repr, sorted(set(text) - self.stoi.keys())))
         if unknown:
-            raise ValueError(f"characters outside the {len(self.chars)}-character vocabulary: "
-                             f"{', '.join(map(repr, unknown))}")
+            raise ValueError(f"characters outside the {len(self.chars)}-character vocabulary: {unknown}")
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids):
@@ -52,7 +51,6 @@ class Tokenizer:
 
 
 def _checked(tokenizer, what, text):
-    """`text` stripped; an error if it holds a marker or a token the tokenizer lacks."""
     text = text.strip()
     for marker in MARKERS:
         if marker in text:
@@ -82,8 +80,8 @@ def clean_reply(text):
     return text[:cut].strip()
 
 
-def read_jsonl(path, fields, convert=lambda r: r):
-    """convert(record) of each JSONL record, which needs string `fields`; errors name the line, parse errors first."""
+def read_jsonl(path, fields):
+    """(line number, record) of each JSONL line, all checked before any is used: objects with string `fields`."""
     try:
         lines = Path(path).read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
@@ -105,26 +103,22 @@ def read_jsonl(path, fields, convert=lambda r: r):
         records.append((lineno, r))
     if not records:
         raise ValueError(f"{path}: no records")
-    out = []
-    for lineno, r in records:
-        try:
-            out.append(convert(r))
-        except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from None
-    return out
+    return records
 
 
 def load_examples(path, tokenizer, mode):
     """(ids, mask) per line for 'sft'; (chosen, rejected, p_chosen: how sure the labeller was, default 1) for 'dpo'."""
-    def convert(r):
-        if mode == "sft":
-            return encode_chat(tokenizer, r["prompt"], r["response"])
+    examples = []
+    for lineno, r in read_jsonl(path, FORMATS[mode][0]):
         p = r.get("p_chosen", 1.0)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise ValueError(f"p_chosen must be a number from 0 to 1, got {p!r}")
-        chosen, rejected = (encode_chat(tokenizer, r["prompt"], r[k]) for k in ("chosen", "rejected"))
-        return chosen, rejected, float(p)
-    return read_jsonl(path, FORMATS[mode][0], convert)
+        try:
+            if mode == "dpo" and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1):
+                raise ValueError(f"p_chosen must be a number from 0 to 1, got {p!r}")
+            replies = [encode_chat(tokenizer, r["prompt"], r[k]) for k in FORMATS[mode][0][1:]]  # after "prompt"
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        examples.append(replies[0] if mode == "sft" else (*replies, float(p)))
+    return examples
 
 
 def finetune_data(mode, train_path, val_path, tokenizer):
@@ -144,9 +138,9 @@ def finetune_data(mode, train_path, val_path, tokenizer):
 def pad_batch(seqs, block_size):
     """X, Y (B, T), Y -1 (ignored) outside responses; long sequences keep their end (END), padding goes on the right."""
     seqs = [(ids[-(block_size + 1):], mask[-(block_size + 1):]) for ids, mask in seqs]
-    T = max(len(ids) for ids, _ in seqs) - 1
-    x = [ids[:-1] + [0] * (T + 1 - len(ids)) for ids, _ in seqs]
-    y = [[t if m else -1 for t, m in zip(ids[1:], mask[1:])] + [-1] * (T + 1 - len(ids)) for ids, mask in seqs]
+    n = max(len(ids) for ids, _ in seqs)  # T + 1
+    x = [ids[:-1] + [0] * (n - len(ids)) for ids, _ in seqs]
+    y = [[t if m else -1 for t, m in zip(ids[1:], mask[1:])] + [-1] * (n - len(ids)) for ids, mask in seqs]
     return torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long)
 
 
@@ -157,8 +151,8 @@ def finetune_batch(examples, batch_size, block_size, generator, rank=0, world=1)
     drawn = [examples[i] for i in ix[rank * batch_size:(rank + 1) * batch_size].tolist()]
     if len(drawn[0]) == 2:
         return pad_batch(drawn, block_size)
-    x, y = pad_batch([c for c, _, _ in drawn] + [r for _, r, _ in drawn], block_size)
-    return x, y, torch.tensor([p for _, _, p in drawn])
+    chosen, rejected, p = zip(*drawn)
+    return (*pad_batch(chosen + rejected, block_size), torch.tensor(p))
 
 
 def sequence_logprobs(logits, targets):
@@ -183,19 +177,17 @@ def preference_accuracy(margins):
 
 
 def dpo_forward(model, ref_model, x, y, p, beta, soft_labels=True):
-    """DPO loss of a batch of pairs, and statistics: accuracy, reward margin, chosen and rejected rewards."""
-    B = p.numel()
+    """DPO loss and statistics of a batch of finetune_batch's pairs: chosen rows, then rejected rows."""
     policy = sequence_logprobs(model(x)[0], y)
     with torch.no_grad():
         ref = sequence_logprobs(ref_model(x)[0], y)
-    loss, chosen, rejected = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta, p if soft_labels else 1.0)
+    loss, chosen, rejected = dpo_loss(*policy.chunk(2), *ref.chunk(2), beta, p if soft_labels else 1.0)
     margin = chosen - rejected
     return loss, {"accuracy": preference_accuracy(margin), "margin": margin.mean(),
                   "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
 
 
-def describe(stats):
-    """The log line of dpo_forward's statistics, given as floats."""
+def describe(stats):  # dpo_forward's statistics, as floats
     return (f"dpo: accuracy {stats['accuracy']:.3f}, reward margin {stats['margin']:.4f}, "
             f"chosen {stats['chosen_reward']:.4f}, rejected {stats['rejected_reward']:.4f}")
 

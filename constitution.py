@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from chat import HUMAN, JSON_TYPES, MARKERS, Tokenizer, clean_reply, encode_chat, pad_batch, read_jsonl, \
-    sequence_logprobs, type_name
+import chat
 from model import load_run
 from parallel import pick_device
 
@@ -42,9 +41,8 @@ def load_constitution(path):
         raise ConstitutionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConstitutionError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(c, dict):
-        raise ConstitutionError(f"{path}: expected a JSON object with 'name' and 'principles', got {type_name(c)}")
-    _check_fields(c, {"name": str, "principles": list}, {"description": str}, path)
+    _check_fields(c, "a JSON object with 'name' and 'principles'", {"name": str, "principles": list},
+                  {"description": str}, path)
     if not c["name"].strip():
         raise ConstitutionError(f"{path}: 'name' must not be empty")
     if not c["principles"]:
@@ -52,11 +50,9 @@ def load_constitution(path):
     seen = {}
     for i, p in enumerate(c["principles"]):
         where = f"{path}: principles[{i}]"
-        if not isinstance(p, dict):
-            raise ConstitutionError(f"{where}: expected an object, got {type_name(p)}")
-        if isinstance(p.get("id"), str) and p["id"].strip():
+        if isinstance(p, dict) and isinstance(p.get("id"), str) and p["id"].strip():
             where += f" (id {p['id']!r})"
-        _check_fields(p, {"id": str, "category": str, "critique_request": str, "revision_request": str},
+        _check_fields(p, "an object", {"id": str, "category": str, "critique_request": str, "revision_request": str},
                       {"weight": (int, float), "comparison_question": str}, where)
         for key, value in p.items():
             if isinstance(value, str) and not value.strip():
@@ -72,8 +68,10 @@ def load_constitution(path):
     return c
 
 
-def _check_fields(obj, required, optional, where):
-    """No unknown field (a typo gets a suggestion), no missing one, each of its type; a boolean is not a number."""
+def _check_fields(obj, what, required, optional, where):
+    """An object (`what`), with no unknown field (a typo gets a suggestion), no missing one, each of its type."""
+    if not isinstance(obj, dict):
+        raise ConstitutionError(f"{where}: expected {what}, got {chat.type_name(obj)}")
     fields = {**required, **optional}
     for key in obj:
         if key not in fields:
@@ -85,8 +83,8 @@ def _check_fields(obj, required, optional, where):
             raise ConstitutionError(f"{where}: missing field '{key}'")
     for key, kind in fields.items():
         if key in obj and (not isinstance(obj[key], kind) or isinstance(obj[key], bool)):
-            raise ConstitutionError(f"{where}: field '{key}' must be {JSON_TYPES.get(kind, 'a number')}, "
-                                    f"got {type_name(obj[key])}")
+            raise ConstitutionError(f"{where}: field '{key}' must be {chat.JSON_TYPES.get(kind, 'a number')}, "
+                                    f"got {chat.type_name(obj[key])}")
 
 
 def sample_principle(constitution, rng):
@@ -111,7 +109,7 @@ def load_model(out_dir, device="cpu"):
     if not meta_path.exists() and model.config.vocab_size < 50257:
         raise FileNotFoundError(f"{meta_path} not found, and a vocabulary of {model.config.vocab_size} is not "
                                 f"GPT-2's: run from the directory that holds data/{run['dataset']}")
-    return model.to(device), Tokenizer(json.loads(meta_path.read_text()) if meta_path.exists() else {})
+    return model.to(device), chat.Tokenizer(json.loads(meta_path.read_text()) if meta_path.exists() else {})
 
 
 @torch.no_grad()
@@ -119,16 +117,16 @@ def generate_reply(model, tokenizer, context_ids, max_new_tokens=128, temperatur
     """The reply after context_ids, up to END: generated in chunks, so the model's generate() stays as it is."""
     idx = torch.tensor([context_ids], dtype=torch.long, device=next(model.parameters()).device)
     new = []
-    while len(new) < max_new_tokens and not any(m in tokenizer.decode(new) for m in MARKERS):
+    while len(new) < max_new_tokens and not any(m in tokenizer.decode(new) for m in chat.MARKERS):
         out = model.generate(idx, min(chunk, max_new_tokens - len(new)), temperature=temperature, top_k=top_k)
         new, idx = new + out[0, idx.size(1):].tolist(), out
-    return clean_reply(tokenizer.decode(new))
+    return chat.clean_reply(tokenizer.decode(new))
 
 
 def revise_record(model, tokenizer, prompt, constitution, rounds, rng, **gen):
     """Stage 1 for one prompt: an answer, then `rounds` times a critique under a drawn principle and a revision."""
     def reply(request, history=()):
-        return generate_reply(model, tokenizer, encode_chat(tokenizer, request, history=history)[0], **gen)
+        return generate_reply(model, tokenizer, chat.encode_chat(tokenizer, request, history=history)[0], **gen)
     response = reply(prompt)
     record = {"prompt": prompt, "initial_response": response, "rounds": []}
     for _ in range(rounds):
@@ -143,7 +141,7 @@ def revise_record(model, tokenizer, prompt, constitution, rounds, rng, **gen):
 
 def comparison_text(prompt, question, a, b, choices):
     """Stage 2's question, as in the paper: plain text, not a chat turn, for it holds answers the markers would cut."""
-    return (f"Consider the following conversation between a human and an assistant:\n\n{HUMAN}{prompt}\n\n"
+    return (f"Consider the following conversation between a human and an assistant:\n\n{chat.HUMAN}{prompt}\n\n"
             f"{question}\nOptions:\n{choices[0]} {a}\n{choices[1]} {b}\nThe answer is:")
 
 
@@ -151,49 +149,48 @@ def comparison_text(prompt, question, a, b, choices):
 def label_record(policy, judge, prompt, constitution, rng, choices=("(A)", "(B)"), **gen):
     """Stage 2 for one prompt: two answers, and the judge's softmax over its log p(choice | question) as p_chosen."""
     (model, tokenizer), (judge_model, judge_tokenizer) = policy, judge
-    a, b = (generate_reply(model, tokenizer, encode_chat(tokenizer, prompt)[0], **gen) for _ in range(2))
+    a, b = (generate_reply(model, tokenizer, chat.encode_chat(tokenizer, prompt)[0], **gen) for _ in range(2))
     principle = sample_principle(constitution, rng)
     question = judge_tokenizer.encode(comparison_text(prompt, principle["comparison_question"], a, b, choices))
     answers, block_size = [judge_tokenizer.encode(f" {c}") for c in choices], judge_model.config.block_size
     if max(map(len, answers)) >= block_size:
         raise ValueError(f"a choice of {max(map(len, answers))} tokens does not fit the judge's window of {block_size}")
     # a question longer than the window keeps its end: the options and the question's last words
-    x, y = pad_batch([(question + ids, [0] * len(question) + [1] * len(ids)) for ids in answers], block_size)
+    x, y = chat.pad_batch([(question + ids, [0] * len(question) + [1] * len(ids)) for ids in answers], block_size)
     device = next(judge_model.parameters()).device
-    p_a = torch.softmax(sequence_logprobs(judge_model(x.to(device))[0], y.to(device)).double(), 0)[0].item()
+    p_a = torch.softmax(chat.sequence_logprobs(judge_model(x.to(device))[0], y.to(device)).double(), 0)[0].item()
     chosen, rejected, p = (a, b, p_a) if p_a >= 0.5 else (b, a, 1 - p_a)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "p_chosen": p, "principle": principle["id"]}
 
 
 def open_resumable(path, prompts):
     """`path` opened to append, and the prompts done; a torn last line (a crash mid-write) is cut, all else refused."""
-    done, keep = set(), 0
+    done = set()
     data = Path(path).read_bytes() if os.path.exists(path) else b""
-    for lineno, line in enumerate(data.splitlines(keepends=True), 1):
+    lines = data.splitlines(keepends=True)
+    for lineno, line in enumerate(lines, 1):
         try:
             r = json.loads(line) if line.endswith(b"\n") else None  # a line without its newline is torn
             i = r["index"]
         except (ValueError, KeyError, TypeError):
-            if keep + len(line) == len(data):  # the last line
-                break
-            raise ValueError(f"{path}:{lineno}: not a record of this tool; move the file away or fix the line")
+            if lineno < len(lines):
+                raise ValueError(f"{path}:{lineno}: not a record of this tool; move the file away or fix the line")
+            print(f"{path}: dropping an incomplete last line ({len(line)} bytes) left by an interrupted run")
+            os.truncate(path, len(data) - len(line))
+            break
         if not (isinstance(i, int) and 0 <= i < len(prompts)) or r.get("prompt") != prompts[i]:
             raise ValueError(f"{path}:{lineno}: record {i!r} does not match the prompts file (a different "
                              f"prompts file?); write to a new --out")
         if i in done:
             raise ValueError(f"{path}:{lineno}: a second record for prompt {i}")
         done.add(i)
-        keep += len(line)
-    if keep < len(data):
-        print(f"{path}: dropping an incomplete last line ({len(data) - keep} bytes) left by an interrupted run")
-        os.truncate(path, keep)
     return open(path, "a", encoding="utf-8"), done
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("validate", help="check a constitution file").add_argument("file")
+    sub.add_parser("validate", help="check a constitution file").add_argument("constitution", metavar="file")
     stage = argparse.ArgumentParser(add_help=False)  # what both stages take
     stage.add_argument("--out_dir", required=True, help="the run whose ckpt.pt answers the prompts")
     stage.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
@@ -211,7 +208,7 @@ def main(argv=None):
     label.add_argument("--choices", default="(A),(B)", help="two labels, comma-separated (A,B without parentheses)")
     args = parser.parse_args(argv)
     try:
-        constitution = load_constitution(args.file if args.command == "validate" else args.constitution)
+        constitution = load_constitution(args.constitution)
         if args.command == "validate":
             cats = ", ".join(sorted({p["category"] for p in constitution["principles"]}))
             print(f"ok: {constitution['name']!r}, {len(constitution['principles'])} principles (categories: {cats})")
@@ -221,13 +218,13 @@ def main(argv=None):
         device = pick_device(args.device)
         policy = load_model(args.out_dir, device)
         judge = load_model(args.judge, device) if args.command == "label" and args.judge else policy
-        prompts = [r["prompt"] for r in read_jsonl(args.prompts, ("prompt",))]
+        prompts = [r["prompt"] for _, r in chat.read_jsonl(args.prompts, ("prompt",))]
         for i, prompt in enumerate(prompts):  # fail now rather than after an hour of generation
             try:
-                encode_chat(policy[1], prompt)
+                chat.encode_chat(policy[1], prompt)
             except ValueError as e:
                 raise ValueError(f"{args.prompts}: prompt {i}: {e}") from None
-        check_principles(constitution, (judge if args.command == "label" else policy)[1], args.command)
+        check_principles(constitution, judge[1], args.command)  # the judge is the policy in revise
         gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
         if args.command == "revise":
             make = lambda prompt, rng: revise_record(*policy, prompt, constitution, args.rounds, rng, **gen)

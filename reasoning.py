@@ -40,18 +40,13 @@ def step_distribution(mean, max_steps, sigma=0.5, points=1000):
 
 def ranks(x):
     """Ranks 0..n-1 of x (1-D), tied values sharing the mean of their ranks."""
-    order = x.argsort()
-    r = torch.empty(x.numel(), dtype=torch.float64, device=x.device)
-    r[order] = torch.arange(x.numel(), dtype=torch.float64, device=x.device)
-    _, group = torch.unique(x, return_inverse=True)
-    sums = torch.zeros(int(group.max()) + 1, dtype=torch.float64, device=x.device).index_add_(0, group, r)
-    return (sums / torch.bincount(group))[group]
+    xs = x.sort().values  # a run of ties spans sorted places [first, end): its mean rank is (first + end - 1) / 2
+    return (torch.searchsorted(xs, x) + torch.searchsorted(xs, x, right=True) - 1).double() / 2
 
 
 def spearman(x, y):
     """Spearman's rank correlation of two 1-D tensors (Pearson's on tie-averaged ranks); nan if either is constant."""
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
+    rx, ry = (r - r.mean() for r in (ranks(x), ranks(y)))
     denom = (rx.pow(2).sum() * ry.pow(2).sum()).sqrt()
     return (rx * ry).sum().item() / denom.item() if denom > 0 else float("nan")
 
@@ -64,20 +59,20 @@ class StepCache:
         self.length, self.steps, self.pos, self.k, self.v = length, steps, 0, None, None
 
     def update(self, k, v):
-        k, v = StepKV(self, self.pos).update(k, v)
+        k, v = StepKV(self).update(k, v)
         self.pos = k.size(1)  # the keys so far
         return k, v
 
 
 class StepKV:
-    """What a core block's attention sees during one call of the core loop (passed where model.Block takes a cache).
-    Tokens still running contribute their new keys/values; tokens that exited keep serving those of their last step.
-    With a StepCache the chunk's keys/values are also written to the current step's slot, behind the earlier tokens'."""
+    """What a block's attention sees during one forward (passed where model.Block takes a cache). In the core, tokens
+    still running contribute their new keys/values; tokens that exited keep serving those of their last step. A
+    StepCache gets the chunk's keys/values in the current step's slot, and stays at pos until finish()."""
 
-    def __init__(self, cache, pos):
-        self.cache, self.pos = cache, pos  # the attention reads pos: where this chunk starts
+    def __init__(self, cache):
+        self.cache, self.pos = cache, cache.pos if cache is not None else 0  # the attention reads pos: chunk start
         self.k = self.v = None  # (B, T, H, D): each token's keys/values from the last step it ran
-        self.step, self.active = 0, None  # set by the loop before each step (0-based slot, running tokens)
+        self.step, self.active = 0, None  # set by the core loop before each step (0-based slot, running tokens)
 
     def update(self, k, v):
         if self.active is not None:  # None while every token of the chunk is still running
@@ -89,19 +84,18 @@ class StepKV:
             return k, v
         B, T, H, D = k.shape
         if c.k is None:
-            c.k = k.new_empty(c.steps, B, c.length, H, D)
-            c.v = v.new_empty(c.steps, B, c.length, H, D)
+            c.k, c.v = (t.new_empty(c.steps, B, c.length, H, D) for t in (k, v))
         c.k[self.step, :, self.pos:self.pos + T] = k
         c.v[self.step, :, self.pos:self.pos + T] = v
         return c.k[self.step, :, :self.pos + T], c.v[self.step, :, :self.pos + T]
 
     def finish(self, steps_run):
-        """After the loop: the slots of the steps no token of the chunk ran get each token's last keys/values."""
-        c = self.cache
-        if c is not None and steps_run < c.steps:
-            T = self.k.size(1)
+        """The cache moves past the chunk; the slots of the steps no token of it ran get each token's last ones."""
+        c, T = self.cache, self.k.size(1)
+        if c is not None:
             c.k[steps_run:, :, self.pos:self.pos + T] = self.k
             c.v[steps_run:, :, self.pos:self.pos + T] = self.v
+            c.pos = self.pos + T
 
 
 class RecurrentDepth(nn.Module):
@@ -123,7 +117,6 @@ class RecurrentDepth(nn.Module):
         self.exit_group = None
 
     def train_distribution(self):
-        """P(r = 1), ..., P(r = max_reasoning_steps) in training."""
         if self.config.dre_sample_steps:
             return step_distribution(self.config.dre_mean_steps, self.config.max_reasoning_steps)
         return torch.eye(self.config.max_reasoning_steps, dtype=torch.float64)[-1]  # always max_reasoning_steps
@@ -141,7 +134,6 @@ class RecurrentDepth(nn.Module):
         return r
 
     def pop_sampled(self):
-        """The r drawn by each training forward since the last call."""
         sampled, self.sampled = self.sampled, []
         return sampled
 
@@ -169,26 +161,13 @@ class RecurrentDepth(nn.Module):
         return [StepCache(length, self.config.max_reasoning_steps if P <= i < P + C else 1)
                 for i in range(self.config.n_layer)]
 
-    def run_block(self, block, x, cos, sin, cache=None):
-        if self.config.grad_checkpoint and self.training and cache is None:
-            return checkpoint(block, x, cos, sin, use_reentrant=False)
-        return block(x, cos, sin, cache)
-
-    def step(self, s, core, cos, sin, kvs=None):
-        for j, block in enumerate(core):
-            s = self.run_block(block, s, cos, sin, kvs[j] if kvs else None)
-        return s
-
-    def run_coda(self, s, coda, cos, sin, caches=None, commit=True):
-        """The coda on the states s; with commit=False the caches are read and written but not advanced, so the
-        next call overwrites this one's keys (a look at the prediction of a state that may not be final)."""
-        for i, block in enumerate(coda):
-            cache = caches[i] if caches else None
-            pos = cache.pos if cache is not None else 0
-            s = self.run_block(block, s, cos, sin, cache)
-            if cache is not None and not commit:
-                cache.pos = pos
-        return s
+    def run(self, blocks, x, cos, sin, caches=None):
+        for block, cache in zip(blocks, caches or [None] * len(blocks)):
+            if self.config.grad_checkpoint and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        return x
 
     def forward(self, x, blocks, cos, sin, caches=None, steps=None, head=None):
         """x: the embedded tokens (B, T, d) -> the coda's output. steps: None draws r in training and decides per
@@ -197,17 +176,14 @@ class RecurrentDepth(nn.Module):
         which the exit test compares from step to step."""
         P, C = self.n_prelude, self.n_core
         caches = caches or [None] * len(blocks)
-        for i in range(P):
-            x = self.run_block(blocks[i], x, cos, sin, caches[i])
+        x = self.run(blocks[:P], x, cos, sin, caches[:P])
         core, coda = blocks[P:P + C], blocks[P + C:]
         if steps is None and self.training:
             steps = self.sample_steps()
         if self.training and not isinstance(steps, int):
             raise ValueError("training runs the same number of core steps for every token (an int or None)")
         if isinstance(steps, int) and caches[0] is None:
-            s = self.iterate(x, core, cos, sin, steps)
-            self.last_steps = torch.full(x.shape[:2], steps, dtype=torch.long, device=x.device)
-            return self.run_coda(s, coda, cos, sin)
+            return self.run(coda, self.iterate(x, core, cos, sin, steps), cos, sin)
         return self.iterate_per_token(x, core, coda, cos, sin, caches[P:P + C], caches[P + C:], steps, head)
 
     def iterate(self, e, core, cos, sin, r):
@@ -218,46 +194,39 @@ class RecurrentDepth(nn.Module):
         s = e
         with torch.no_grad():
             for _ in range(r - with_grad):
-                s = self.step(s, core, cos, sin)
+                s = self.run(core, s, cos, sin)
         if r > with_grad:  # what the skipped steps added to the stream, as a constant: the gradient reaches e along
             s = e + (s - e).detach()  # the residual path, and none reaches the core through those steps
         moes = [b.mlp for b in core if isinstance(b.mlp, MoE)]
         aux = [0.0] * len(moes)
         for _ in range(with_grad):
-            s = self.step(s, core, cos, sin)
+            s = self.run(core, s, cos, sin)
             aux = [a + moe.aux_loss for a, moe in zip(aux, moes)]
         for a, moe in zip(aux, moes):  # each MoE core layer's balancing loss: the mean over the steps with gradients
             moe.aux_loss = a / with_grad
+        self.last_steps = torch.full(e.shape[:2], r, dtype=torch.long, device=e.device)
         return s
 
     @torch.no_grad()
     def iterate_per_token(self, e, core, coda, cos, sin, caches, coda_caches, steps, head):
         """Inference: each token runs until its prediction stops changing (steps=None) or for its given count;
-        returns the coda's output (StepKV: the keys and values of tokens that stopped early)."""
+        returns the coda's output. caches, coda_caches: StepCaches, or Nones without generation caches."""
         B, T, _ = e.shape
-        S = self.config.max_reasoning_steps
         threshold = self.config.dre_threshold if steps is None else 0.0
         if threshold > 0 and head is None:
             raise ValueError("exiting by dre_threshold needs the head, to compare successive predictions")
-        caches = None if caches[0] is None else caches
-        limit = None
-        if steps is None:
-            most = S
-        elif isinstance(steps, int):
-            most = steps
-        else:
+        limit = most = least = self.config.max_reasoning_steps if steps is None else steps
+        if not isinstance(limit, int):  # a count per token
             limit = torch.as_tensor(steps, device=e.device)
             if limit.shape != (B, T):
                 raise ValueError(f"per-token steps must have shape {(B, T)}, got {tuple(limit.shape)}")
-            most = int(limit.max())
-            if int(limit.min()) < 1:
-                raise ValueError("every token needs at least 1 core step")
-        if most < 1:
-            raise ValueError(f"the core needs at least 1 step, got {most}")
-        if caches and most > caches[0].steps:
+            most, least = int(limit.max()), int(limit.min())
+        if least < 1:
+            raise ValueError(f"the core needs at least 1 step, got {least}")
+        if caches[0] is not None and most > caches[0].steps:
             raise ValueError(f"{most} steps but the generation cache holds {caches[0].steps} (max_reasoning_steps)")
-        pos = caches[0].pos if caches else 0
-        kvs = [StepKV(c, pos) for c in (caches or [None] * len(core))]
+        # coda_kvs: each look at the prediction overwrites the last one's keys, and the last look is the final one
+        kvs, coda_kvs = [StepKV(c) for c in caches], [StepKV(c) for c in coda_caches]
         s, y, logp = e, None, None
         taken = torch.zeros(B, T, dtype=torch.long, device=e.device)
         active = torch.ones(B, T, dtype=torch.bool, device=e.device)
@@ -265,12 +234,12 @@ class RecurrentDepth(nn.Module):
         for i in range(1, most + 1):
             for kv in kvs:
                 kv.step, kv.active = i - 1, (active if running < B * T else None)
-            new = self.step(s, core, cos, sin, kvs)
+            new = self.run(core, s, cos, sin, kvs)
             taken += active
             s = torch.where(active[..., None], new, s) if running < B * T else new
-            done = taken >= limit if limit is not None else torch.zeros_like(active)
+            done = taken >= limit
             if threshold > 0:  # the prediction after this step against the one after the previous step
-                y = self.run_coda(s, coda, cos, sin, coda_caches, commit=False)
+                y = self.run(coda, s, cos, sin, coda_kvs)
                 logp, last = head(y).float().log_softmax(-1), logp
                 if last is not None:
                     done = done | ((logp.exp() * (logp - last)).sum(-1) < threshold)
@@ -278,16 +247,11 @@ class RecurrentDepth(nn.Module):
             running = int(active.sum())  # a host sync per step: the loop length depends on it
             if i == most or self.anyone_running(running, e.device) == 0:  # at batch 1 an easy token saves steps
                 break
-        for kv in kvs:
-            kv.finish(i)
-        for c in caches or []:
-            c.pos += T
-        self.last_steps = taken
         if y is None:
-            return self.run_coda(s, coda, cos, sin, coda_caches)
-        for c in coda_caches:  # the last look was at every token's final state: keep its keys and values
-            if c is not None:
-                c.pos += T
+            y = self.run(coda, s, cos, sin, coda_kvs)
+        for kv in kvs + coda_kvs:
+            kv.finish(i)
+        self.last_steps = taken
         return y
 
     def anyone_running(self, running, device):
@@ -301,15 +265,13 @@ class RecurrentDepth(nn.Module):
     def observe(self, logits, targets):
         """Records each token's steps (from the last forward) and loss; targets (B, T') are the last T' positions'
         next tokens (-1: none), logits (B, T', vocab)."""
-        T = targets.size(1)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction="none")
-        self.observed.append((self.last_steps[:, -T:].reshape(-1), loss, targets.reshape(-1) != -1))
+        self.observed.append((self.last_steps[:, -targets.size(1):].reshape(-1), loss, targets.reshape(-1) != -1))
 
     def metrics(self):
-        """Statistics of the tokens observed since the last call (then reset): mean steps, histogram of steps
-        1..max_reasoning_steps, the core's forward FLOPs per token (attention over block_size keys, as in
-        flops_per_token) and Spearman's rank correlation between a token's steps and its loss."""
+        """Statistics of the tokens observed since the last call (then reset): mean steps, histogram of steps 1..max,
+        the core's forward FLOPs per token (attention over block_size keys) and Spearman(a token's steps, its loss)."""
         if not self.observed:
             return {}
         steps, loss, keep = (torch.cat(t) for t in zip(*self.observed))

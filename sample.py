@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
+import chat
 import configurator
 import reasoning
 from model import GPT, load_run
@@ -73,27 +74,14 @@ if compile:
 # DRE models: each generated token's core steps against its surprisal, for the line at the end
 observe = raw_model.depth.observe if raw_model.config.dre else None
 
-if meta["tokenizer"] == "char":
-    stoi = {c: i for i, c in enumerate(meta["chars"])}
-
-    def encode(s):
-        unknown = "".join(sorted({c for c in s if c not in stoi}))
-        if unknown:
-            sys.exit(f"error: the prompt has characters this model never saw: {unknown!r}")
-        return [stoi[c] for c in s]
-
-    def decode(ids):
-        return "".join(meta["chars"][i] for i in ids)
-else:
-    import tiktoken
-    enc = tiktoken.get_encoding(meta["tokenizer"])
-    encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})  # noqa: E731
-    decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])  # noqa: E731 (padded ids are not text)
-
 if start.startswith("FILE:"):
     with open(start[5:], encoding="utf-8") as f:
         start = f.read()
-start_ids = encode(start) or [meta.get("eot_id") or 0]
+tokenizer = chat.Tokenizer(meta)
+try:
+    start_ids = tokenizer.encode(start, special=True) or [meta.get("eot_id") or 0]
+except ValueError as e:
+    sys.exit(f"error: the prompt has {e}")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
 new_tokens, seconds = 0, 0.0
@@ -106,7 +94,7 @@ with torch.no_grad(), autocast:
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
         new_tokens += max_new_tokens
-        print(decode(y[0].tolist()))
+        print(tokenizer.decode(y[0].tolist()))
         print("---------------")
 print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:,.0f} tokens/s "
       f"(batch 1, KV cache, {device}, {dtype})")

@@ -161,6 +161,21 @@ def test_chat_template_on_gpt2_keeps_a_literal_endoftext_as_text():
     assert 50256 not in ids  # the literal text is not the end-of-text token
 
 
+def test_gpt2_encodes_a_literal_endoftext_as_the_token_only_with_special():
+    pytest.importorskip("tiktoken")
+    try:
+        tok = chat.Tokenizer({"tokenizer": "gpt2"})
+    except Exception as e:  # no network and no cached BPE files
+        pytest.skip(f"GPT-2 tokenizer unavailable: {e}")
+    text = "The end.<|endoftext|>A new start."
+    special = tok.encode(text, special=True)
+    assert special == tok.encode("The end.") + [50256] + tok.encode("A new start.") and tok.decode(special) == text
+    plain = tok.encode(text)
+    assert 50256 not in plain and tok.decode(plain) == text and tok.encode(text, special=False) == plain
+    char = char_tokenizer("<|>")  # a character vocabulary has no special ids: the flag changes nothing
+    assert char.encode("a<|endoftext|>", special=True) == char.encode("a<|endoftext|>")
+
+
 def test_generation_stops_at_the_end_marker():
     tok = char_tokenizer()
     script = tok.encode(" A fair answer.\nEND\n\nHuman: and more text the model babbles on with" * 3)
