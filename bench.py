@@ -15,11 +15,9 @@ import itertools
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 import configurator
 import parallel
 from model import GPT, MLP, GPTConfig, load_run
-from moe import MoE
+from moe import MoE, local
 
 # model and batch, as in train.py, whose config files work here (keys bench.py lacks are ignored)
 globals().update(GPTConfig.defaults())
@@ -49,8 +47,7 @@ moe = False
 moe_tokens = 4096
 moe_embd = 256
 moe_hidden = 1024
-# --memory: one step of each parallel.py layout on 2 CPU processes (4 for fsdp+tp), bytes from the local shards;
-# --estimate works them out for `gpus` GPUs instead
+# --memory: one step of each parallel.py layout on 2 CPU processes (4 for fsdp+tp); --estimate: for `gpus` GPUs
 memory = False
 memory_layout = ""          # set for the worker processes bench.py starts itself
 estimate = False
@@ -71,53 +68,48 @@ except configurator.ConfigError as e:
 
 device = parallel.pick_device(device)
 device_type = device.split(":")[0]
-dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32,bfloat16"
 torch.manual_seed(seed)
+config = GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
 
 
 def autocast(dt):
-    return nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=dtypes[dt])
+    return torch.autocast(device_type, dtype=getattr(torch, dt), enabled=dt != "float32")
 
 
 def timed(cases, fn, calls, n_rounds=rounds, skip=0):
     """Median seconds of `calls` calls of fn(case) for each case, over n_rounds rounds after `skip` untimed ones.
     The cases take turns within each round, so that a noisy machine slows them alike."""
     times = [[] for _ in cases]
-    for r in range(skip + n_rounds):
+    for _ in range(skip + n_rounds):
         for case, t in zip(cases, times):
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn(case)
             if device_type == "cuda":
                 torch.cuda.synchronize()
-            if r >= skip:
-                t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
-def model_config():
-    return GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
+            t.append(time.perf_counter() - t0)
+    return [np.median(t[skip:]) for t in times]
 
 
 def bench_throughput():
     compile_modes = compile if isinstance(compile, tuple) else (bool(compile),)  # --compile=False,True is a tuple
+    x = torch.randint(vocab_size, (batch_size, block_size + 1), device=device)  # every variant's batch
     runs = []
     for dt, comp in itertools.product(dtype.split(","), compile_modes):
-        model = GPT(model_config()).to(device)
+        model = GPT(config).to(device)
         opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, optimizer)
-        x = torch.randint(vocab_size, (batch_size, block_size + 1), device=device)
         runs.append(dict(name=f"{dt}{' compiled' if comp else ''}", model=model, opts=opts, ctx=autocast(dt),
-                         fwd=torch.compile(model) if comp else model, dtype=dtypes[dt], x=x[:, :-1], y=x[:, 1:]))
+                         fwd=torch.compile(model) if comp else model, dtype=getattr(torch, dt)))
 
     def step(run):
         with run["ctx"]:
-            _, loss = run["fwd"](run["x"], run["y"])
+            _, loss = run["fwd"](x[:, :-1], x[:, 1:])
         loss.backward()
         for opt in run["opts"]:
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
 
     warmup_s = timed(runs, step, warmup, n_rounds=1)
     times = [t / steps for t in timed(runs, step, steps)]
@@ -128,16 +120,14 @@ def bench_throughput():
     for run, t, w in zip(runs, times, warmup_s):
         peak = parallel.hardware_peak_flops(device_type, run["dtype"], peak_flops)
         mfu = run["model"].flops_per_token(block_size) * tokens / t / peak
-        print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu * 100:>5.1f}% {times[0] / t:>8.2f}x "
-              f"{w:>10.1f}")
+        print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu:>6.1%} {times[0] / t:>8.2f}x {w:>10.1f}")
     print("peak memory:", f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated" if device_type == "cuda"
           else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (process)")
 
 
 def naive_moe(layer, x):
     """The MoE layer as it is usually first written: a Python loop over experts, index_select and index_add."""
-    weight, expert = F.linear(x.float(), layer.router.weight.float()).softmax(-1).topk(layer.top_k, dim=-1)
-    weight = weight / weight.sum(-1, keepdim=True)
+    expert, weight, _ = layer.route(x)  # moe.py's routing: the same experts and weights
     out = torch.zeros_like(x)
     for e in range(layer.n_expert):
         token, slot = (expert == e).nonzero(as_tuple=True)
@@ -149,24 +139,22 @@ def naive_moe(layer, x):
 
 def every_expert_moe(layer, x):
     """Every expert on every token, the unchosen ones weighted by zero: no dispatch, but n_expert/top_k the FLOPs."""
-    probs = F.linear(x.float(), layer.router.weight.float()).softmax(-1)  # bf16 under autocast
-    weight, expert = probs.topk(layer.top_k, dim=-1)
-    gates = torch.zeros_like(probs).scatter(1, expert, weight / weight.sum(-1, keepdim=True))
+    expert, weight, _ = layer.route(x)
+    gates = weight.new_zeros(len(x), layer.n_expert).scatter(1, expert, weight)
     h = F.silu(torch.einsum("nd,edh->enh", x, layer.w1)) * torch.einsum("nd,edh->enh", x, layer.w3)
     return torch.einsum("ne,end->nd", gates.to(h.dtype), torch.einsum("enh,ehd->end", h, layer.w2))
 
 
 def bench_moe():
-    E, k = n_expert or 8, top_k
-    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=moe_embd, n_expert=E, top_k=k, expert_hidden=moe_hidden)
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=moe_embd, n_expert=n_expert or 8, top_k=top_k, expert_hidden=moe_hidden)
     layer = MoE(cfg).to(device)
-    dense = MLP(cfg, hidden=k * moe_hidden).to(device)  # a dense SwiGLU with the FLOPs of top_k experts
+    dense = MLP(cfg, hidden=top_k * moe_hidden).to(device)  # a dense SwiGLU with the FLOPs of top_k experts
     x = torch.randn(moe_tokens, moe_embd, device=device, requires_grad=True)
     grad = torch.randn(moe_tokens, moe_embd, device=device)
     impls = [("moe.py (sorted, grouped GEMM)", lambda: layer(x.view(1, -1, moe_embd)).view(-1, moe_embd)),
              ("naive loop over experts", lambda: naive_moe(layer, x)),
              ("every expert on every token", lambda: every_expert_moe(layer, x)),
-             (f"dense SwiGLU, {k * moe_hidden} wide", lambda: dense(x))]
+             (f"dense SwiGLU, {top_k * moe_hidden} wide", lambda: dense(x))]
     cases = [(name, dt, fn) for dt in dtype.split(",") for name, fn in impls]
 
     def fwd_bwd(case):
@@ -175,39 +163,35 @@ def bench_moe():
         out.backward(grad)
 
     times = {case[:2]: t / steps for case, t in zip(cases, timed(cases, fwd_bwd, steps, skip=warmup))}
-    print(f"MoE layer: {moe_tokens} tokens x {moe_embd} wide, {E} experts of {moe_hidden}, top-{k}, {device}; "
-          f"forward + backward, median of {rounds} rounds x {steps}")
+    print(f"MoE layer: {moe_tokens} tokens x {moe_embd} wide, {cfg.n_expert} experts of {moe_hidden}, top-{top_k}, "
+          f"{device}; forward + backward, median of {rounds} rounds x {steps}")
     print(f"{'implementation':<32} {'dtype':<9} {'ms':>8} {'vs dense':>9}")
     for (name, dt), t in times.items():
         print(f"{name:<32} {dt:<9} {t * 1000:>8.1f} {t / times[impls[-1][0], dt]:>8.2f}x")
 
 
-def bench_memory():
-    """One torchrun per layout, its ranks each reporting the local bytes of params, grads and optimizer state."""
+def bench_memory():  # one torchrun per layout, rank 0 reporting the largest rank's bytes
     with torch.device("meta"):
-        n = GPT(model_config()).num_params(non_embedding=False)
+        n = GPT(config).num_params(non_embedding=False)
     print(f"{n_layer} layers x {n_embd} wide{f', {n_expert} experts' if n_expert else ''}: {n / 1e6:.1f}M parameters, "
           f"fp32 + AdamW; MiB per rank, measured on the CPU (gloo)")
     print(f"{'layout':<10} {'ranks':>5} {'params':>9} {'grads':>9} {'optimizer':>10} {'total':>9} {'vs none':>8}")
     base = None
-    for layout_name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("fsdp+tp", 4)):
+    for name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("fsdp+tp", 4)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-               *sys.argv[1:], f"--memory_layout={layout_name}"]
+               *sys.argv[1:], f"--memory_layout={name}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        line = [l for l in proc.stdout.splitlines() if l.startswith("memory:")]
-        if proc.returncode or not line:
-            print(f"{layout_name:<10} {ranks:>5}  failed: {(proc.stdout + proc.stderr).strip().splitlines()[-1]}")
+        if proc.returncode:
+            print(f"{name:<10} {ranks:>5}  failed: {(proc.stdout + proc.stderr).strip().splitlines()[-1]}")
             continue
-        p, g, o = (float(v) / 2**20 for v in line[0].split()[1:])
+        p, g, o = (float(v) / 2**20 for v in proc.stdout.split()[-3:])  # the worker's last line
         base = base or p + g + o
-        print(f"{layout_name:<10} {ranks:>5} {p:>9.1f} {g:>9.1f} {o:>10.1f} {p + g + o:>9.1f} "
-              f"{(p + g + o) / base:>7.2f}x")
+        print(f"{name:<10} {ranks:>5} {p:>9.1f} {g:>9.1f} {o:>10.1f} {p + g + o:>9.1f} {(p + g + o) / base:>7.2f}x")
 
 
 def memory_worker():
     rank, _, world, _ = parallel.init_distributed("cpu")
-    torch.manual_seed(seed)
-    model = GPT(model_config())
+    model = GPT(config)  # the same seeded weights on every rank
     mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu")
     wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu")
     opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw",
@@ -216,15 +200,13 @@ def memory_worker():
     _, loss = wrapped(x[:, :-1], x[:, 1:])
     (loss + model.moe_loss()).backward()
     opt.step()
-    params = list(model.parameters())
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    sizes = torch.tensor([sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
-                          for tensors in (params, grads, state)], dtype=torch.float64)  # local shards only
-    if world > 1:  # the largest rank is what has to fit
-        torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+    sizes = torch.tensor([sum(local(t).nbytes for t in tensors) for tensors in (model.parameters(), grads, state)],
+                         dtype=torch.float64)  # local shards only
+    torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)  # the largest rank is what has to fit
     if rank == 0:
-        print("memory:", *sizes.tolist())
+        print(*sizes.tolist())
     parallel.teardown()
 
 
@@ -233,25 +215,23 @@ def estimate_memory():
     data-parallel size under FSDP, the blocks' share by tp_size under TP; bf16 activations ~34*s*b*h bytes a layer
     (Korthikanti et al. 2022, no stored attention scores) over tp_size (sequence parallel), with grad_checkpoint
     only each block's 2*s*b*h-byte input plus one block's full activations."""
-    cfg = model_config()
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(config)
     total = model.num_params(non_embedding=False)
     blocks = sum(p.numel() for p in model.transformer.h.parameters())
     s, b, h, L = block_size, batch_size, n_embd, n_layer
-    width = (top_k * cfg.expert_hidden + n_shared_expert * cfg.expert_hidden) if n_expert else cfg.mlp_hidden
+    width = (top_k + n_shared_expert) * config.expert_hidden if n_expert else config.mlp_hidden
     per_layer = s * b * h * 34 * width / (8 / 3 * h)  # 34 is for a 4h GELU MLP: scale by the SwiGLU's real width
+    act = L * 2 * s * b * h + per_layer if grad_checkpoint else L * per_layer  # before TP's split
     print(f"{L} layers x {h} wide{f', {n_expert} experts top-{top_k}' if n_expert else ''}: {total / 1e9:.2f}B "
           f"parameters; {gpus} GPUs, micro-batch {b} x {s}, fp32 weights + AdamW, bf16 activations"
           f"{', grad_checkpoint' if grad_checkpoint else ''}; GiB per GPU")
     print(f"{'layout':<16} {'params':>8} {'grads':>8} {'optimizer':>10} {'activations':>12} {'total':>8}")
-    for name, dp, tp in (("ddp", gpus, 1), ("fsdp", gpus, 1), (f"tp ({gpus})", 1, gpus),
-                         (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size)):
-        weights = ((total - blocks) + blocks / tp) / (dp if "fsdp" in name else 1)
-        act = L * 2 * s * b * h / tp + per_layer / tp if grad_checkpoint else L * per_layer / tp
-        p, g, o = 4 * weights, 4 * weights, 8 * weights
-        print(f"{name:<16} {p / 2**30:>8.2f} {g / 2**30:>8.2f} {o / 2**30:>10.2f} {act / 2**30:>12.2f} "
-              f"{(p + g + o + act) / 2**30:>8.2f}")
+    for name, shards, tp in (("ddp", 1, 1), ("fsdp", gpus, 1), (f"tp ({gpus})", 1, gpus),
+                             (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size)):
+        weights = (total - blocks + blocks / tp) / shards
+        gib = [v / 2**30 for v in (4 * weights, 4 * weights, 8 * weights, act / tp)]
+        print(f"{name:<16}", *(f"{v:>{w}.2f}" for v, w in zip(gib + [sum(gib)], (8, 8, 10, 12, 8))))
 
 
 def bench_dre():
@@ -268,9 +248,8 @@ def bench_dre():
     with open(os.path.join(data_dir, "meta.json")) as f:
         val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=json.load(f).get("dtype", "uint16"), mode="r")
     B, T = run_cfg["batch_size"], cfg.block_size
-    starts = torch.randint(len(val) - T, (dre_eval_batches, B), generator=torch.Generator().manual_seed(seed))
-    batches = [torch.from_numpy(np.stack([val[i:i + T + 1] for i in ix]).astype(np.int64)).to(device)
-               for ix in starts.tolist()]
+    starts = torch.randint(len(val) - T, (dre_eval_batches, B, 1), generator=torch.Generator().manual_seed(seed))
+    batches = torch.from_numpy(val[starts.numpy() + np.arange(T + 1)].astype(np.int64)).to(device)  # (n, B, T + 1)
     prompt = torch.from_numpy(val[:32].astype(np.int64))[None].to(device)
     dt, S = dtype.split(",")[0], cfg.max_reasoning_steps
     settings = [(f"{r} step{'s' * (r > 1)}", r, 0.0) for r in range(1, S + 1)]
@@ -292,9 +271,8 @@ def bench_dre():
                 losses.append(loss.item())
             rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics())
         gen_s = timed(settings, generate, 1, skip=1)
-    print(f"DRE checkpoint {path}: {cfg.n_prelude} prelude + {cfg.n_layer - cfg.n_prelude - cfg.n_coda} core + "
-          f"{cfg.n_coda} coda blocks, {cfg.n_embd} wide, trained with mean {cfg.dre_mean_steps:g} core steps; "
-          f"{device}, {dt}")
+    print(f"DRE checkpoint {path}: {cfg.n_prelude} prelude + {recur.n_core} core + {cfg.n_coda} coda blocks, "
+          f"{cfg.n_embd} wide, trained with mean {cfg.dre_mean_steps:g} core steps; {device}, {dt}")
     print(f"val: {dre_eval_batches} batches of {B} x {T} tokens. generation: batch 1, {dre_new_tokens} tokens after a "
           f"32-token prompt, median of {rounds} rounds")
     print(f"{'core steps':<16} {'val loss':>9} {'vs max':>7} {'steps/token':>12} {'core compute':>13} "

@@ -48,7 +48,7 @@ def read_text(path):
         return f.read()
 
 
-def test_char_prepare_round_trips(char_data):  # conftest's fixture runs data/shakespeare_char/prepare.py
+def test_char_prepare_decodes_back_to_the_text(char_data):  # conftest's fixture runs data/shakespeare_char/prepare.py
     meta, train, val = load(char_data / "data" / "shakespeare_char")
     text = read_text(SHAKESPEARE)
     assert meta["vocab_size"] == len(meta["chars"]) == len(set(text))
@@ -57,7 +57,7 @@ def test_char_prepare_round_trips(char_data):  # conftest's fixture runs data/sh
 
 
 @needs_shakespeare
-def test_bpe_prepare_round_trips(tmp_path, enc):
+def test_bpe_prepare_decodes_back_to_the_text(tmp_path, enc):
     meta, train, val = load(prepare_copy(tmp_path, "shakespeare"))
     assert meta == {"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2", "eot_id": 50256}
     text = read_text(SHAKESPEARE)
@@ -80,7 +80,7 @@ def documents(tokens, eot):
     return docs
 
 
-def test_text_prepare_folder_and_jsonl(tmp_path, enc):
+def test_text_prepare_reads_folders_and_jsonl_one_separator_per_document(tmp_path, enc):
     corpus = tmp_path / "corpus"
     (corpus / "b" / "deeper").mkdir(parents=True)
     (corpus / ".hidden").mkdir()
@@ -148,7 +148,7 @@ def test_text_prepare_large_file_gives_the_tokens_of_the_whole(tmp_path, enc):
 
 
 @pytest.mark.parametrize("case", ["bad_json", "no_text_field", "missing_path", "no_text"])
-def test_text_prepare_clear_errors(tmp_path, case):
+def test_text_prepare_bad_input_is_one_clear_error(tmp_path, case):
     good = json.dumps({"text": "fine"})
     lines = {"bad_json": [good, good, '{"text": "unterminated'], "no_text_field": [good, good, '{"txt": "x"}']}
     out = tmp_path / "out"
@@ -213,25 +213,25 @@ def train_runs(tmp_path_factory):
     return {name: (p.returncode, outputs[name]) for name, p in procs.items()}
 
 
-def test_train_missing_dataset(train_runs):
+def test_train_without_token_files_names_the_prepare_script(train_runs):
     code, output = train_runs["missing_dataset"]
     assert code != 0 and "prepare.py" in output and "no_such_dataset" in output
     assert "Traceback" not in output
 
 
-def test_train_token_out_of_vocab(train_runs):
+def test_train_refuses_token_ids_outside_the_vocabulary(train_runs):
     code, output = train_runs["bad_ids"]
     assert code != 0 and "out of range" in output and "4321" in output
     assert "Traceback" not in output
 
 
-def test_train_bad_dtype(train_runs):
+def test_train_refuses_an_unknown_dtype(train_runs):
     code, output = train_runs["bad_dtype"]
     assert code != 0 and "dtype" in output and "float8" in output
     assert "Traceback" not in output
 
 
-def test_train_misspelt_key(train_runs):
+def test_train_names_the_closest_key_to_a_misspelt_one(train_runs):
     code, output = train_runs["misspelt_key"]
     assert code != 0 and "learnin_rate" in output and "did you mean 'learning_rate'" in output
     assert "Traceback" not in output

@@ -16,7 +16,6 @@ train.py needs more than block_size tokens in each file. Writes train.bin / val.
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from array import array
@@ -43,11 +42,8 @@ sources = []
 for path in args.inputs:
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} does not exist")
-    if not os.path.isdir(path):
-        sources.append(path)
-        continue
-    found = []
-    for root, dirs, files in os.walk(path):
+    found = [] if os.path.isdir(path) else [path]
+    for root, dirs, files in os.walk(path):  # nothing for a file
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found += [os.path.join(root, f) for f in files if f.endswith((".txt", ".md")) and not f.startswith(".")]
     if not found:
@@ -113,35 +109,35 @@ train_path, val_path = os.path.join(args.out_dir, "train.bin"), os.path.join(arg
 # failed or interrupted run from leaving files that look like a finished dataset.
 tmp_train, tmp_val = train_path + ".tmp", val_path + ".tmp"
 doc_starts = array("q")  # token offset of each document after the first: the candidate split points
-n_docs, n_tokens, t0 = 0, 0, time.time()
+n_tokens, t0 = 0, time.time()
 
 
-def write(batch, out):
-    global n_docs, n_tokens
-    ids = []
-    for (_, starts), tokens in zip(batch, enc.encode_ordinary_batch([text for text, _ in batch])):
-        if starts:
-            if n_docs:
-                ids.append(enc.eot_token)
-                doc_starts.append(n_tokens + len(ids))
-            n_docs += 1
-        ids += tokens
-    np.array(ids, dtype=dtype).tofile(out)
-    n_tokens += len(ids)
-    print(f"\r{n_docs:,} documents, {n_tokens:,} tokens, {time.time() - t0:.0f} s", end="", file=sys.stderr)
+def batches():
+    """documents() in lists of about BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for text, starts in documents():
+        batch.append((text, starts))
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 try:
     with open(tmp_train, "wb") as out:
-        batch, batch_chars = [], 0
-        for text, starts in documents():
-            batch.append((text, starts))
-            batch_chars += len(text)
-            if batch_chars >= BATCH_CHARS:
-                write(batch, out)
-                batch, batch_chars = [], 0
-        if batch:
-            write(batch, out)
+        for batch in batches():
+            ids = []
+            for (_, starts), tokens in zip(batch, enc.encode_ordinary_batch([text for text, _ in batch])):
+                if starts and (n_tokens or ids):  # an end-of-text before each document but the first
+                    ids.append(enc.eot_token)
+                    doc_starts.append(n_tokens + len(ids))
+                ids += tokens
+            np.array(ids, dtype=dtype).tofile(out)
+            n_tokens += len(ids)
+            print(f"\r{len(doc_starts) + 1:,} documents, {n_tokens:,} tokens, {time.time() - t0:.0f} s", end="",
+                  file=sys.stderr)
     if n_tokens == 0:
         raise SystemExit(f"error: no text found in {' '.join(args.inputs)}")
     if n_tokens < 2:
@@ -154,14 +150,12 @@ try:
     if best is not None and want / 2 <= n_tokens - best <= 2 * want:
         split, how = best, "at a document boundary"
 
-    with open(tmp_train, "rb") as src, open(tmp_val, "wb") as out:
-        src.seek(split * dtype.itemsize)
-        shutil.copyfileobj(src, out)
+    np.memmap(tmp_train, dtype, "r", offset=split * dtype.itemsize).tofile(tmp_val)  # the tail, via a memory map
     os.truncate(tmp_train, split * dtype.itemsize)
     os.replace(tmp_train, train_path)
     os.replace(tmp_val, val_path)
 finally:
-    if n_docs:
+    if n_tokens:
         print(file=sys.stderr)  # end the progress line, before any error message
     for path in (tmp_train, tmp_val):
         if os.path.exists(path):
@@ -169,5 +163,5 @@ finally:
 
 with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
     json.dump(dict(vocab_size=enc.n_vocab, dtype=dtype.name, tokenizer=args.tokenizer, eot_id=enc.eot_token), f)
-print(f"{n_docs:,} documents, {n_tokens:,} tokens ({args.tokenizer}, vocab {enc.n_vocab}, {dtype.name}): "
+print(f"{len(doc_starts) + 1:,} documents, {n_tokens:,} tokens ({args.tokenizer}, vocab {enc.n_vocab}, {dtype.name}): "
       f"train {split:,} tokens, val {n_tokens - split:,} tokens, split {how}; written to {args.out_dir}")
