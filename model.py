@@ -115,7 +115,8 @@ class GPTConfig:
     @classmethod
     def from_settings(cls, settings, **overrides):
         """The config from those of a dict's keys that are fields (a script's settings), then the overrides."""
-        return cls(**{**{k: v for k, v in settings.items() if k in cls.defaults()}, **overrides})
+        names = cls.defaults()
+        return cls(**{**{k: v for k, v in settings.items() if k in names}, **overrides})
 
 
 class RMSNorm(nn.Module):

@@ -148,12 +148,17 @@ def test_chat_template_trains_only_the_last_reply_and_refuses_markers_and_unknow
     assert chat.clean_reply("Fine.\n\nHuman: and you?") == "Fine."
 
 
-def test_chat_template_on_gpt2_keeps_a_literal_endoftext_as_text():
+@pytest.fixture(scope="module")
+def gpt2_tok():
     pytest.importorskip("tiktoken")
     try:
-        tok = chat.Tokenizer({"tokenizer": "gpt2"})
+        return chat.Tokenizer({"tokenizer": "gpt2"})
     except Exception as e:  # no network and no cached BPE files
         pytest.skip(f"GPT-2 tokenizer unavailable: {e}")
+
+
+def test_chat_template_on_gpt2_keeps_a_literal_endoftext_as_text(gpt2_tok):
+    tok = gpt2_tok
     ids, mask = chat.encode_chat(tok, "Is <|endoftext|> special?", "Not here.")
     first = mask.index(1)
     assert tok.decode(ids[:first]) == "Human: Is <|endoftext|> special?\n\nAssistant:"
@@ -161,12 +166,8 @@ def test_chat_template_on_gpt2_keeps_a_literal_endoftext_as_text():
     assert 50256 not in ids  # the literal text is not the end-of-text token
 
 
-def test_gpt2_encodes_a_literal_endoftext_as_the_token_only_with_special():
-    pytest.importorskip("tiktoken")
-    try:
-        tok = chat.Tokenizer({"tokenizer": "gpt2"})
-    except Exception as e:  # no network and no cached BPE files
-        pytest.skip(f"GPT-2 tokenizer unavailable: {e}")
+def test_gpt2_encodes_a_literal_endoftext_as_the_token_only_with_special(gpt2_tok):
+    tok = gpt2_tok
     text = "The end.<|endoftext|>A new start."
     special = tok.encode(text, special=True)
     assert special == tok.encode("The end.") + [50256] + tok.encode("A new start.") and tok.decode(special) == text
