@@ -80,6 +80,18 @@ def clean_reply(text):
     return text[:cut].strip()
 
 
+def partial_reply(text):
+    """The start of a reply still being generated that clean_reply will keep whatever follows (serve.py streams it):
+    it holds back a tail that may begin a marker, trailing space and a half-decoded UTF-8 character (U+FFFD)."""
+    if any(m in text for m in MARKERS):
+        return clean_reply(text)
+    for n in range(min(len(text), max(map(len, MARKERS))), 0, -1):
+        if any(m.startswith(text[-n:]) for m in MARKERS):
+            text = text[:-n]
+            break
+    return text.rstrip("\ufffd").strip()
+
+
 def read_jsonl(path, fields):
     """(line number, record) of each JSONL line, all checked before any is used: objects with string `fields`."""
     try:

@@ -364,11 +364,13 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, observe=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, observe=None,
+                 stop=None):
         """Continues idx (B, T) by max_new_tokens tokens. With the KV cache each new token costs one position's
         forward. When the context window is full the cache restarts from the newest half of it, so the context a
         token sees stays between block_size/2 and block_size tokens while the re-encoding cost is amortised.
-        observe(logits (B, 1, vocab), next_ids (B, 1)) is called for each new token (sample.py: DRE metrics)."""
+        observe(logits (B, 1, vocab), next_ids (B, 1)) is called for each new token (sample.py: DRE metrics);
+        stop(idx) after each, and a true result ends generation early (the chat template's END, serve.py's stream)."""
         block_size, caches = self.config.block_size, None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -385,6 +387,8 @@ class GPT(nn.Module):
             if observe is not None:
                 observe(logits[:, None], idx_next)
             idx = torch.cat((idx, idx_next), dim=1)
+            if stop is not None and stop(idx):
+                break
         return idx
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw", impl=None):

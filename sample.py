@@ -48,12 +48,13 @@ ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)
 
-meta = {"tokenizer": "gpt2"}
+meta, chat_tuned = {"tokenizer": "gpt2"}, False
 if init_from == "resume":
     try:
         model, run_config = load_run(out_dir)
     except FileNotFoundError as e:
         sys.exit(f"error: {e} (or pass --init_from=gpt2)")
+    chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
     meta_path = os.path.join("data", run_config["dataset"], "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -83,17 +84,18 @@ try:
 except ValueError as e:
     sys.exit(f"error: the prompt has {e}")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+stop = (lambda idx: chat.END in tokenizer.decode(idx[0, x.size(1):].tolist())) if chat_tuned else None
 
 new_tokens, seconds = 0, 0.0
 with torch.no_grad(), autocast:
     for _ in range(num_samples):
         t0 = time.perf_counter()
         y = raw_model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                               observe=observe)
+                               observe=observe, stop=stop)
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
-        new_tokens += max_new_tokens
+        new_tokens += y.size(1) - x.size(1)
         print(tokenizer.decode(y[0].tolist()))
         print("---------------")
 print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:,.0f} tokens/s "

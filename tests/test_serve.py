@@ -1,0 +1,262 @@
+"""serve.py through a real HTTP client (and headless Chromium where installed), and sample.py, on tiny checkpoints
+made here: a chat-tuned one that has learnt to answer "hi" with "ok" and END, and an untrained one."""
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import chat
+from conftest import ROOT
+from model import GPT, GPTConfig, load_run
+
+CHARS = "\n !,.:?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(CHARS))
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+BASE_TOKEN_LIMIT = 20000
+tokenizer = chat.Tokenizer({"tokenizer": "char", "chars": CHARS})
+
+
+def save_run(path, model, mode):
+    path.mkdir()
+    torch.save({"model": model.state_dict(), "model_args": TINY, "config": {"dataset": "tiny", "mode": mode}},
+               path / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """data/tiny/meta.json; chat/: a model trained on one chat turn (mode 'sft'); base/: an untrained one."""
+    work = tmp_path_factory.mktemp("serve")
+    (work / "data" / "tiny").mkdir(parents=True)
+    (work / "data" / "tiny" / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": CHARS,
+                                                                  "vocab_size": len(CHARS)}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model trains fastest on one thread
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    turns = torch.tensor(tokenizer.encode("Human: hi\n\nAssistant: ok\nEND\n\n") * 2)
+    x, y = turns[None, :32], turns[None, 1:33]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    save_run(work / "chat", model, "sft")
+    save_run(work / "base", GPT(GPTConfig(**TINY)), "pretrain")
+    return work
+
+
+def greedy(work, run, ids, n):
+    """The reference: the checkpoint's greedy continuation of ids, decoded, straight from model.generate."""
+    model = load_run(work / run)[0]
+    return tokenizer.decode(model.generate(torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist())
+
+
+def start_server(work, run, *args):
+    log = open(work / f"{run}.log", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={run}", "--port=0",
+                             "--device=cpu", *args], cwd=work, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=log,
+                            text=True)
+    line = proc.stdout.readline()
+    assert "serving" in line, (work / f"{run}.log").read_text()
+    return proc, int(line.rsplit(":", 1)[1]), work / f"{run}.log"
+
+
+@pytest.fixture(scope="module")
+def chat_server(work):
+    proc, port, log = start_server(work, "chat", "--token_limit=64", "--prompt_limit=100")
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def base_server(work):
+    proc, port, log = start_server(work, "base", f"--token_limit={BASE_TOKEN_LIMIT}", "--busy_wait=0")
+    yield port, log
+    proc.terminate()
+    proc.wait(10)
+
+
+def request(port, method="POST", path="/api/generate", body=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, body=raw if raw is not None else json.dumps(body) if body is not None else None)
+    resp = conn.getresponse()
+    data = resp.read().decode()
+    conn.close()
+    return resp.status, json.loads(data) if resp.headers["Content-Type"].startswith("application/json") else data
+
+
+def stream(port, body):
+    """The events of a streamed request, each read off the connection as it comes."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/api/generate", body=json.dumps({**body, "stream": True}))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["Transfer-Encoding"] == "chunked"
+    events = [json.loads(line[len("data: "):]) for line in iter(resp.readline, b"") if line.startswith(b"data: ")]
+    conn.close()
+    return events
+
+
+# -----------------------------------------------------------------------------
+# the chat template, streamed
+
+@pytest.mark.parametrize("text", [" ok\nEND\n\nHuman: hi", "  two words \n", "a line\nEN", "x\n\nHuman: y",
+                                  "caf\ufffd", " almost\nEN\nEND", "Assist", "\n\nAssistant: again"])
+def test_partial_reply_only_shows_what_clean_reply_keeps(text):
+    final = chat.clean_reply(text)
+    shown = [chat.partial_reply(text[:i]) for i in range(len(text) + 1)]
+    assert all(final.startswith(s) for s in shown)
+    assert all(a == b[:len(a)] for a, b in zip(shown, shown[1:]))  # it only grows
+    assert chat.partial_reply(text) == final or not any(m in text for m in chat.MARKERS)
+
+
+def test_partial_reply_holds_back_a_marker_start():
+    assert chat.partial_reply(" ok\nEN") == "ok"
+    assert chat.partial_reply(" ok then\nHum") == "ok then"
+    assert chat.partial_reply(" ok\nEND more") == "ok"
+
+
+# -----------------------------------------------------------------------------
+# sample.py and serve.py stop at END
+
+def test_sample_stops_at_end_for_a_chat_tuned_model(work):
+    reference = greedy(work, "chat", chat.encode_chat(tokenizer, "hi")[0], 40)
+    n = next(k for k in range(1, 41) if chat.END in reference[:k])  # a character per token
+    assert reference[:n] == " ok\nEND"  # the fixture's model has learnt its turn
+    (work / "prompt.txt").write_text("Human: hi\n\nAssistant:")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir=chat", "--device=cpu",
+                           "--start=FILE:prompt.txt", "--temperature=0", "--num_samples=1", "--max_new_tokens=40"],
+                          cwd=work, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("Human: hi\n\nAssistant: ok\nEND\n---")
+    assert f"{n} tokens in" in proc.stdout
+
+
+def test_chat_reply_is_the_greedy_generation_up_to_end(work, chat_server):
+    reference = chat.clean_reply(greedy(work, "chat", chat.encode_chat(tokenizer, "hi")[0], 40))
+    status, answer = request(chat_server, body={"prompt": "hi", "temperature": 0, "max_new_tokens": 40})
+    assert status == 200
+    assert answer["text"] == reference == "ok"
+    assert answer["stopped"] == "end" and answer["tokens"] == len(" ok\nEND")
+    events = stream(chat_server, {"prompt": "hi", "temperature": 0, "max_new_tokens": 40})
+    assert "".join(e["text"] for e in events[:-1]) == "ok" and events[-1]["done"]
+    assert {**events[-1], "seconds": 0} == {**answer, "done": True, "seconds": 0}
+
+
+def test_continuation_streams_token_by_token_and_matches_the_json_answer(work, base_server):
+    port, _ = base_server
+    body = {"prompt": "ROMEO:", "mode": "continue", "temperature": 0, "max_new_tokens": 20}
+    reference = greedy(work, "base", tokenizer.encode("ROMEO:"), 20)
+    status, answer = request(port, body=body)
+    assert status == 200 and answer["text"] == reference
+    assert answer["stopped"] == "length" and answer["tokens"] == 20
+    events = stream(port, body)
+    pieces = [e["text"] for e in events[:-1]]
+    assert len(pieces) >= 10  # characters come one token at a time (a held-back U+FFFD aside, none here)
+    assert "".join(pieces) == reference == events[-1]["text"]
+
+
+def test_history_is_part_of_the_chat_context(work, chat_server):
+    history = [["hi", "ok"]]
+    ids = chat.encode_chat(tokenizer, "hi", history=[("hi", "ok")])[0]
+    reference = chat.clean_reply(greedy(work, "chat", ids, 30))
+    status, answer = request(chat_server, body={"prompt": "hi", "history": history, "temperature": 0,
+                                                "max_new_tokens": 30})
+    assert status == 200 and answer["text"] == reference
+
+
+# -----------------------------------------------------------------------------
+# the page and bad requests
+
+def test_page_is_served(chat_server):
+    status, page = request(chat_server, "GET", "/")
+    assert status == 200 and "<textarea" in page and "/api/generate" in page
+    assert '"chat": true' in page and '"token_limit": 64' in page
+    assert request(chat_server, "GET", "/nowhere")[0] == 404
+    assert request(chat_server, "POST", "/", body={})[0] == 405
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("not json", "the body is not JSON"),
+    ("[1, 2]", "expected a JSON object, got a list"),
+    ('{"text": "hi"}', "unknown field 'text'"),
+    ("{}", "the field 'prompt' is required"),
+    ('{"prompt": 3}', "'prompt' must be a string, got a number"),
+    ('{"prompt": "hi", "max_new_tokens": "5"}', "'max_new_tokens' must be an integer, got a string"),
+    ('{"prompt": "hi", "max_new_tokens": true}', "'max_new_tokens' must be an integer, got a boolean"),
+    ('{"prompt": "hi", "mode": "poem"}', "'mode' must be 'chat' or 'continue'"),
+    ('{"prompt": "hi", "history": [["a"]]}', "'history' must be a list of [prompt, reply] pairs"),
+    ('{"prompt": "hi", "temperature": -1}', "'temperature' must be 0 (greedy) or more"),
+    ('{"prompt": "hi", "temperature": NaN}', "'temperature' must be 0 (greedy) or more"),
+    ('{"prompt": "hi", "top_p": 0}', "'top_p' must be above 0"),
+    ('{"prompt": "Human: hi"}', "the prompt contains the chat marker 'Human:'"),
+    ('{"prompt": "hi \\u20ac", "mode": "continue"}', "the prompt has characters outside the"),
+    ('{"prompt": "hi", "max_new_tokens": 65}', "'max_new_tokens' must be from 1 to 64 (the server's token_limit)"),
+    ('{"prompt": "hi", "max_new_tokens": 0}', "'max_new_tokens' must be from 1 to 64"),
+    (json.dumps({"prompt": "h" * 60, "history": [["h" * 30, "o" * 11]]}),
+     "the prompt and history hold 101 characters, more than the server's prompt_limit of 100"),
+])
+def test_malformed_or_over_the_limits_gets_400_with_the_reason(chat_server, raw, message):
+    status, answer = request(chat_server, raw=raw)
+    assert status == 400 and message in answer["error"]
+
+
+def test_a_body_too_long_for_the_prompt_limit_is_refused_unread(chat_server):
+    status, answer = request(chat_server, raw=json.dumps({"prompt": "h" * 10000}))
+    assert status == 413 and "prompt_limit of 100" in answer["error"]
+    assert request(chat_server, "GET", "/")[0] == 200  # still serving
+
+
+# -----------------------------------------------------------------------------
+# one generation at a time, and a client that leaves
+
+def test_busy_gets_503_and_a_client_leaving_mid_stream_frees_the_model(base_server):
+    port, log = base_server
+    body = json.dumps({"prompt": "hi", "mode": "continue", "max_new_tokens": BASE_TOKEN_LIMIT, "stream": True})
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    received = b""
+    while b"data: " not in received:
+        received += sock.recv(4096)
+    status, answer = request(port, body={"prompt": "hi", "mode": "continue", "max_new_tokens": 5})
+    assert status == 503 and "busy" in answer["error"]  # busy_wait=0: refused at once
+    sock.close()  # mid-stream
+    deadline = time.monotonic() + 60
+    while "client went away" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(l for l in log.read_text().splitlines() if "client went away" in l)
+    assert int(line.split("after ")[1].split()[0]) < BASE_TOKEN_LIMIT  # stopped, not run to the end
+    status, answer = request(port, body={"prompt": "hi", "mode": "continue", "max_new_tokens": 5})
+    assert status == 200 and answer["tokens"] == 5
+
+
+def test_serve_without_a_checkpoint_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tmp_path}", "--port=0"],
+                          capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/ckpt.pt not found")
+
+
+# -----------------------------------------------------------------------------
+# a real browser
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed (apt-get install chromium)")
+def test_the_page_answers_in_headless_chromium(work, chat_server, tmp_path):
+    # the page reads ?prompt=... and sends it on load; the budget lets its script run to the end of the stream
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                           f"--user-data-dir={tmp_path}", "--dump-dom",
+                           f"http://127.0.0.1:{chat_server}/?prompt=hi&temperature=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '<div class="turn human">hi</div>' in proc.stdout
+    assert '<div class="turn model" data-done="true">ok<div class="meta">7 tokens in' in proc.stdout
