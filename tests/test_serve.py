@@ -258,5 +258,6 @@ def test_the_page_answers_in_headless_chromium(work, chat_server, tmp_path):
                            f"http://127.0.0.1:{chat_server}/?prompt=hi&temperature=0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert '<div class="turn human">hi</div>' in proc.stdout
-    assert '<div class="turn model" data-done="true">ok<div class="meta">7 tokens in' in proc.stdout
+    log = proc.stdout[proc.stdout.find("<div id=\"log\">"):][:300]
+    assert '<div class="turn human">hi</div>' in log, log
+    assert '<div class="turn model" data-done="true">ok<div class="meta">7 tokens in' in log, log
