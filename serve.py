@@ -143,15 +143,17 @@ def complete(r, emit):
     An OSError from emit (the client went away) ends the generation at that token, as "stopped": 'disconnected'."""
     ids, chat_mode, state = r["ids"], r["mode"] == "chat", {"stopped": "length", "sent": ""}
 
-    def text_of(idx):
+    def decoded(idx):
+        """The text generated so far and whether it has ended: a chat reply at any marker, the continuation of a
+        chat-tuned model at END (kept, as sample.py prints it)."""
         text = tokenizer.decode(idx[0, len(ids):].tolist())
-        end = text.find(chat.END)
-        if chat_mode or not chat_tuned or end < 0:
-            return text, chat_mode and any(m in text for m in chat.MARKERS)
-        return text[:end + len(chat.END)], True  # a chat-tuned model's continuation ends with its END
+        if chat_mode:
+            return text, any(m in text for m in chat.MARKERS)
+        end = text.find(chat.END) if chat_tuned else -1
+        return (text, False) if end < 0 else (text[:end + len(chat.END)], True)
 
     def step(idx):  # generate's stop(): send the new text, and end at the reply's end or the client's
-        text, ended = text_of(idx)
+        text, ended = decoded(idx)
         shown = chat.partial_reply(text) if chat_mode else text.rstrip("\ufffd")  # U+FFFD: a half-decoded character
         try:
             if len(shown) > len(state["sent"]):
@@ -169,7 +171,7 @@ def complete(r, emit):
     with torch.no_grad(), autocast:
         y = model.generate(x, r["max_new_tokens"], temperature=r["temperature"], top_k=r["top_k"] or None,
                            top_p=r["top_p"], stop=step)
-    text = text_of(y)[0]
+    text = decoded(y)[0]
     text = chat.clean_reply(text) if chat_mode else text
     if state["stopped"] != "disconnected" and len(text) > len(state["sent"]):
         try:
@@ -204,17 +206,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         if self.path != "/api/generate":
-            self.close_connection = True  # its body is not read
-        if self.path == "/":
-            return self.send(405, {"error": "POST to /api/generate; / is the page (GET)"}, headers=[("Allow", "GET")])
-        if self.path != "/api/generate":
-            return self.send(404, {"error": f"nothing at {self.path}: the API is POST /api/generate"})
+            self.close_connection = True  # its body is left unread
+            status, what = (405, "/ is the page (GET)") if self.path == "/" else (404, f"nothing at {self.path}")
+            return self.send(status, {"error": f"{what}; the API is POST /api/generate"})
         try:
             r = parse_request(self.read_body())
         except BadRequest as e:
             return self.send(e.status, {"error": str(e)})
         if not lock.acquire(timeout=busy_wait):
-            return self.send(503, {"error": f"busy: another generation has run for over {busy_wait:g} s; retry"},
+            return self.send(503, {"error": f"busy: another generation is running (waited {busy_wait:g} s); retry"},
                              headers=[("Retry-After", "5")])
         try:
             answer = self.stream(r) if r["stream"] else complete(r, emit=lambda piece: None)
