@@ -130,6 +130,14 @@ def test_partial_reply_holds_back_a_marker_start():
 # -----------------------------------------------------------------------------
 # sample.py and serve.py stop at END
 
+def test_generate_stop_ends_early_on_the_same_tokens(work):
+    model, x = load_run(work / "base")[0], torch.tensor([tokenizer.encode("hi")])
+    full = model.generate(x, 12, temperature=0)
+    seen = []
+    stopped = model.generate(x, 12, temperature=0, stop=lambda idx: seen.append(idx.size(1)) or idx.size(1) == 7)
+    assert torch.equal(stopped, full[:, :7]) and seen == [3, 4, 5, 6, 7]  # called after each token, until true
+
+
 def test_sample_stops_at_end_for_a_chat_tuned_model(work):
     reference = greedy(work, "chat", chat.encode_chat(tokenizer, "hi")[0], 40)
     n = next(k for k in range(1, 41) if chat.END in reference[:k])  # a character per token
