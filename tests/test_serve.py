@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from model import GPT, GPTConfig, load_run
 CHARS = "\n !,.:?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(CHARS))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-BASE_TOKEN_LIMIT = 20000
+BASE_TOKEN_LIMIT = 100000  # a stream this long lasts well over busy_wait (2 s) on any CPU
 tokenizer = chat.Tokenizer({"tokenizer": "char", "chars": CHARS})
 
 
@@ -81,7 +82,7 @@ def chat_server(work):
 
 @pytest.fixture(scope="module")
 def base_server(work):
-    proc, port, log = start_server(work, "base", f"--token_limit={BASE_TOKEN_LIMIT}", "--busy_wait=0")
+    proc, port, log = start_server(work, "base", f"--token_limit={BASE_TOKEN_LIMIT}", "--busy_wait=2")
     yield port, log
     proc.terminate()
     proc.wait(10)
@@ -229,24 +230,30 @@ def test_a_body_too_long_for_the_prompt_limit_is_refused_unread(chat_server):
 # -----------------------------------------------------------------------------
 # one generation at a time, and a client that leaves
 
-def test_busy_gets_503_and_a_client_leaving_mid_stream_frees_the_model(base_server):
+def test_busy_waits_then_503_and_a_client_leaving_mid_stream_frees_the_model(base_server):
     port, log = base_server
+    short = {"prompt": "hi", "mode": "continue", "max_new_tokens": 5}
     body = json.dumps({"prompt": "hi", "mode": "continue", "max_new_tokens": BASE_TOKEN_LIMIT, "stream": True})
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     sock.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
     received = b""
     while b"data: " not in received:
         received += sock.recv(4096)
-    status, answer = request(port, body={"prompt": "hi", "mode": "continue", "max_new_tokens": 5})
-    assert status == 503 and "busy" in answer["error"]  # busy_wait=0: refused at once
+    t0 = time.monotonic()
+    status, answer = request(port, body=short)
+    assert status == 503 and "busy" in answer["error"] and time.monotonic() - t0 >= 2  # waited busy_wait, then 503
+    waiting = []
+    thread = threading.Thread(target=lambda: waiting.append(request(port, body=short)))
+    thread.start()
+    time.sleep(0.5)  # the second request is now waiting for the model
     sock.close()  # mid-stream
-    deadline = time.monotonic() + 60
+    thread.join(60)
+    assert waiting[0][0] == 200 and waiting[0][1]["tokens"] == 5  # it got the model once the stream stopped
+    deadline = time.monotonic() + 30  # the stream's handler logs after it lets the model go
     while "client went away" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     line = next(l for l in log.read_text().splitlines() if "client went away" in l)
     assert int(line.split("after ")[1].split()[0]) < BASE_TOKEN_LIMIT  # stopped, not run to the end
-    status, answer = request(port, body={"prompt": "hi", "mode": "continue", "max_new_tokens": 5})
-    assert status == 200 and answer["tokens"] == 5
 
 
 def test_serve_without_a_checkpoint_says_so(tmp_path):
