@@ -177,12 +177,12 @@ for split in bin_splits:
         sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens")
 val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
 if mode == "pretrain":
-    try:  # measured on (up to 4M tokens of) val.bin, decoded by the data's tokenizer
+    try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
         val_bytes_per_token = convert.bytes_per_token(
-            chat.Tokenizer({"tokenizer": init_from} if init_from.startswith("hf:") else meta),
-            np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
+            chat.Tokenizer(meta), np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
     except (ImportError, ValueError, OSError) as e:  # e.g. tiktoken offline without its files: no bpb, no stop
-        print(f"note: no bits per byte in evaluations, the tokenizer did not load ({e})")
+        if master:
+            print(f"note: no bits per byte in evaluations, the tokenizer did not load ({e})")
 
 
 def check_token_range(tokens, where):
