@@ -144,24 +144,21 @@ def hf_config(c, n_vocab):
     return arch, out
 
 
-# nanothink name -> Hugging Face name inside layer i ("{}"), for the Llama family and for GPT-2
+# nanothink name -> Hugging Face name inside a layer, for the Llama family
 LLAMA_NAMES = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
                "attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
                "attn.c_proj": "self_attn.o_proj", "attn.q_norm.weight": "self_attn.q_norm.weight",
                "attn.k_norm.weight": "self_attn.k_norm.weight", "mlp.c_gate": "mlp.gate_proj",
                "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj",
                "mlp.router.weight": "block_sparse_moe.gate.weight"}
-GPT2_NAMES = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "mlp.c_fc",
-              "mlp.c_proj": "mlp.c_proj"}
+GPT2_PARTS = ("ln_1", "ln_2", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # same names, Conv1D weights (in, out)
 
 
-def rename(name, table, layer_prefix):
-    """transformer.h.{i}.{rest} -> {layer_prefix}{i}.{table[rest] with its .weight/.bias suffix}."""
+def llama_name(name):
+    """transformer.h.{i}.{ours}{suffix} -> model.layers.{i}.{LLAMA_NAMES[ours]}{suffix}."""
     i, rest = name[len("transformer.h."):].split(".", 1)
-    for ours, theirs in table.items():
-        if rest == ours or rest.startswith(ours + "."):
-            return f"{layer_prefix}{i}.{theirs}{rest[len(ours):]}"
-    raise KeyError(name)
+    ours = next(k for k in LLAMA_NAMES if rest == k or rest.startswith(k + "."))
+    return f"model.layers.{i}.{LLAMA_NAMES[ours]}{rest[len(ours):]}"
 
 
 def to_hf_weights(config, weights, n_vocab):
@@ -193,7 +190,7 @@ def to_hf_weights(config, weights, n_vocab):
             for e, expert in enumerate(w.pop(name)):  # ours is (in, out) per expert, nn.Linear's is (out, in)
                 out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight"] = expert.t()
         for name in [k for k in w if k.startswith("transformer.h.")]:
-            out[rename(name, LLAMA_NAMES, "model.layers.")] = w.pop(name)
+            out[llama_name(name)] = w.pop(name)
     head = w.pop("lm_head.weight")
     if not config.tie_embeddings:
         out["lm_head.weight"] = head[:n_vocab]
@@ -249,11 +246,12 @@ def build_tokenizer(meta):
 
 
 def write_tokenizer(meta, hf_dir):
-    """Tokenizer files AutoTokenizer loads; returns the special token ids for config.json."""
+    """Tokenizer files AutoTokenizer loads; returns the special token ids for config.json, None where there is
+    none (stated, since a missing one means Llama's defaults, 1 and 2: "!" would end every generation)."""
     if meta["tokenizer"].startswith("hf:"):  # a run fine-tuned from a Hugging Face folder keeps its tokenizer
         tok = hf_tokenizer(meta["tokenizer"][3:])
         tok.save_pretrained(hf_dir)
-        return {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id") if getattr(tok, k) is not None}
+        return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     tok, specials = build_tokenizer(meta)
     tok.save(os.path.join(hf_dir, "tokenizer.json"))
     with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
@@ -261,7 +259,7 @@ def write_tokenizer(meta, hf_dir):
                    "clean_up_tokenization_spaces": False, "model_max_length": 10**9, **specials}, f, indent=2)
     with open(os.path.join(hf_dir, "special_tokens_map.json"), "w") as f:
         json.dump(specials, f, indent=2)
-    return {f"{k[:3]}_token_id": tok.token_to_id(v) for k, v in specials.items() if k in ("bos_token", "eos_token")}
+    return {f"{k}_token_id": tok.token_to_id(specials[f"{k}_token"]) if specials else None for k in ("bos", "eos")}
 
 
 def export_hf(run_dir, hf_dir, force=False):
@@ -376,7 +374,7 @@ def from_hf(path, dropout=0.0):
                 qkv = w.pop(f"h.{i}.attn.c_attn.{p}")
                 for n, piece in zip("qkv", (qkv.t() if p == "weight" else qkv).chunk(3)):
                     sd[f"transformer.h.{i}.attn.c_{n}.{p}"] = piece
-                for name in GPT2_NAMES:
+                for name in GPT2_PARTS:
                     t = w.pop(f"h.{i}.{name}.{p}")
                     sd[f"transformer.h.{i}.{name}.{p}"] = t.t() if t.dim() == 2 else t
     else:
@@ -452,7 +450,7 @@ def choice_accuracy(model, tokenizer, items, device="cpu"):
     adds to the context's, as lm-eval splits them; padded vocabulary rows are left out of the softmax."""
     n_vocab, hits = tokenizer.vocab_size, {"acc": 0, "acc_norm": 0, "acc_token": 0}
     for context, endings, label in items:
-        ctx = tokenizer.encode(context)
+        ctx = tokenizer.encode(context.rstrip())  # lm-eval moves the context's trailing spaces to the ending
         scores = []
         for ending in endings:
             full = tokenizer.encode(context + " " + ending)

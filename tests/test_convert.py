@@ -94,6 +94,7 @@ def test_config_states_the_values_whose_hugging_face_defaults_differ(workdir):
     assert c["rms_norm_eps"] == 1e-6 and c["tie_word_embeddings"] is False and c["vocab_size"] == len(CHARS)
     assert c["rope_theta"] == 5e5 and c["rope_parameters"]["rope_theta"] == 5e5  # older readers want the top level
     assert c["attention_bias"] is True and c["mlp_bias"] is True and c["num_key_value_heads"] == 2
+    assert c["bos_token_id"] is None and c["eos_token_id"] is None  # a character vocabulary has none: not 1 and 2
 
 
 @pytest.mark.parametrize("option, value", [("dre", True), ("n_shared_expert", 1), ("router_score", "sigmoid"),
