@@ -330,7 +330,8 @@ def config_from_hf(hf, dropout=0.0):
         return GPTConfig(layout="gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                          mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"], bias=True, dropout=dropout,
-                         norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True))
+                         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         tie_embeddings=hf.get("tie_word_embeddings", True))
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     checks = [("hidden_act", hf.get("hidden_act", "silu") != "silu", "SwiGLU uses silu"),
