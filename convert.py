@@ -248,7 +248,7 @@ def build_tokenizer(meta):
 def write_tokenizer(meta, hf_dir):
     """Tokenizer files AutoTokenizer loads; returns the special token ids for config.json, None where there is
     none (stated, since a missing one means Llama's defaults, 1 and 2: "!" would end every generation)."""
-    if meta.get("tokenizer", "gpt2").startswith("hf:"):  # a run fine-tuned from a Hugging Face folder keeps its tokenizer
+    if meta.get("tokenizer", "gpt2").startswith("hf:"):  # a run fine-tuned from an HF folder keeps its tokenizer
         tok = hf_tokenizer(meta["tokenizer"][3:])
         tok.save_pretrained(hf_dir)
         return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
