@@ -23,7 +23,8 @@ def type_name(value):
 
 
 class Tokenizer:
-    """The tokenizer described by a dataset's meta.json: 'char' (its "chars" string) or a tiktoken encoding."""
+    """The tokenizer described by a dataset's meta.json: 'char' (its "chars" string) or a tiktoken encoding; or
+    'hf:FOLDER', the tokenizer of a local Hugging Face model folder (transformers' AutoTokenizer)."""
 
     def __init__(self, meta):
         self.name = meta.get("tokenizer", "gpt2")
@@ -31,12 +32,21 @@ class Tokenizer:
             self.chars = meta["chars"]
             self.stoi = {ch: i for i, ch in enumerate(self.chars)}
             self.vocab_size = len(self.chars)
+        elif self.name.startswith("hf:"):
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise ImportError("a Hugging Face tokenizer needs transformers: pip install transformers") from None
+            self.hf = AutoTokenizer.from_pretrained(self.name[3:], local_files_only=True)
+            self.vocab_size = len(self.hf)
         else:
             import tiktoken
             self.enc = tiktoken.get_encoding(self.name)
             self.vocab_size = self.enc.n_vocab
 
     def encode(self, text, special=False):
+        if self.name.startswith("hf:"):  # special tokens written in the text are text unless special=True
+            return self.hf.encode(text, add_special_tokens=False, split_special_tokens=not special)
         if self.name != "char":  # a literal "<|endoftext|>" is text, not a separator, unless special=True
             return self.enc.encode(text, allowed_special={"<|endoftext|>"} if special else set(), disallowed_special=())
         unknown = ", ".join(map(repr, sorted(set(text) - self.stoi.keys())))
@@ -47,6 +57,8 @@ class Tokenizer:
     def decode(self, ids):
         if self.name == "char":
             return "".join(self.chars[i] for i in ids)
+        if self.name.startswith("hf:"):
+            return self.hf.decode([i for i in ids if i < self.vocab_size])
         return self.enc.decode([i for i in ids if i < self.enc.n_vocab])  # padded ids are not text
 
 

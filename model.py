@@ -473,7 +473,7 @@ def load_run(out_dir):
     if not os.path.exists(path):
         if os.path.isdir(os.path.join(out_dir, "ckpt_dcp")):
             raise FileNotFoundError(f"{out_dir} holds a distributed checkpoint; turn it into {path} first: "
-                                    f"python parallel.py export {out_dir}")
+                                    f"python convert.py {out_dir} --ckpt")
         raise FileNotFoundError(f"{path} not found; train a model first (python train.py ...)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))

@@ -8,7 +8,7 @@ checked against one process by tests/test_parallel.py:
 - 'fsdp+tp': a (dp, tp) mesh: tp inside each group of tp_size ranks, fsdp across the groups.
 Also here: everything else that only layouts need (device choice, the stop agreement between ranks, Megatron's f/g,
 clipping over DTensors) and distributed checkpoints (DCP), which load on any world size and layout.
-`python parallel.py export OUT_DIR` turns one into the single-file ckpt.pt that sample.py reads.
+`python convert.py OUT_DIR --ckpt` turns one into the single-file ckpt.pt that sample.py reads.
 """
 
 import functools
@@ -335,33 +335,3 @@ def load_sharded(path, model, optimizers):
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
-
-
-def export(out_dir):
-    """DCP checkpoint -> out_dir/ckpt.pt (model weights, model_args, config, iteration), in one process."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    path = find_sharded(out_dir)
-    if path is None:
-        raise FileNotFoundError(f"no distributed checkpoint ({DCP_DIR}/) in {out_dir}")
-    tmp = os.path.join(out_dir, "ckpt.pt.tmp")
-    dcp_to_torch_save(path, tmp)
-    state = torch.load(tmp, map_location="cpu", weights_only=True)
-    meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
-    ckpt = {"model": state["model"], "model_args": meta["model_args"], "config": meta["config"],
-            "iter_num": meta["iter_num"], "best_val_loss": meta["best_val_loss"]}
-    torch.save(ckpt, tmp)
-    # dated like its source, so that init_from='resume' (which takes the newer of the two) still resumes the
-    # distributed checkpoint, optimizer state and all, rather than this weights-only export
-    stamp = os.path.getmtime(os.path.join(path, "meta.pt"))
-    os.utime(tmp, (stamp, stamp))
-    os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))
-    return os.path.join(out_dir, "ckpt.pt")
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "export":
-        sys.exit("usage: python parallel.py export OUT_DIR")
-    try:
-        print(f"wrote {export(sys.argv[2])}")
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")

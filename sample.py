@@ -16,11 +16,13 @@ import torch
 
 import chat
 import configurator
+import convert
 import reasoning
 from model import GPT, load_run
 from parallel import pick_device
 
-init_from = "resume"     # 'resume' (from out_dir) or a GPT-2 variant: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
+init_from = "resume"     # 'resume' (from out_dir), a GPT-2 variant ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+                         # or 'hf:FOLDER', a local Hugging Face folder (convert.py), with its own tokenizer
 out_dir = "out"          # the run directory to load ckpt.pt from
 start = "\n"             # the prompt; "FILE:path" reads it from a file
 num_samples = 3
@@ -61,8 +63,14 @@ if init_from == "resume":
             meta = json.load(f)
 elif init_from.startswith("gpt2"):
     model = GPT.from_pretrained(init_from)
+elif init_from.startswith("hf:"):
+    try:
+        model = convert.from_hf(init_from[3:])
+        meta = {"tokenizer": init_from}
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: init_from={init_from!r}: {e}")
 else:
-    sys.exit(f"error: init_from must be 'resume' or 'gpt2*', got {init_from!r}")
+    sys.exit(f"error: init_from must be 'resume', 'gpt2*' or 'hf:FOLDER', got {init_from!r}")
 model.eval().to(device)
 if model.config.dre:
     if dre_threshold is not None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 import chat
 import configurator
+import convert
 import moe
 import reasoning
 from model import GPT, GPTConfig
@@ -39,8 +40,9 @@ log_interval = 1                 # iterations between console / metrics.jsonl li
 eval_iters = 200                 # batches per split in each evaluation
 eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # save at every evaluation, not only when val loss improves
-init_from = "scratch"            # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ... or a run's
-                                 # out_dir: its weights, with a fresh optimizer from iter 0 (to fine-tune)
+init_from = "scratch"            # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ..., a run's
+                                 # out_dir: its weights, with a fresh optimizer from iter 0 (to fine-tune), or
+                                 # 'hf:FOLDER', a local Hugging Face Llama/Qwen3/Mixtral/GPT-2 folder (convert.py)
 # logging
 wandb_log = False                # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = "nanothink"
@@ -155,7 +157,8 @@ if os.path.exists(meta_path):
 token_dtype = np.dtype(meta.get("dtype", "uint16"))
 bin_splits = ("train", "val") if mode == "pretrain" else ()  # sft and dpo read JSONL instead, tokenized once here
 if mode != "pretrain":
-    tokenizer = chat.Tokenizer(meta)  # meta.json's tokenizer; GPT-2's without one, as for the token files
+    # meta.json's tokenizer (GPT-2's without one, as for the token files), or a Hugging Face folder's own
+    tokenizer = chat.Tokenizer({"tokenizer": init_from} if init_from.startswith("hf:") else meta)
     meta.setdefault("vocab_size", tokenizer.vocab_size)
     try:
         chat_data = chat.finetune_data(mode, train_jsonl, val_jsonl, tokenizer)
@@ -172,6 +175,14 @@ for split in bin_splits:
         sys.exit(f"error: {path} not found; prepare the data first: {how}")
     if os.path.getsize(path) // token_dtype.itemsize <= block_size:
         sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens")
+val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
+if mode == "pretrain":
+    try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
+        val_bytes_per_token = convert.bytes_per_token(
+            chat.Tokenizer(meta), np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
+    except (ImportError, ValueError, OSError) as e:  # e.g. tiktoken offline without its files: no bpb, no stop
+        if master:
+            print(f"note: no bits per byte in evaluations, the tokenizer did not load ({e})")
 
 
 def check_token_range(tokens, where):
@@ -219,8 +230,12 @@ def init_model():
     args = dict(vars(GPTConfig.from_settings(config, vocab_size=vocab)))
     if init_from == "scratch":
         return GPT(GPTConfig(**args)), args, None
-    if init_from.startswith("gpt2"):
-        model = GPT.from_pretrained(init_from, dropout=dropout)
+    if init_from.startswith(("gpt2", "hf:")):
+        try:
+            model = (convert.from_hf(init_from[3:], dropout) if init_from.startswith("hf:")
+                     else GPT.from_pretrained(init_from, dropout=dropout))
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            sys.exit(f"error: init_from={init_from!r}: {e}")
         model.config.grad_checkpoint = grad_checkpoint
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
@@ -239,8 +254,8 @@ def init_model():
                      f"layouts resume from the ckpt_dcp/ their own runs write)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*' or a directory holding a ckpt.pt, "
-                 f"got {init_from!r}")
+        sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding a "
+                 f"ckpt.pt, got {init_from!r}")
     # the architecture comes from the checkpoint; everything else from this run's config
     args.update({k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS})
     model = GPT(GPTConfig(**args))
@@ -377,6 +392,8 @@ def estimate_loss():
         values = torch.tensor([out[k] for k in keys], device=device)
         dist.all_reduce(values)
         out = dict(zip(keys, (values / world_size).tolist()))
+    if val_bytes_per_token:
+        out["val_bpb"] = out["val"] / math.log(2) / val_bytes_per_token
     return out, dre_metrics.get("val")
 
 

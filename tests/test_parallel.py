@@ -37,7 +37,7 @@ def losses(out_dir):
 
 def weights(out_dir):
     if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):  # a sharded run: export its distributed checkpoint
-        subprocess.run([sys.executable, os.path.join(ROOT, "parallel.py"), "export", str(out_dir)], check=True,
+        subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), str(out_dir), "--ckpt"], check=True,
                        capture_output=True)
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
