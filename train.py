@@ -171,7 +171,9 @@ for split in bin_splits:
             f"python data/text/prepare.py --out_dir {data_dir} YOUR_TEXT_FILES"
         sys.exit(f"error: {path} not found; prepare the data first: {how}")
     if os.path.getsize(path) // token_dtype.itemsize <= block_size:
-        sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens")
+        fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if split == "val" else \
+            "use more text or "
+        sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens; {fix}a smaller block_size")
 
 
 def check_token_range(tokens, where):
