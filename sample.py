@@ -54,6 +54,7 @@ if init_from == "resume":
         model, run_config = load_run(out_dir)
     except FileNotFoundError as e:
         sys.exit(f"error: {e} (or pass --init_from=gpt2)")
+    print(f"sampling {os.path.join(out_dir, 'ckpt.pt')}", file=sys.stderr)  # the newest: load_run refuses older
     meta_path = os.path.join("data", run_config["dataset"], "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:

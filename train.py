@@ -41,6 +41,7 @@ eval_only = False                # evaluate once and exit
 always_save_checkpoint = True    # save at every evaluation, not only when val loss improves
 init_from = "scratch"            # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ... or a run's
                                  # out_dir: its weights, with a fresh optimizer from iter 0 (to fine-tune)
+overwrite = False                # start afresh in an out_dir that holds another run's checkpoint, replacing it
 # logging
 wandb_log = False                # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = "nanothink"
@@ -251,8 +252,17 @@ def init_model():
     return model, args, ckpt if init_from == "resume" else None
 
 
+old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
+if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # one run per out_dir, unless asked
+    if master:
+        print(f"error: {out_dir} holds another run's checkpoint ({', '.join(old_ckpt)}); continue it with "
+              f"--init_from=resume, start elsewhere with --out_dir=..., or replace it with --overwrite=True")
+    teardown()
+    sys.exit(1)
 model, model_args, resume = init_model()
 iter_num, best_val_loss = (resume["iter_num"], resume["best_val_loss"]) if resume else (0, float("inf"))
+if resume and master:
+    print(f"resuming {resume.get('dcp', ckpt_path)} from iter {iter_num} (best val loss {best_val_loss:.4f})")
 vocab_size = model.config.vocab_size
 if meta.get("vocab_size", 0) > vocab_size:
     sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
@@ -440,6 +450,9 @@ if wandb_log and master:
         sys.exit("error: wandb_log=True needs Weights & Biases: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+if master:  # a line marking where each run (or resumed part of one) starts: the file may hold several
+    metrics_file.write(json.dumps({"run_start": time.time(), "iter": iter_num, "init_from": init_from,
+                                   "world_size": world_size}) + "\n")
 
 
 def log(record):
@@ -456,6 +469,7 @@ flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world
 peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
+t_start = t_log
 while True:
     lr = get_lr(iter_num)
     for opt in optimizers:
@@ -545,4 +559,11 @@ while True:
             log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_sec": tok_s, "mfu": mfu,
                  "eta_s": eta, **features})
 
+if master and not eval_only:  # the run in one line, and what to do next
+    wall = time.perf_counter() - t_start
+    saved = find_sharded(out_dir) if sharded else ckpt_path if os.path.exists(ckpt_path) else None
+    export = f"python parallel.py export {out_dir} && " if sharded else ""
+    print(f"done: {iter_num - start_iter} iterations in {wall / 60:.1f} min, best val loss {best_val_loss:.4f}, "
+          f"{(iter_num - start_iter) * tokens_per_iter / wall:,.0f} tokens/s; checkpoint "
+          + (f"{saved}; sample it: {export}python sample.py --out_dir={out_dir}" if saved else "none saved"))
 teardown()
