@@ -116,6 +116,20 @@ def teardown():
         dist.destroy_process_group()
 
 
+def exit_process(code=0):
+    """Ends the process after teardown(). A torchrun worker leaves with os._exit, skipping the interpreter's
+    finalization: gloo's worker threads may still be dropping their last work (and the tensors it holds) then, and a
+    thread that needs the GIL once finalization has begun is unwound by force, which inside a C++ destructor is
+    std::terminate: a SIGABRT ("terminate called without an active exception") after a finished run."""
+    distributed = dist.is_initialized()
+    teardown()
+    if not distributed:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gradient_accumulation_steps,
                  optimizer="adamw", dtype="float32"):
     """Every reason a layout cannot work, found before any work is done. Raises ValueError."""

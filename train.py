@@ -27,9 +27,9 @@ import configurator
 import moe
 import reasoning
 from model import GPT, GPTConfig
-from parallel import (agree, check_layout, clip_grad_norm_, find_sharded, hardware_peak_flops,
+from parallel import (agree, check_layout, clip_grad_norm_, exit_process, find_sharded, hardware_peak_flops,
                       init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
-                      pick_device, save_sharded, teardown)
+                      pick_device, save_sharded)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -126,8 +126,7 @@ try:
 except ValueError as e:
     if master:
         print(f"error: {e}")
-    teardown()
-    sys.exit(1)
+    exit_process(1)
 sharded = parallel in ("fsdp", "tp", "fsdp+tp")  # checkpoints go through torch.distributed.checkpoint
 # data-parallel ranks read different slices of each global batch; tensor-parallel ranks of a group the same one
 mesh, dp_rank, dp_size = mesh_and_ranks(parallel, tp_size, world_size, device_type)
@@ -257,8 +256,7 @@ if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # on
     if master:
         print(f"error: {out_dir} holds another run's checkpoint ({', '.join(old_ckpt)}); continue it with "
               f"--init_from=resume, start elsewhere with --out_dir=..., or replace it with --overwrite=True")
-    teardown()
-    sys.exit(1)
+    exit_process(1)
 model, model_args, resume = init_model()
 iter_num, best_val_loss = (resume["iter_num"], resume["best_val_loss"]) if resume else (0, float("inf"))
 if resume and master:
@@ -427,8 +425,7 @@ def feature_logs(stats, moe_loss):
 def stop(message, code=1):
     if master:
         print(message)
-    teardown()
-    sys.exit(code)
+    exit_process(code)
 
 
 stop_requested = False  # SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly
@@ -453,6 +450,7 @@ metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else 
 if master:  # a line marking where each run (or resumed part of one) starts: the file may hold several
     metrics_file.write(json.dumps({"run_start": time.time(), "iter": iter_num, "init_from": init_from,
                                    "world_size": world_size}) + "\n")
+    metrics_file.flush()
 
 
 def log(record):
@@ -566,4 +564,6 @@ if master and not eval_only:  # the run in one line, and what to do next
     print(f"done: {iter_num - start_iter} iterations in {wall / 60:.1f} min, best val loss {best_val_loss:.4f}, "
           f"{(iter_num - start_iter) * tokens_per_iter / wall:,.0f} tokens/s; checkpoint "
           + (f"{saved}; sample it: {export}python sample.py --out_dir={out_dir}" if saved else "none saved"))
-teardown()
+if wandb is not None:
+    wandb.finish()
+exit_process(0)
