@@ -253,8 +253,8 @@ def bench_dre():
     path = os.path.join(out_dir, "ckpt.pt")
     try:
         model, run_cfg = load_run(out_dir)
-    except FileNotFoundError:
-        sys.exit(f"error: {path} not found; train a DRE model first (python train.py config/shakespeare_char_dre.py)")
+    except FileNotFoundError as e:  # none, or older than the run's distributed checkpoint
+        sys.exit(f"error: {e} (a DRE model: python train.py config/shakespeare_char_dre.py)")
     if not model.config.dre:
         sys.exit(f"error: {path} is not a DRE model (it was trained with dre=False)")
     model.to(device)
