@@ -201,7 +201,8 @@ def bench_memory():  # one torchrun per layout, rank 0 reporting the largest ran
             continue
         p, g, o = (float(v) / 2**20 for v in proc.stdout.split()[-3:])  # the worker's last line
         base = base or p + g + o
-        print(f"{name:<10} {ranks:>5} {p:>9.1f} {g:>9.1f} {o:>10.1f} {p + g + o:>9.1f} {(p + g + o) / base:>7.2f}x", flush=True)
+        print(f"{name:<10} {ranks:>5} {p:>9.1f} {g:>9.1f} {o:>10.1f} {p + g + o:>9.1f} {(p + g + o) / base:>7.2f}x",
+              flush=True)
 
 
 def memory_worker():
