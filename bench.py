@@ -1,7 +1,8 @@
 """
 Measures training speed: forward + backward + optimizer step of a model on random tokens, after warm-up.
 
-    python bench.py config/train_shakespeare_char.py
+    python bench.py           # the CPU default, config/train_shakespeare_char.py: about a minute on a CPU
+    python bench.py config/train_gpt2.py   # GPT-2 124M (hours on a CPU)
     python bench.py --n_layer=6 --n_embd=384 --block_size=256 --batch_size=64 --dtype=float32,bfloat16
     python bench.py --moe     # one MoE layer against a naive loop over experts and a dense MLP of equal FLOPs
     python bench.py --dre --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
@@ -13,6 +14,7 @@ Measures training speed: forward + backward + optimizer step of a model on rando
 
 import itertools
 import json
+import math
 import os
 import resource
 import subprocess
@@ -30,6 +32,7 @@ from moe import MoE, local
 
 # model and batch, as in train.py, whose config files work here (keys bench.py lacks are ignored)
 globals().update(GPTConfig.defaults())
+dataset = ""                # as in train.py: vocab_size from data/<dataset>/meta.json when it exists
 batch_size = 12
 optimizer = "adamw"
 learning_rate = 6e-4
@@ -60,11 +63,18 @@ dre_thresholds = "3e-4,1e-3,3e-3,1e-2"  # KL between successive steps' predictio
 dre_eval_batches = 20       # val batches of the checkpoint's batch_size x block_size
 dre_new_tokens = 200        # tokens generated per timed round
 
+settings = configurator.hyperparameters(globals())
+# no arguments: the CPU default config (its dataset has 65 characters)
+args = sys.argv[1:] or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_shakespeare_char.py"),
+                        "--vocab_size=65"]
 try:
-    globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:],
-                                        skip_unknown_in_files=True))
+    globals().update(configurator.apply(settings, args, skip_unknown_in_files=True))
 except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
+meta_path = os.path.join("data", dataset, "meta.json")
+if dataset and vocab_size == settings["vocab_size"] and os.path.exists(meta_path):  # unless --vocab_size is given
+    with open(meta_path) as f:
+        vocab_size = json.load(f)["vocab_size"]
 
 device = parallel.pick_device(device)
 device_type = device.split(":")[0]
@@ -78,11 +88,14 @@ def autocast(dt):
     return torch.autocast(device_type, dtype=getattr(torch, dt), enabled=dt != "float32")
 
 
-def timed(cases, fn, calls, n_rounds=rounds, skip=0):
+def timed(cases, fn, calls, n_rounds=rounds, skip=0, what="round"):
     """Median seconds of `calls` calls of fn(case) for each case, over n_rounds rounds after `skip` untimed ones.
-    The cases take turns within each round, so that a noisy machine slows them alike."""
+    The cases take turns within each round, so that a noisy machine slows them alike. A line to stderr per round."""
     times = [[] for _ in cases]
-    for _ in range(skip + n_rounds):
+    for i in range(skip + n_rounds):
+        label = "untimed" if i < skip else f"{i - skip + 1}/{n_rounds}"
+        print(f"  {what} {label}: {len(cases)} case{'s' * (len(cases) > 1)} x {calls} call{'s' * (calls > 1)}...",
+              file=sys.stderr, flush=True)
         for case, t in zip(cases, times):
             t0 = time.perf_counter()
             for _ in range(calls):
@@ -111,7 +124,7 @@ def bench_throughput():
             opt.step()
             opt.zero_grad()
 
-    warmup_s = timed(runs, step, warmup, n_rounds=1)
+    warmup_s = timed(runs, step, warmup, n_rounds=1, what="warm-up")
     times = [t / steps for t in timed(runs, step, steps)]
     tokens = batch_size * block_size
     print(f"{n_layer} layers x {n_embd} wide, {layout}, batch {batch_size} x {block_size} tokens, {device}, "
@@ -180,13 +193,16 @@ def bench_memory():  # one torchrun per layout, rank 0 reporting the largest ran
     for name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("fsdp+tp", 4)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
                *sys.argv[1:], f"--memory_layout={name}"]
+        print(f"  {name} on {ranks} process{'es' * (ranks > 1)}...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode:
-            print(f"{name:<10} {ranks:>5}  failed: {(proc.stdout + proc.stderr).strip().splitlines()[-1]}")
+            print(f"{name:<10} {ranks:>5}  failed: "
+                  f"{(proc.stdout + proc.stderr).strip().splitlines()[-1]}", flush=True)
             continue
         p, g, o = (float(v) / 2**20 for v in proc.stdout.split()[-3:])  # the worker's last line
         base = base or p + g + o
-        print(f"{name:<10} {ranks:>5} {p:>9.1f} {g:>9.1f} {o:>10.1f} {p + g + o:>9.1f} {(p + g + o) / base:>7.2f}x")
+        print(f"{name:<10} {ranks:>5} {p:>9.1f} {g:>9.1f} {o:>10.1f} {p + g + o:>9.1f} {(p + g + o) / base:>7.2f}x",
+              flush=True)
 
 
 def memory_worker():
@@ -238,8 +254,8 @@ def bench_dre():
     path = os.path.join(out_dir, "ckpt.pt")
     try:
         model, run_cfg = load_run(out_dir)
-    except FileNotFoundError:
-        sys.exit(f"error: {path} not found; train a DRE model first (python train.py config/shakespeare_char_dre.py)")
+    except FileNotFoundError as e:  # none, or older than the run's distributed checkpoint
+        sys.exit(f"error: {e} (a DRE model: python train.py config/shakespeare_char_dre.py)")
     if not model.config.dre:
         sys.exit(f"error: {path} is not a DRE model (it was trained with dre=False)")
     model.to(device)
@@ -264,13 +280,14 @@ def bench_dre():
 
     with torch.no_grad(), autocast(dt):
         for name, cfg.max_reasoning_steps, cfg.dre_threshold in settings:  # each token's steps and loss
+            print(f"  val loss at {name}...", file=sys.stderr, flush=True)
             losses = []
             for b in batches:
                 logits, loss = model(b[:, :-1], b[:, 1:])
                 recur.observe(logits, b[:, 1:])
                 losses.append(loss.item())
             rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics())
-        gen_s = timed(settings, generate, 1, skip=1)
+        gen_s = timed(settings, generate, 1, skip=1, what="generation round")
     print(f"DRE checkpoint {path}: {cfg.n_prelude} prelude + {recur.n_core} core + {cfg.n_coda} coda blocks, "
           f"{cfg.n_embd} wide, trained with mean {cfg.dre_mean_steps:g} core steps; {device}, {dt}")
     print(f"val: {dre_eval_batches} batches of {B} x {T} tokens. generation: batch 1, {dre_new_tokens} tokens after a "
@@ -280,8 +297,10 @@ def bench_dre():
     top, top_tok_s = rows[settings[S - 1][0]], dre_new_tokens / gen_s[S - 1]
     for (name, _, _), t in zip(settings, gen_s):
         row, tok_s = rows[name], dre_new_tokens / t
+        # Spearman's rho is undefined when every token took the same steps: a blank, not nan
+        rho = f"{row['spearman']:>+9.3f}" if math.isfinite(row["spearman"]) else " " * 9
         print(f"{name:<16} {row['loss']:>9.4f} {row['loss'] / top['loss'] - 1:>+7.2%} {row['mean_steps']:>12.2f} "
-              f"{row['mean_steps'] / S:>13.0%} {row['core_flops_per_token'] / 1e6:>16.2f} {row['spearman']:>+9.3f} "
+              f"{row['mean_steps'] / S:>13.0%} {row['core_flops_per_token'] / 1e6:>16.2f} {rho} "
               f"{row['gen_steps']:>10.2f} {tok_s:>10,.0f} {tok_s / top_tok_s:>6.2f}x")
 
 

@@ -4,6 +4,7 @@ special ids (a character vocabulary has none to spare; a pretrained model knows 
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from model import load_run
 
 HUMAN, ASSISTANT, END, TURN_SEP = "Human: ", "\n\nAssistant:", "\nEND", "\n\n"
+GPT2_BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiktoken")  # shipped BPE files
 MARKERS = ("Human:", "Assistant:", END)  # no text may contain these; generated text is cut at the first
 JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
 FORMATS = {"sft": (("prompt", "response"), '{"prompt", "response"}'),  # each mode's string fields, and its lines
@@ -41,6 +43,8 @@ class Tokenizer:
             self.vocab_size = len(self.hf)
         else:
             import tiktoken
+            if self.name == "gpt2":  # GPT-2's BPE files ship with the code: no download, no network
+                os.environ.setdefault("TIKTOKEN_CACHE_DIR", GPT2_BPE_DIR)
             self.enc = tiktoken.get_encoding(self.name)
             self.vocab_size = self.enc.n_vocab
 

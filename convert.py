@@ -67,15 +67,19 @@ def read_run(run_dir):
 
 def dcp_to_ckpt(run_dir):
     """A run's distributed checkpoint -> run_dir/ckpt.pt (model weights, model_args, config, iteration)."""
-    if find_sharded(run_dir) is None:
+    dcp = find_sharded(run_dir)
+    if dcp is None:
         raise FileNotFoundError(f"no distributed checkpoint (ckpt_dcp/) in {run_dir}")
-    args, weights, config, iter_num, best = read_run(run_dir)
     path, tmp = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "ckpt.pt.tmp")
+    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(dcp, "meta.pt")):
+        raise FileExistsError(f"{path} is newer than {dcp}; converting would replace it with an older checkpoint "
+                              f"(move it away first to convert anyway)")
+    args, weights, config, iter_num, best = read_run(run_dir)
     torch.save({"model": weights, "model_args": args, "config": config, "iter_num": iter_num,
                 "best_val_loss": best}, tmp)
     # dated like its source, so that init_from='resume' (which takes the newer of the two) still resumes the
     # distributed checkpoint, optimizer state and all, rather than this weights-only copy
-    stamp = os.path.getmtime(os.path.join(find_sharded(run_dir), "meta.pt"))
+    stamp = os.path.getmtime(os.path.join(dcp, "meta.pt"))
     os.utime(tmp, (stamp, stamp))
     os.replace(tmp, path)
     return path

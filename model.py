@@ -468,12 +468,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def load_run(out_dir):
-    """The model a run saved in out_dir/ckpt.pt, ready for inference (no dropout), and the run's settings."""
-    path = os.path.join(out_dir, "ckpt.pt")
+    """The model a run saved in out_dir/ckpt.pt, ready for inference (no dropout), and the run's settings. A ckpt.pt
+    older than the run's distributed checkpoint (ckpt_dcp/, written by a later sharded run) is refused, not used."""
+    path, dcp_meta = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt_dcp", "meta.pt")
+    if os.path.exists(dcp_meta) and (not os.path.exists(path) or os.path.getmtime(dcp_meta) > os.path.getmtime(path)):
+        raise FileNotFoundError(f"{out_dir}'s newest checkpoint is the distributed one in ckpt_dcp/; turn it into "
+                                f"{path} first: python convert.py {out_dir} --ckpt")
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(out_dir, "ckpt_dcp")):
-            raise FileNotFoundError(f"{out_dir} holds a distributed checkpoint; turn it into {path} first: "
-                                    f"python convert.py {out_dir} --ckpt")
         raise FileNotFoundError(f"{path} not found; train a model first (python train.py ...)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))

@@ -15,6 +15,7 @@ import functools
 import os
 import shutil
 import sys
+import time
 import timeit
 
 import torch
@@ -44,22 +45,49 @@ GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A6000"
 
 
 def hardware_peak_flops(device_type, dtype=torch.float32, override=0.0):
-    """The FLOP/s that MFU is a fraction of: `override` when given, the table above on CUDA, and on the CPU what a
-    square matmul in `dtype` reaches here (measured once), since CPUs vary too much to tabulate."""
+    """The FLOP/s that MFU is a fraction of: `override` when given, the table above on CUDA, and on the CPU the larger
+    of its vector units' peak (cpu_vector_peak_flops) and what a large matmul reaches here. No real run beats either
+    for long, so the CPU's MFU stays under 100% even when the matmul is timed on a busy machine."""
     if override:
         return override
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), 312e12)
-    return _cpu_peak_flops(dtype)
+    return max(cpu_vector_peak_flops(dtype), _cpu_matmul_flops(dtype))
+
+
+def cpu_vector_peak_flops(dtype=torch.float32, cpuinfo=None):
+    """torch's threads x clock x FLOPs per cycle per core, read from /proc/cpuinfo (0 where there is none): two FMA
+    units as wide as the widest vector extension (AVX-512: 2 x 16 fp32 lanes x 2 FLOPs = 64 a cycle), twice that for
+    bf16 with AVX512_BF16, 1024 for bf16 with AMX. Two full-width units is the most any of these cores has, so this
+    is an upper bound (AMD's Zen 4 runs AVX-512 at half that rate); the clock is the one the kernel reports.
+    `cpuinfo` stands in for the file's text (tests)."""
+    info = cpuinfo
+    if info is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                info = f.read()
+        except OSError:
+            return 0.0
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((set(line.split(":")[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags and "fma" in flags else 4  # fp32 per vector
+    per_cycle = 2 * lanes * 2  # two FMA units, an FMA is two FLOPs
+    if dtype == torch.bfloat16:
+        per_cycle = 1024 if "amx_bf16" in flags else per_cycle * 2 if "avx512_bf16" in flags else per_cycle
+    return torch.get_num_threads() * max(mhz, default=0.0) * 1e6 * per_cycle
 
 
 @functools.lru_cache
-def _cpu_peak_flops(dtype):
+def _cpu_matmul_flops(dtype):
+    """The best of half a second of square matmuls (at least five): long enough that a busy moment does not decide."""
     n = 2048 if dtype != torch.float32 else 1024
     a = torch.full((n, n), 0.5, dtype=dtype)  # not randn: that would advance the global RNG
     a @ a  # warm-up
-    return 2 * n ** 3 / min(timeit.repeat(lambda: a @ a, number=1, repeat=3))
+    times, t_end = [], time.perf_counter() + 0.5
+    while len(times) < 5 or time.perf_counter() < t_end:
+        times.append(timeit.timeit(lambda: a @ a, number=1))
+    return 2 * n ** 3 / min(times)
 
 
 def init_distributed(device, backend="auto"):
@@ -86,6 +114,20 @@ def teardown():
     if dist.is_initialized():
         dist.barrier()  # without it gloo can abort when one rank leaves while another is still in a collective
         dist.destroy_process_group()
+
+
+def exit_process(code=0):
+    """Ends the process after teardown(). A torchrun worker leaves with os._exit, skipping the interpreter's
+    finalization: gloo's worker threads may still be dropping their last work (and the tensors it holds) then, and a
+    thread that needs the GIL once finalization has begun is unwound by force, which inside a C++ destructor is
+    std::terminate: a SIGABRT ("terminate called without an active exception") after a finished run."""
+    distributed = dist.is_initialized()
+    teardown()
+    if not distributed:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gradient_accumulation_steps,

@@ -57,6 +57,7 @@ if init_from == "resume":
     except FileNotFoundError as e:
         sys.exit(f"error: {e} (or pass --init_from=gpt2)")
     chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
+    print(f"sampling {os.path.join(out_dir, 'ckpt.pt')}", file=sys.stderr)  # the newest: load_run refuses older
     meta_path = os.path.join("data", run_config["dataset"], "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:

@@ -28,9 +28,9 @@ import convert
 import moe
 import reasoning
 from model import GPT, GPTConfig
-from parallel import (agree, check_layout, clip_grad_norm_, find_sharded, hardware_peak_flops,
+from parallel import (agree, check_layout, clip_grad_norm_, exit_process, find_sharded, hardware_peak_flops,
                       init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
-                      pick_device, save_sharded, teardown)
+                      pick_device, save_sharded)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -43,6 +43,7 @@ always_save_checkpoint = True    # save at every evaluation, not only when val l
 init_from = "scratch"            # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', ..., a run's
                                  # out_dir: its weights, with a fresh optimizer from iter 0 (to fine-tune), or
                                  # 'hf:FOLDER', a local Hugging Face Llama/Qwen3/Mixtral/GPT-2 folder (convert.py)
+overwrite = False                # start afresh in an out_dir that holds another run's checkpoint, replacing it
 # logging
 wandb_log = False                # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = "nanothink"
@@ -127,8 +128,7 @@ try:
 except ValueError as e:
     if master:
         print(f"error: {e}")
-    teardown()
-    sys.exit(1)
+    exit_process(1)
 sharded = parallel in ("fsdp", "tp", "fsdp+tp")  # checkpoints go through torch.distributed.checkpoint
 # data-parallel ranks read different slices of each global batch; tensor-parallel ranks of a group the same one
 mesh, dp_rank, dp_size = mesh_and_ranks(parallel, tp_size, world_size, device_type)
@@ -174,7 +174,9 @@ for split in bin_splits:
             f"python data/text/prepare.py --out_dir {data_dir} YOUR_TEXT_FILES"
         sys.exit(f"error: {path} not found; prepare the data first: {how}")
     if os.path.getsize(path) // token_dtype.itemsize <= block_size:
-        sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens")
+        fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if split == "val" else \
+            "use more text or "
+        sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens; {fix}a smaller block_size")
 val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
 if mode == "pretrain":
     try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
@@ -264,8 +266,16 @@ def init_model():
     return model, args, ckpt if init_from == "resume" else None
 
 
+old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
+if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # one run per out_dir, unless asked
+    if master:
+        print(f"error: {out_dir} holds another run's checkpoint ({', '.join(old_ckpt)}); continue it with "
+              f"--init_from=resume, start elsewhere with --out_dir=..., or replace it with --overwrite=True")
+    exit_process(1)
 model, model_args, resume = init_model()
 iter_num, best_val_loss = (resume["iter_num"], resume["best_val_loss"]) if resume else (0, float("inf"))
+if resume and master:
+    print(f"resuming {resume.get('dcp', ckpt_path)} from iter {iter_num} (best val loss {best_val_loss:.4f})")
 vocab_size = model.config.vocab_size
 if meta.get("vocab_size", 0) > vocab_size:
     sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
@@ -432,8 +442,7 @@ def feature_logs(stats, moe_loss):
 def stop(message, code=1):
     if master:
         print(message)
-    teardown()
-    sys.exit(code)
+    exit_process(code)
 
 
 stop_requested = False  # SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly
@@ -455,6 +464,10 @@ if wandb_log and master:
         sys.exit("error: wandb_log=True needs Weights & Biases: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+if master:  # a line marking where each run (or resumed part of one) starts: the file may hold several
+    metrics_file.write(json.dumps({"run_start": time.time(), "iter": iter_num, "init_from": init_from,
+                                   "world_size": world_size}) + "\n")
+    metrics_file.flush()
 
 
 def log(record):
@@ -471,6 +484,7 @@ flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world
 peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
+t_start = t_log
 while True:
     lr = get_lr(iter_num)
     for opt in optimizers:
@@ -560,4 +574,13 @@ while True:
             log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_sec": tok_s, "mfu": mfu,
                  "eta_s": eta, **features})
 
-teardown()
+if master and not eval_only:  # the run in one line, and what to do next
+    wall = time.perf_counter() - t_start
+    saved = find_sharded(out_dir) if sharded else ckpt_path if os.path.exists(ckpt_path) else None
+    export = f"python convert.py {out_dir} --ckpt && " if sharded else ""
+    print(f"done: {iter_num - start_iter} iterations in {wall / 60:.1f} min, best val loss {best_val_loss:.4f}, "
+          f"{(iter_num - start_iter) * tokens_per_iter / wall:,.0f} tokens/s; checkpoint "
+          + (f"{saved}; sample it: {export}python sample.py --out_dir={out_dir}" if saved else "none saved"))
+if wandb is not None:
+    wandb.finish()
+exit_process(0)

@@ -3,11 +3,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# the offline copies CI and developers have beside the repo; tests that need them skip when they are absent
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
-TIKTOKEN_CACHE = os.path.join(ROOT, "..", "shared", "data", "tiktoken")
-if os.path.isdir(TIKTOKEN_CACHE):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+# what ships in the repo: Tiny Shakespeare and GPT-2's BPE files (tiktoken's cache layout), so no test needs a network
+SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare.txt")
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ROOT, "data", "tiktoken"))
 
 import shutil
 import subprocess
@@ -27,8 +25,6 @@ def run_train(args, cwd, check=True, **kw):
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory):
     """A working directory whose data/shakespeare_char holds Tiny Shakespeare, prepared by the real script."""
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
     work = tmp_path_factory.mktemp("work")
     target = work / "data" / "shakespeare_char"
     target.mkdir(parents=True)

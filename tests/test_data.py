@@ -14,8 +14,6 @@ import tiktoken
 
 from conftest import ROOT, SHAKESPEARE
 
-needs_shakespeare = pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="no offline Tiny Shakespeare")
-
 
 @pytest.fixture(scope="module")
 def enc():
@@ -56,7 +54,6 @@ def test_char_prepare_decodes_back_to_the_text(char_data):  # conftest's fixture
     assert "".join(meta["chars"][i] for i in np.concatenate([train, val])) == text
 
 
-@needs_shakespeare
 def test_bpe_prepare_decodes_back_to_the_text(tmp_path, enc):
     meta, train, val = load(prepare_copy(tmp_path, "shakespeare"))
     assert meta == {"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2", "eot_id": 50256}

@@ -2,41 +2,34 @@
 Tiny Shakespeare with GPT-2's BPE tokenizer (tiktoken's "gpt2" encoding). Writes train.bin / val.bin (uint16 token
 ids of the first 90% / last 10% of the text) and meta.json next to this file.
 
-    python data/shakespeare/prepare.py                      # downloads input.txt
-    python data/shakespeare/prepare.py --input path/to/input.txt   # no network needed for the text
+    python data/shakespeare/prepare.py                      # data/tinyshakespeare.txt, shipped in the repo
+    python data/shakespeare/prepare.py --input path/to/other.txt
 
-tiktoken downloads the GPT-2 BPE files on first use; offline, point TIKTOKEN_CACHE_DIR at a copy of its cache.
+Needs no network: the text and GPT-2's BPE files (data/tiktoken, found through TIKTOKEN_CACHE_DIR) ship in the repo.
 """
 
 import argparse
 import json
 import os
-import urllib.request
 
 import numpy as np
 import tiktoken
 
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 here = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(here, "..", "tinyshakespeare.txt")  # one copy in the repo for both Shakespeare datasets
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--input", help="an existing text file to use instead of downloading Tiny Shakespeare")
+parser.add_argument("--input", default=SHIPPED, help="the text to use (default: the Tiny Shakespeare that ships "
+                                                     "in data/tinyshakespeare.txt)")
 args = parser.parse_args()
 
-path = args.input or os.path.join(here, "input.txt")
+path = args.input
 if not os.path.exists(path):
-    if args.input:
-        raise SystemExit(f"error: {path} does not exist")
-    print(f"downloading {URL}")
-    try:
-        urllib.request.urlretrieve(URL, path + ".part")  # renamed when complete: no half file is ever reused
-    except OSError as e:
-        raise SystemExit(f"error: could not download Tiny Shakespeare ({e}); "
-                         f"pass a local copy with --input PATH") from None
-    os.replace(path + ".part", path)
+    raise SystemExit(f"error: {path} does not exist")
 with open(path, encoding="utf-8") as f:
     text = f.read()
 
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(here, "..", "tiktoken"))  # GPT-2's shipped BPE files
 enc = tiktoken.get_encoding("gpt2")
 # split the text, not the tokens, so that each file decodes to whole characters on its own;
 # encode_ordinary: a literal "<|endoftext|>" in the text is plain text, not the separator token

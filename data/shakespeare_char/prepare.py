@@ -2,35 +2,27 @@
 Tiny Shakespeare at the character level, each distinct character one token. Writes train.bin / val.bin (uint16
 token ids of the first 90% / last 10% of the text) and meta.json next to this file.
 
-    python data/shakespeare_char/prepare.py                      # downloads input.txt
-    python data/shakespeare_char/prepare.py --input path/to/input.txt   # no network needed
+    python data/shakespeare_char/prepare.py                      # data/tinyshakespeare.txt, shipped in the repo
+    python data/shakespeare_char/prepare.py --input path/to/other.txt
 """
 
 import argparse
 import json
 import os
-import urllib.request
 
 import numpy as np
 
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 here = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(here, "..", "tinyshakespeare.txt")  # one copy in the repo for both Shakespeare datasets
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--input", help="an existing text file to use instead of downloading Tiny Shakespeare")
+parser.add_argument("--input", default=SHIPPED, help="the text to use (default: the Tiny Shakespeare that ships "
+                                                     "in data/tinyshakespeare.txt)")
 args = parser.parse_args()
 
-path = args.input or os.path.join(here, "input.txt")
+path = args.input
 if not os.path.exists(path):
-    if args.input:
-        raise SystemExit(f"error: {path} does not exist")
-    print(f"downloading {URL}")
-    try:
-        urllib.request.urlretrieve(URL, path + ".part")  # renamed when complete: no half file is ever reused
-    except OSError as e:
-        raise SystemExit(f"error: could not download Tiny Shakespeare ({e}); "
-                         f"pass a local copy with --input PATH") from None
-    os.replace(path + ".part", path)
+    raise SystemExit(f"error: {path} does not exist")
 with open(path, encoding="utf-8") as f:
     text = f.read()
 

@@ -1,16 +1,17 @@
 """
-Tokenizes your own text with a tiktoken encoding, for `python train.py --dataset=<name>`.
+Tokenizes your own text, with a tiktoken encoding or by characters, for `python train.py --dataset=<name>`.
 
     python data/text/prepare.py notes.txt books/ web.jsonl --out_dir data/mycorpus
     python data/text/prepare.py corpus/       # writes to data/text/: train with --dataset=text
+    python data/text/prepare.py poems/ --tokenizer=char --val_fraction=0.1 --out_dir data/poems
 
 Inputs, in the order given: folders (their .txt and .md files, recursively in sorted order, hidden ones skipped),
 .jsonl files (a string "text" field per line) and other files (UTF-8 text, line endings normalised to \\n). Each
 file or JSONL line is a document; empty ones are skipped, the others separated by the end-of-text token (a literal
-"<|endoftext|>" in the text is ordinary text). val.bin gets the last documents making up about --val_fraction of the
-tokens (half to twice that), or failing a document boundary in that range, the last --val_fraction of the tokens;
-train.py needs more than block_size tokens in each file. Writes train.bin / val.bin (uint16 for vocabularies under
-65536 ids, else uint32) and meta.json to --out_dir.
+"<|endoftext|>" in the text is ordinary text; --tokenizer=char has none: documents follow each other). val.bin gets
+the last documents making up about --val_fraction of the tokens (half to twice that), or failing a document boundary
+in that range, the last --val_fraction of the tokens; train.py needs more than block_size tokens in each file.
+Writes train.bin / val.bin (uint16 for vocabularies under 65536 ids, else uint32) and meta.json to --out_dir.
 """
 
 import argparse
@@ -30,7 +31,8 @@ BATCH_CHARS = 1 << 22   # characters tokenized together (tiktoken spreads a batc
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("inputs", nargs="+", metavar="PATH", help=".txt/.md files, folders or .jsonl files")
 parser.add_argument("--out_dir", default=here, help="where train.bin, val.bin and meta.json go (default: %(default)s)")
-parser.add_argument("--tokenizer", default="gpt2", help="a tiktoken encoding name (default: %(default)s)")
+parser.add_argument("--tokenizer", default="gpt2", help="a tiktoken encoding name, or 'char': each distinct "
+                                                         "character of the inputs one token (default: %(default)s)")
 parser.add_argument("--val_fraction", type=float, default=0.01,
                     help="share of the tokens for val.bin (default: %(default)s)")
 args = parser.parse_args()
@@ -94,8 +96,25 @@ def documents():
             raise SystemExit(f"error: {path} is not UTF-8 text ({e.reason})")
 
 
+class CharEncoding:
+    """The few parts of tiktoken's Encoding used below, for a vocabulary of the given characters (sorted)."""
+    eot_token = None  # documents are simply concatenated
+
+    def __init__(self, chars):
+        self.chars = "".join(sorted(chars))
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.n_vocab = len(self.chars)
+
+    def encode_ordinary_batch(self, texts):
+        return [[self.stoi[ch] for ch in text] for text in texts]
+
+
+if args.tokenizer == "gpt2":  # GPT-2's BPE files ship in data/tiktoken: no network needed
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(here, "..", "tiktoken"))
 try:
-    enc = tiktoken.get_encoding(args.tokenizer)
+    # the character vocabulary is every character of the inputs: one pass over them to collect it
+    enc = CharEncoding({ch for text, _ in documents() for ch in text}) if args.tokenizer == "char" else \
+        tiktoken.get_encoding(args.tokenizer)
 except ValueError:
     raise SystemExit(f"error: unknown tokenizer {args.tokenizer!r}; "
                      f"tiktoken has {', '.join(tiktoken.list_encoding_names())}")
@@ -131,7 +150,8 @@ try:
             ids = []
             for (_, starts), tokens in zip(batch, enc.encode_ordinary_batch([text for text, _ in batch])):
                 if starts and (n_tokens or ids):  # an end-of-text before each document but the first
-                    ids.append(enc.eot_token)
+                    if enc.eot_token is not None:
+                        ids.append(enc.eot_token)
                     doc_starts.append(n_tokens + len(ids))
                 ids += tokens
             np.array(ids, dtype=dtype).tofile(out)
@@ -162,6 +182,7 @@ finally:
             os.remove(path)
 
 with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
-    json.dump(dict(vocab_size=enc.n_vocab, dtype=dtype.name, tokenizer=args.tokenizer, eot_id=enc.eot_token), f)
+    meta = dict(vocab_size=enc.n_vocab, dtype=dtype.name, tokenizer=args.tokenizer, eot_id=enc.eot_token)
+    json.dump({**meta, "chars": enc.chars} if args.tokenizer == "char" else meta, f)
 print(f"{len(doc_starts) + 1:,} documents, {n_tokens:,} tokens ({args.tokenizer}, vocab {enc.n_vocab}, {dtype.name}): "
       f"train {split:,} tokens, val {n_tokens - split:,} tokens, split {how}; written to {args.out_dir}")
