@@ -24,17 +24,22 @@ def make_moe(E=4, k=2, d=16, h=24, **kw):
     return moe
 
 
-def naive_moe(moe, x):
-    """The textbook layer: route each token, then loop over experts with index_select / index_add."""
-    logits = x @ moe.router.weight.t()
-    probs = logits.softmax(-1)
+def naive_moe(moe, x, keep=None):
+    """The textbook layer in float64: route each token, then loop over experts with index_select / index_add. At
+    top_k=1 the weight is the softmax probability itself (Switch). keep (N, k) bool: the pairs capacity kept."""
+    router, w1, w3, w2 = (p.double() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2))
+    x = x.double()
+    probs = (x @ router.t()).softmax(-1)
     weight, expert = probs.topk(moe.top_k, dim=-1)
-    weight = weight / weight.sum(-1, keepdim=True)
+    if moe.top_k > 1:
+        weight = weight / weight.sum(-1, keepdim=True)
+    if keep is not None:
+        weight = weight * keep
     out = torch.zeros_like(x)
     for e in range(moe.n_expert):
         token, slot = (expert == e).nonzero(as_tuple=True)
         xe = x.index_select(0, token)
-        ye = (F.silu(xe @ moe.w1[e]) * (xe @ moe.w3[e])) @ moe.w2[e]
+        ye = (F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())) @ w2[e].t()
         out = out.index_add(0, token, ye * weight[token, slot, None])
     return out
 
@@ -42,54 +47,116 @@ def naive_moe(moe, x):
 def grads(moe, x, out):
     moe.zero_grad()
     x.grad = None
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a non-uniform upstream gradient
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()  # non-uniform
     return [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2)]
 
 
-@pytest.mark.parametrize("E,k,tokens", [(4, 2, 40), (8, 2, 1), (8, 1, 3), (4, 4, 7)])
-def test_moe_matches_naive_loop(E, k, tokens):
-    # (8, 2, 1): a single token leaves six experts empty
-    moe = make_moe(E=E, k=k)
+def assert_close_scaled(got, want, tol, msg=""):
+    """got within tol of want, relative to want's largest entry (bf16 rounds each entry to ~3 digits)."""
+    scale = max(want.abs().max().item(), 1e-30)
+    assert (got.double() - want).abs().max().item() <= tol * scale, (msg, (got.double() - want).abs().max(), scale)
+
+
+# (8, 2, 1): a single token leaves six experts empty; (8, 1, 3): top-1, where the weight is the raw probability
+SHAPES = [(4, 2, 40), (8, 2, 1), (8, 1, 3), (4, 4, 7)]
+# each path in the dtype it runs in on the CPU (bf16 via autocast, as train.py runs it), against float64
+PATHS = [("loop", torch.float32, 1e-5), ("grouped_mm", torch.bfloat16, 3e-2)]
+
+
+@pytest.mark.parametrize("kernel,dtype,tol", PATHS)
+@pytest.mark.parametrize("E,k,tokens", SHAPES)
+def test_moe_matches_float64_naive_loop(E, k, tokens, kernel, dtype, tol):
+    moe = make_moe(E=E, k=k, moe_kernel=kernel)
     x = torch.randn(tokens, 16, requires_grad=True)
-    out = moe(x.view(1, tokens, 16)).view(tokens, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = moe(x.view(1, tokens, 16)).view(tokens, 16)
+    assert out.dtype == dtype
     ref = naive_moe(moe, x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads(moe, x, out), grads(moe, x, ref)):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(out, ref, tol, "out")
+    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+        assert_close_scaled(g, r, tol, name)
     if tokens == 1:  # experts that got no token get exactly zero gradient
         used = set(moe.route(x.detach())[0].flatten().tolist())
         for e in set(range(E)) - used:
             assert moe.w1.grad[e].abs().sum() == 0 and moe.w2.grad[e].abs().sum() == 0
 
 
+def test_top1_router_learns_from_the_language_model_loss():
+    # with the weight renormalised to p/p = 1 the router got 1e-12 (rounding) from this loss; with p it gets 1.5e-5
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, top_k=1,
+                          expert_hidden=16, aux_loss_coef=0.0, z_loss_coef=0.0))
+    x = torch.randint(0, 32, (4, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    router = model.moe_layers()[0].router.weight.grad
+    assert router.abs().max() > 1e-7, router.abs().max()
+
+
 def test_shared_expert_adds_a_dense_mlp():
     moe = make_moe(n_shared_expert=1)
     x = torch.randn(1, 10, 16)
-    routed = naive_moe(moe, x[0])
+    routed = naive_moe(moe, x[0]).float()
     torch.testing.assert_close(moe(x)[0], routed + moe.shared(x)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_capacity_keeps_exactly_the_highest_scoring_tokens():
-    moe = make_moe(E=4, k=1, capacity_factor=1.0)
-    with torch.no_grad():  # expert 0 is everyone's favourite
-        moe.router.weight.zero_()
-        moe.router.weight[0, 0] = 5.0
+def kept_by_score(moe, x, capacity):
+    """Independently of moe.py: for each expert, the `capacity` (token, slot) pairs routed to it with the highest
+    router probability, as a (N, k) mask."""
+    probs = (x.double() @ moe.router.weight.double().t()).softmax(-1)
+    expert = probs.topk(moe.top_k, dim=-1).indices
+    keep = torch.zeros(expert.shape, dtype=torch.bool)
+    for e in range(moe.n_expert):
+        pairs = [(i, j) for i in range(len(x)) for j in range(moe.top_k) if expert[i, j] == e]
+        for i, j in sorted(pairs, key=lambda p: -probs[p[0], e].item())[:capacity]:
+            keep[i, j] = True
+    return keep
+
+
+@pytest.mark.parametrize("kernel,dtype,tol", PATHS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_keeps_per_expert_the_highest_scoring_pairs(k, kernel, dtype, tol):
+    moe = make_moe(E=4, k=k, capacity_factor=1.0, moe_kernel=kernel)
+    with torch.no_grad():  # expert 0 is everyone's favourite, by unequal margins; the best come late in the batch
+        moe.router.weight[0, 0] += 3.0
     x = torch.randn(64, 16)
-    x[:, 0] = x[:, 0].abs() + 0.1
-    expert, weight, _ = moe.route(x)
-    order, offsets = moe.dispatch(expert, weight)
-    capacity = math.ceil(64 * 1 * 1.0 / 4)
-    wanted = [i for i in range(64) if expert[i, 0] == 0]
-    assert len(wanted) > capacity  # the test needs an overloaded expert
-    best = sorted(wanted, key=lambda i: -weight[i, 0].item())[:capacity]
-    kept = order[offsets[0]:offsets[1]].tolist()
-    assert sorted(kept) == sorted(best)
-    # a dropped token gets nothing from the layer (only the residual carries it on); a kept one does
-    out = moe(x.view(1, 64, 16))[0]
-    dropped = sorted(set(wanted) - set(best))
-    assert out[dropped].abs().max() == 0
-    assert (out[best].abs().sum(-1) > 0).all()
-    assert moe.metrics()["dropped"] == pytest.approx(len(dropped) / 64)
+    x[:, 0] = torch.linspace(0.1, 2.0, 64)
+    capacity = math.ceil(64 * k / 4)
+    keep = kept_by_score(moe, x, capacity)
+    assert (~keep).sum() > 0  # the test needs an overloaded expert
+    expert, weight, score, _ = moe.route(x)
+    order, counts = moe.sort_by_expert(expert, score)
+    bounds = [0, *counts.cumsum(0).tolist()]
+    # each expert's group holds its kept tokens (moe.route may order a token's slots unlike topk: compare tokens)
+    ref_expert = (x.double() @ moe.router.weight.double().t()).softmax(-1).topk(k).indices
+    for e in range(4):
+        group = order[bounds[e]:bounds[e + 1]]
+        assert (expert.flatten()[group] == e).all()
+        want = [i for i in range(64) for j in range(k) if ref_expert[i, j] == e and keep[i, j]]
+        assert sorted((group // k).tolist()) == sorted(want), e
+    x = x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = moe(x.view(1, 64, 16))[0]
+    ref = naive_moe(moe, x, keep)
+    assert_close_scaled(out, ref, tol, "out")  # a dropped pair adds nothing; the residual carries its token on
+    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+        assert_close_scaled(g, r, tol, name)
+    assert moe.metrics()["dropped"] == pytest.approx((~keep).sum().item() / (64 * k))
+
+
+def test_evaluation_is_dropless_by_default_and_independent_of_the_batch():
+    moe = make_moe(E=4, k=2, capacity_factor=0.5)
+    with torch.no_grad():
+        moe.router.weight[0, 0] += 3.0
+    x = torch.randn(1, 32, 16).abs()
+    moe.train()
+    assert (moe(x)[0] != moe(x[:, :4])[0][:4].repeat(8, 1)).any()  # training drops pairs: the batch matters
+    moe.eval()
+    alone = torch.cat([moe(x[:, i:i + 1])[0] for i in range(32)])
+    torch.testing.assert_close(moe(x)[0], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x)[0], naive_moe(moe, x[0]).float(), rtol=1e-5, atol=1e-6)
+    moe.eval_capacity_factor = 0.5  # asked for, evaluation drops too
+    assert not torch.allclose(moe(x)[0], alone)
 
 
 def test_aux_and_z_loss_match_the_formulas_worked_by_hand():
@@ -103,12 +170,12 @@ def test_aux_and_z_loss_match_the_formulas_worked_by_hand():
         moe.router.weight.copy_(torch.eye(2))
     ln3 = math.log(3)
     x = torch.tensor([[ln3, 0.0], [ln3, 0.0], [0.0, ln3]])
-    expert, weight, loss = moe.route(x)
+    expert, weight, _, loss = moe.route(x)
     assert expert.flatten().tolist() == [0, 0, 1]
     assert weight.flatten().tolist() == pytest.approx([0.75, 0.75, 0.75])
     assert loss.item() == pytest.approx(alpha * 19 / 18 + beta * math.log(4) ** 2, rel=1e-6)
     moe.eval()  # evaluation adds no balancing loss
-    assert moe.route(x)[2].item() == 0
+    assert moe.route(x)[3].item() == 0
 
 
 @pytest.mark.parametrize("score,rate", [("softmax", 1e-3), ("sigmoid", 3e-3)])
@@ -134,7 +201,7 @@ def test_bias_balancing_evens_out_a_skewed_router(score, rate):
     assert before < 0.4 and after > 0.85, (before, after)
     # the bias chooses experts, but never scales their outputs: the weights are the plain scores
     x = torch.randn(5, 16)
-    expert, weight, _ = moe.route(x)
+    expert, weight, _, _ = moe.route(x)
     logits = x @ moe.router.weight.t()
     scores = (logits.softmax(-1) if score == "softmax" else logits.sigmoid()).gather(1, expert)
     torch.testing.assert_close(weight, scores / scores.sum(-1, keepdim=True))
