@@ -46,11 +46,14 @@ def _recompute():
         _recomputing = False
 
 
+def _contexts():  # (around the forward, around its rerun); a module-level function, as torch.compile needs
+    return contextlib.nullcontext(), _recompute()
+
+
 def checkpoint(fn, *args):
     """torch.utils.checkpoint (non-reentrant) that flags its rerun in backward, so that MoE layers count their routing
     once per real forward (the rerun routes the same tokens again)."""
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
-                                             context_fn=lambda: (contextlib.nullcontext(), _recompute()))
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
 
 
 class MoE(nn.Module):

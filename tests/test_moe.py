@@ -238,6 +238,77 @@ def test_grad_checkpoint_keeps_the_moe_loss_gradients():
         torch.testing.assert_close(results[1][name], results[0][name], msg=name)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grad_checkpoint_counts_routed_tokens_once(compiled):
+    # the recompute in backward routes every token again; counting it too doubled tokens_per_expert (64, not 32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, top_k=2,
+                          expert_hidden=16, grad_checkpoint=True, capacity_factor=0.5))
+    x = torch.randint(0, 32, (2, 8))
+    _, loss = (torch.compile(model) if compiled else model)(x, x)
+    loss.backward()
+    m = model.moe_layers()[0].metrics()
+    assert sum(m["tokens_per_expert"]) == 2 * 8 * 2
+    assert 0 < m["dropped"] < 1
+
+
+def moe_step(layer, x):
+    """Forward under bf16 autocast (as train.py runs it) and backward: the output and every gradient."""
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    ((out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + layer.aux_loss).backward()
+    return [out.detach(), x.grad] + [p.grad.clone() for p in (layer.router.weight, layer.w1, layer.w3, layer.w2)]
+
+
+def gpu_path_moe(capacity_factor):
+    return make_moe(E=8, k=2, capacity_factor=capacity_factor, moe_kernel="grouped_mm", aux_loss_coef=0.01,
+                    z_loss_coef=0.001, moe_balance="bias")
+
+
+def test_grouped_mm_layer_compiles_fullgraph_and_matches_eager():
+    moe = gpu_path_moe(capacity_factor=1.0)
+    x = torch.randn(2, 24, 16)
+    got = moe_step(torch.compile(moe, fullgraph=True), x)  # fullgraph: any graph break is an error
+    moe.zero_grad()
+    want = moe_step(moe, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
+    assert sum(moe.metrics()["tokens_per_expert"]) == 2 * (2 * 24 * 2)  # two forwards, one compiled
+
+
+def syncing_nodes(fn):
+    """fn compiled, and a list that running it fills with the nodes of its traced forward and backward graphs that read a tensor's value on the host (.item(),
+    .tolist()) or whose shape depends on tensor values (bincount, nonzero, boolean-mask indexing): each one makes
+    the host wait for a GPU. torch.compile(fullgraph=True) alone accepts them in torch 2.13."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    found = []
+    # ops whose result needs the host to see tensor values; _assert_scalar checks a value-dependent size at run time
+    syncing = ("_local_scalar_dense", "bincount", "nonzero", "masked_select", "unique", "_assert_scalar")
+
+    def record(gm, example_inputs):
+        found.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and (
+            any(op in str(n.target) for op in syncing) or free_unbacked_symbols(n.meta.get("val"))))
+        return gm
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)), found
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_grouped_mm_layer_has_no_host_sync_forward_or_backward(capacity_factor):
+    # the checker finds what the old dispatch did: torch.bincount, and capacity by boolean indexing
+    for fn, arg in [(lambda e: torch.bincount(e, minlength=8), torch.randint(0, 8, (10,))),
+                    (lambda x: x[x > 0], torch.randn(10))]:
+        fn, found = syncing_nodes(fn)
+        fn(arg)
+        assert found
+    layer, found = syncing_nodes(gpu_path_moe(capacity_factor))
+    moe_step(layer, torch.randn(2, 24, 16))
+    assert len(found) == 0, found
+
+
 def test_medium_moe_parameter_counts_match_the_formula():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "config/medium_moe.py"], cwd=ROOT,
                           capture_output=True, text=True, check=True)
