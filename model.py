@@ -93,7 +93,8 @@ class GPTConfig:
                 if getattr(self, name) < 0:
                     raise ValueError(f"{name} must be >= 0 (0 is dropless), got {getattr(self, name)}")
             if self.moe_kernel not in ("auto", "grouped_mm", "triton", "loop"):
-                raise ValueError(f"moe_kernel must be 'auto', 'grouped_mm', 'triton' or 'loop', got {self.moe_kernel!r}")
+                raise ValueError(f"moe_kernel must be 'auto', 'grouped_mm', 'triton' or 'loop', "
+                                 f"got {self.moe_kernel!r}")
         if self.dre:
             if min(self.n_prelude, self.n_coda) < 0 or self.n_layer - self.n_prelude - self.n_coda < 1:
                 raise ValueError(f"dre needs a core: n_layer={self.n_layer} must exceed n_prelude={self.n_prelude} "

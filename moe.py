@@ -109,7 +109,8 @@ class MoE(nn.Module):
     def count(self, expert):
         """Pairs per expert (E,) int64; a scatter, not torch.bincount, which waits for the host on CUDA."""
         flat = expert.flatten()
-        return torch.zeros(self.n_expert, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(self.n_expert, dtype=torch.long, device=flat.device)
+        return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
     def sort_by_expert(self, expert, score):
         """The (token, slot) pairs as flat ids (N*k,) sorted by expert, and the pairs each expert takes (E,). Over

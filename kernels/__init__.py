@@ -36,7 +36,7 @@ def grouped_mm(x, w, offsets, kernel="auto", gather_idx=None, scatter_idx=None, 
     kernel = pick(kernel, x)
     if kernel == "grouped_mm":
         if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
-            raise ValueError(f"moe_kernel='grouped_mm' needs bfloat16 (got {x.dtype}): use dtype=bfloat16, or "
+            raise ValueError(f"moe_kernel='grouped_mm' takes bfloat16 only (got {x.dtype}); use dtype=bfloat16 or "
                              "moe_kernel='auto'")
         if gather_idx is not None or scatter_idx is not None:
             raise ValueError("the grouped_mm path takes sorted rows: gather them first")

@@ -1,12 +1,12 @@
 """Grouped GEMM for Mixture-of-Experts over expert-sorted rows, with the gather and scatter fused in.
 
-Sorted row i belongs to expert e iff offsets[e] <= i < offsets[e+1] (groups ragged, possibly empty) and computes
-x[gather_idx[i]] @ w[e].T into y[scatter_idx[i]], w[e] being (out, in) (either index None: the identity). Fusing the indexing into the loads
-and stores (ScatterMoE's scatter2scatter) means no sorted copy of x, no padding per expert, one launch for all
-experts. Row tiles never straddle two experts: each program finds its expert by counting tile ends. Backward: grad_x
-reuses the forward kernel on (dy, w^T) with the indices' roles swapped; grad_w has its own kernel. Nothing syncs with
-the host: the tile schedule is built on the device and the grid sized from shapes alone (offsets[E] == M is the
-caller's promise, not checked).
+Sorted row i belongs to expert e iff offsets[e] <= i < offsets[e+1] (groups ragged, possibly empty; rows at or past
+offsets[E] belong to none and are not computed) and computes x[gather_idx[i]] @ w[e].T into y[scatter_idx[i]], w[e]
+being (out, in) as nn.Linear keeps it (either index None: the identity). Fusing the indexing into the loads and
+stores (ScatterMoE's scatter2scatter) means no sorted copy of x, no padding per expert, one launch for all experts.
+Row tiles never straddle two experts: each program finds its expert by counting tile ends. Backward: grad_x reuses
+the forward kernel on (dy, w) with the indices' roles swapped; grad_w has its own kernel. Nothing syncs with the
+host: the tile schedule is built on the device and the grid sized from shapes alone.
 """
 from collections import namedtuple
 
@@ -185,9 +185,9 @@ def scatter2scatter(x, w, offsets, gather_idx=None, scatter_idx=None, out_rows=N
     """y[scatter_idx[i]] = x[gather_idx[i]] @ w[e].T for each expert-sorted row i of group e.
 
     x: [Nx, K] (or [M, K] in sorted order when gather_idx is None); w: [E, N, K]; offsets: int [E+1]
-    group boundaries over the M sorted rows (rows at or past offsets[E] belong to no group); gather_idx / scatter_idx: int64 [M] or None (identity;
-    scatter_idx must be unique). Returns [out_rows, N] (rows nobody writes are zero; out_rows defaults
-    to M) in x's dtype, accumulated in fp32. Differentiable w.r.t. x and w.
+    group boundaries over the M sorted rows (rows at or past offsets[E] belong to no group); gather_idx /
+    scatter_idx: int64 [M] or None (identity; scatter_idx must be unique). Returns [out_rows, N] (rows nobody
+    writes are zero; out_rows defaults to M) in x's dtype, accumulated in fp32. Differentiable w.r.t. x and w.
     """
     if triton is None:
         raise RuntimeError("kernels.triton_gemm.scatter2scatter needs triton (pip install triton)")

@@ -182,7 +182,8 @@ def check(name, results, what=("y",)):
         assert got[key].dtype == (c["w"] if key == "dw" else c["x"]).dtype, (key, got[key].dtype)
         assert got[key].shape == ref[key].shape, (key, got[key].shape, ref[key].shape)
         scale = max(ref[key].abs().amax().item() if ref[key].numel() else 0.0, 1.0)
-        torch.testing.assert_close(got[key].double(), ref[key], rtol=tol, atol=tol * scale, msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(got[key].double(), ref[key], rtol=tol, atol=tol * scale,
+                                   msg=lambda m: f"{name} {key}: {m}")
     return c, got
 
 
@@ -293,7 +294,7 @@ def test_loop_and_torch_grouped_mm_match_float64(kernel, names, dtype, tol):
 
 def test_grouped_mm_path_refuses_other_dtypes_and_auto_picks_by_device_and_dtype():
     c = CASES["neither_float32"]
-    with pytest.raises(ValueError, match="needs bfloat16"):
+    with pytest.raises(ValueError, match="bfloat16 only"):
         grouped_mm(c["x"], c["w"], c["offsets"], "grouped_mm")
     from kernels import pick
     assert pick("auto", c["x"].bfloat16()) == "grouped_mm" and pick("auto", c["x"]) == "loop"
@@ -311,3 +312,47 @@ def test_triton_configs_fit_99kb_of_shared_memory_and_follow_the_gpu_rules():
     assert tg.smem_bytes(tg.Config(64, 128, 32, 4, 2), 4) == 80 * 1024
     assert tg.pick_config(torch.bfloat16, 4096).BLOCK_N == 128 and tg.pick_config(torch.float16, 64).BLOCK_N == 64
     assert tg.pick_config(torch.float32, 16) == tg.CONFIGS[4][-1]
+
+
+# The GPU check (README: one command, a few minutes on one GPU): skipped without CUDA
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu_paths():
+    paths = [("triton", torch.bfloat16), ("triton", torch.float16), ("loop", torch.bfloat16), ("loop", torch.float16)]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        paths.append(("grouped_mm", torch.bfloat16))
+    return paths
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel,dtype", gpu_paths())
+def test_gpu_paths_match_float64_on_ragged_groups_without_host_syncs(kernel, dtype):
+    g = torch.Generator().manual_seed(0)
+    E, K, N = 8, 256, 320
+    sizes = [0, 300, 17, 0, 128, 1, 250, 0]  # empty first, middle and last experts; 40 rows past the last group
+    M = sum(sizes) + 40
+    c = dict(x=torch.randn(M, K, generator=g), w=torch.randn(E, N, K, generator=g) / K ** 0.5,
+             offsets=offsets_of(sizes), gather_idx=None, scatter_idx=None, out_rows=None,
+             dy=torch.randn(M, N, generator=g))
+    ref = dict(zip(("y", "dx", "dw"), reference(c)))
+    x = c["x"].cuda().to(dtype).requires_grad_()
+    w = c["w"].cuda().to(dtype).requires_grad_()
+    offsets, dy = c["offsets"].cuda(), c["dy"].cuda().to(dtype)
+    grouped_mm(x, w, offsets, kernel).backward(dy)  # the first call compiles (Triton) and may sync; not timed
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    if kernel != "loop":  # the loop reads the group sizes on the host by design
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = grouped_mm(x, w, offsets, kernel)
+        y.backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = {"y": y.detach(), "dx": x.grad, "dw": w.grad}
+    for key in ref:
+        scale = ref[key].abs().max().item()
+        err = (got[key].double().cpu() - ref[key]).abs().max().item()
+        assert err <= 2e-2 * scale, (kernel, dtype, key, err, scale)
+    assert torch.all(got["y"][-40:] == 0) and torch.all(got["dx"][-40:] == 0)

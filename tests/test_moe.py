@@ -278,9 +278,9 @@ def test_grouped_mm_layer_compiles_fullgraph_and_matches_eager():
 
 
 def syncing_nodes(fn):
-    """fn compiled, and a list that running it fills with the nodes of its traced forward and backward graphs that read a tensor's value on the host (.item(),
-    .tolist()) or whose shape depends on tensor values (bincount, nonzero, boolean-mask indexing): each one makes
-    the host wait for a GPU. torch.compile(fullgraph=True) alone accepts them in torch 2.13."""
+    """fn compiled, and a list that running it fills with the nodes of its traced forward and backward graphs that
+    read a tensor's value on the host (.item(), .tolist()) or whose shape depends on tensor values (bincount, nonzero,
+    boolean-mask indexing): each makes the host wait for a GPU. torch.compile(fullgraph=True) alone accepts them."""
     from torch._dynamo.backends.common import aot_autograd
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
     found = []
@@ -344,3 +344,66 @@ def test_moe_model_trains_and_logs_routing(char_data, tmp_path, balance):
     assert has_bias == (balance == "bias")
     if balance == "bias":  # the biases moved
         assert any(ckpt["model"][k].abs().sum() > 0 for k in ckpt["model"] if k.endswith("expert_bias"))
+
+
+# The GPU check (README: one command, a few minutes on one GPU): skipped without CUDA
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_KERNELS = ["triton", "loop"] + (["grouped_mm"] if torch.cuda.is_available()
+                                    and torch.cuda.get_device_capability() >= (9, 0) else [])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_gpu_moe_layer_matches_float64_without_host_syncs(kernel, dtype, capacity_factor):
+    if kernel == "grouped_mm" and dtype == torch.float16:
+        pytest.skip("torch._grouped_mm takes bf16 only")
+    moe = make_moe(E=8, k=2, d=64, h=96, capacity_factor=capacity_factor, moe_kernel=kernel).cuda()
+    with torch.no_grad():
+        moe.router.weight[0, 0] += 3.0  # an overloaded expert, so that capacity drops pairs
+    x = torch.randn(512, 64)
+    x[:, 0] = x[:, 0].abs()
+    dy = torch.linspace(-1, 1, x.numel()).view_as(x)
+    xg = x.cuda().requires_grad_()
+
+    def run():
+        moe.zero_grad()
+        xg.grad = None
+        with torch.autocast("cuda", dtype=dtype):
+            out = moe(xg.view(1, 512, 64)).view(512, 64)
+        out.float().backward(dy.cuda())
+        return out
+
+    run()  # compiles the Triton kernels
+    torch.cuda.synchronize()
+    if kernel != "loop":  # the loop reads the group sizes on the host by design
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    params = lambda: (moe.router.weight, moe.w1, moe.w3, moe.w2)
+    got = [out.detach().cpu(), xg.grad.cpu()] + [p.grad.cpu() for p in params()]
+    moe.cpu().zero_grad()
+    x64 = x.double().requires_grad_()
+    keep = kept_by_score(moe, x, math.ceil(512 * 2 * capacity_factor / 8)) if capacity_factor else None
+    ref = naive_moe(moe, x64, keep)
+    ref.backward(dy.double())
+    want = [ref.detach(), x64.grad] + [p.grad for p in params()]
+    for name, g, w in zip(("out", "x", "router", "w1", "w3", "w2"), got, want):
+        assert_close_scaled(g, w, 3e-2, name)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("compile,kernel", [(False, "auto"), (True, "auto"), (False, "triton")])
+def test_gpu_moe_model_trains_20_steps(char_data, tmp_path, compile, kernel):
+    run_train([*TINY_MOE, f"--out_dir={tmp_path}", "--max_iters=20", "--eval_interval=20", "--device=cuda",
+               "--dtype=bfloat16", f"--compile={compile}", f"--moe_kernel={kernel}", "--capacity_factor=1.25",
+               "--log_interval=1"], char_data)
+    with open(tmp_path / "metrics.jsonl") as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) < sum(losses[:5]), losses  # it learns
