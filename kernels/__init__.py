@@ -10,7 +10,8 @@ chosen by moe_kernel (GPTConfig):
 - 'triton': one Triton launch for all experts, gather and scatter fused into the loads and stores (ScatterMoE's
   scatter2scatter, kernels/triton_gemm.py), for other CUDA GPUs and other dtypes;
 - 'loop': one matmul per expert on its contiguous slice, anywhere (it reads the group sizes on the host);
-- 'auto': grouped_mm where PyTorch supports it (bfloat16 on the CPU or an sm90+ GPU), else triton on CUDA, else loop.
+- 'auto': grouped_mm where PyTorch supports it (bfloat16 on the CPU or an sm90+ GPU, widths multiples of 8), else
+  triton on CUDA, else loop.
 """
 
 import os
@@ -20,11 +21,12 @@ import torch
 KERNELS = ("auto", "grouped_mm", "triton", "loop")
 
 
-def pick(kernel, x):
+def pick(kernel, x, w):
     """The path 'auto' stands for on x's device and dtype; any other choice as given."""
     if kernel != "auto":
         return kernel
-    if x.dtype == torch.bfloat16 and (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0)):
+    aligned = w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0  # CUTLASS wants rows of 16-byte multiples
+    if x.dtype == torch.bfloat16 and aligned and (not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9):
         return "grouped_mm"
     return "triton" if x.is_cuda else "loop"
 
@@ -33,7 +35,7 @@ def grouped_mm(x, w, offsets, kernel="auto", gather_idx=None, scatter_idx=None, 
     """x: (Nx, K); w: (E, N, K); offsets: (E+1,) int, offsets[0] = 0, offsets[-1] <= M rows; gather_idx /
     scatter_idx: (M,) int64 or None (identity; only the triton and loop paths take them); returns (out_rows or M,
     N), zero in rows nothing was scattered to. Differentiable in x and w."""
-    kernel = pick(kernel, x)
+    kernel = pick(kernel, x, w)
     if kernel == "grouped_mm":
         if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
             raise ValueError(f"moe_kernel='grouped_mm' takes bfloat16 only (got {x.dtype}); use dtype=bfloat16 or "
