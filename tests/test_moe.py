@@ -366,14 +366,14 @@ def test_gpu_moe_layer_matches_float64_without_host_syncs(kernel, dtype, capacit
     x = torch.randn(512, 64)
     x[:, 0] = x[:, 0].abs()
     dy = torch.linspace(-1, 1, x.numel()).view_as(x)
-    xg = x.cuda().requires_grad_()
+    xg, dyg = x.cuda().requires_grad_(), dy.cuda()  # copied before the check: a host-to-device copy syncs too
 
     def run():
         moe.zero_grad()
         xg.grad = None
         with torch.autocast("cuda", dtype=dtype):
             out = moe(xg.view(1, 512, 64)).view(512, 64)
-        out.float().backward(dy.cuda())
+        out.float().backward(dyg)
         return out
 
     run()  # compiles the Triton kernels
