@@ -4,7 +4,7 @@ Measures training speed: forward + backward + optimizer step of a model on rando
     python bench.py           # the CPU default, config/train_shakespeare_char.py: about a minute on a CPU
     python bench.py config/train_gpt2.py   # GPT-2 124M (hours on a CPU)
     python bench.py --n_layer=6 --n_embd=384 --block_size=256 --batch_size=64 --dtype=float32,bfloat16
-    python bench.py --moe     # one MoE layer against a naive loop over experts and a dense MLP of equal FLOPs
+    python bench.py --moe     # one MoE layer by each moe_kernel path, a naive loop, and a dense MLP of equal FLOPs
     python bench.py --dre --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
     python bench.py --memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
     python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
@@ -140,47 +140,72 @@ def bench_throughput():
 
 def naive_moe(layer, x):
     """The MoE layer as it is usually first written: a Python loop over experts, index_select and index_add."""
-    expert, weight, _ = layer.route(x)  # moe.py's routing: the same experts and weights
+    expert, weight, _, _ = layer.route(x)  # moe.py's routing: the same experts and weights
     out = torch.zeros_like(x)
     for e in range(layer.n_expert):
         token, slot = (expert == e).nonzero(as_tuple=True)
         xe = x.index_select(0, token)
-        ye = (F.silu(xe @ layer.w1[e]) * (xe @ layer.w3[e])) @ layer.w2[e]
+        ye = (F.silu(xe @ layer.w1[e].t()) * (xe @ layer.w3[e].t())) @ layer.w2[e].t()
         out.index_add_(0, token, (ye * weight[token, slot, None]).to(out.dtype))
     return out
 
 
 def every_expert_moe(layer, x):
     """Every expert on every token, the unchosen ones weighted by zero: no dispatch, but n_expert/top_k the FLOPs."""
-    expert, weight, _ = layer.route(x)
+    expert, weight, _, _ = layer.route(x)
     gates = weight.new_zeros(len(x), layer.n_expert).scatter(1, expert, weight)
-    h = F.silu(torch.einsum("nd,edh->enh", x, layer.w1)) * torch.einsum("nd,edh->enh", x, layer.w3)
-    return torch.einsum("ne,end->nd", gates.to(h.dtype), torch.einsum("enh,ehd->end", h, layer.w2))
+    h = F.silu(torch.einsum("nd,ehd->enh", x, layer.w1)) * torch.einsum("nd,ehd->enh", x, layer.w3)
+    return torch.einsum("ne,end->nd", gates.to(h.dtype), torch.einsum("enh,edh->end", h, layer.w2))
 
 
 def bench_moe():
+    """Forward + backward of one MoE layer by each of moe.py's kernel paths (moe_kernel) that runs here, against
+    the naive loop, every expert on every token, and a dense SwiGLU of the same FLOPs; a path that cannot run on
+    this device and dtype is listed with the reason."""
     cfg = GPTConfig(n_layer=1, n_head=1, n_embd=moe_embd, n_expert=n_expert or 8, top_k=top_k, expert_hidden=moe_hidden)
     layer = MoE(cfg).to(device)
     dense = MLP(cfg, hidden=top_k * moe_hidden).to(device)  # a dense SwiGLU with the FLOPs of top_k experts
     x = torch.randn(moe_tokens, moe_embd, device=device, requires_grad=True)
     grad = torch.randn(moe_tokens, moe_embd, device=device)
-    impls = [("moe.py (sorted, grouped GEMM)", lambda: layer(x.view(1, -1, moe_embd)).view(-1, moe_embd)),
-             ("naive loop over experts", lambda: naive_moe(layer, x)),
-             ("every expert on every token", lambda: every_expert_moe(layer, x)),
-             (f"dense SwiGLU, {top_k * moe_hidden} wide", lambda: dense(x))]
-    cases = [(name, dt, fn) for dt in dtype.split(",") for name, fn in impls]
+
+    def moe_path(kernel):
+        def run():
+            layer.kernel = kernel
+            return layer(x.view(1, -1, moe_embd)).view(-1, moe_embd)
+        return run
+
+    impls = [(f"moe.py, moe_kernel={k}", moe_path(k)) for k in ("grouped_mm", "triton", "loop")]
+    impls += [("naive loop over experts", lambda: naive_moe(layer, x)),
+              ("every expert on every token", lambda: every_expert_moe(layer, x)),
+              (f"dense SwiGLU, {top_k * moe_hidden} wide", lambda: dense(x))]
 
     def fwd_bwd(case):
         with autocast(case[1]):
             out = case[2]()
         out.backward(grad)
 
+    cases, skipped = [], {}
+    for dt in dtype.split(","):
+        for name, fn in impls:
+            if "triton" in name and device_type != "cuda":  # the interpreter runs it, at a snail's pace
+                skipped[name, dt] = "needs CUDA"
+                continue
+            try:
+                fwd_bwd((name, dt, fn))
+                cases.append((name, dt, fn))
+            except (ValueError, RuntimeError) as e:
+                skipped[name, dt] = str(e).splitlines()[0].split("; ")[0][:70]
     times = {case[:2]: t / steps for case, t in zip(cases, timed(cases, fwd_bwd, steps, skip=warmup))}
     print(f"MoE layer: {moe_tokens} tokens x {moe_embd} wide, {cfg.n_expert} experts of {moe_hidden}, top-{top_k}, "
           f"{device}; forward + backward, median of {rounds} rounds x {steps}")
     print(f"{'implementation':<32} {'dtype':<9} {'ms':>8} {'vs dense':>9}")
-    for (name, dt), t in times.items():
-        print(f"{name:<32} {dt:<9} {t * 1000:>8.1f} {t / times[impls[-1][0], dt]:>8.2f}x")
+    for dt in dtype.split(","):
+        for name, _ in impls:
+            if (name, dt) in times:
+                t = times[name, dt]
+                print(f"{name:<32} {dt:<9} {t * 1000:>8.1f} {t / times[impls[-1][0], dt]:>8.2f}x")
+            else:
+                print(f"{name:<32} {dt:<9} {'n/a':>8}  {skipped[name, dt]}")
 
 
 def bench_memory():  # one torchrun per layout, rank 0 reporting the largest rank's bytes

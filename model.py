@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from moe import MoE, active_params
+from moe import MoE, active_params, checkpoint
 from reasoning import RecurrentDepth
 
 try:
@@ -48,8 +47,10 @@ class GPTConfig:
     moe_every: int = 1          # every moe_every-th block is MoE (the last of each group), the others dense
     n_shared_expert: int = 0    # experts every token also goes through
     capacity_factor: float = 0.0  # 0: dropless; else each expert takes at most ceil(N*top_k*factor/E) tokens
+    eval_capacity_factor: float = 0.0  # the same in evaluation and sampling; 0 (dropless) keeps them batch-independent
     router_score: str = "softmax"  # 'softmax' or 'sigmoid'
-    router_renormalize: bool = True  # the top_k weights sum to one
+    router_renormalize: bool = True  # the top_k weights sum to one (top_k > 1; at top_k=1 the weight is the score)
+    moe_kernel: str = "auto"    # grouped GEMM: 'auto', 'grouped_mm' (torch._grouped_mm, bf16), 'triton' or 'loop'
     moe_balance: str = "aux"    # 'aux' (the Switch loss only) or 'bias' (DeepSeek-V3's aux-loss-free bias, too)
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
@@ -88,8 +89,12 @@ class GPTConfig:
                 raise ValueError(f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
             if self.moe_balance not in ("aux", "bias"):
                 raise ValueError(f"moe_balance must be 'aux' or 'bias', got {self.moe_balance!r}")
-            if self.capacity_factor < 0:
-                raise ValueError(f"capacity_factor must be >= 0 (0 is dropless), got {self.capacity_factor}")
+            for name in ("capacity_factor", "eval_capacity_factor"):
+                if getattr(self, name) < 0:
+                    raise ValueError(f"{name} must be >= 0 (0 is dropless), got {getattr(self, name)}")
+            if self.moe_kernel not in ("auto", "grouped_mm", "triton", "loop"):
+                raise ValueError(f"moe_kernel must be 'auto', 'grouped_mm', 'triton' or 'loop', "
+                                 f"got {self.moe_kernel!r}")
         if self.dre:
             if min(self.n_prelude, self.n_coda) < 0 or self.n_layer - self.n_prelude - self.n_coda < 1:
                 raise ValueError(f"dre needs a core: n_layer={self.n_layer} must exceed n_prelude={self.n_prelude} "
@@ -251,7 +256,7 @@ class Block(nn.Module):
 
 def run_block(block, x, cos, sin, cache, grad_checkpoint):
     if grad_checkpoint and cache is None:  # recompute the block's activations in backward rather than store them
-        return checkpoint(block, x, cos, sin, use_reentrant=False)
+        return checkpoint(block, x, cos, sin)
     return block(x, cos, sin, cache)
 
 

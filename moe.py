@@ -1,18 +1,22 @@
 """
 Mixture-of-Experts: a router picks top_k of n_expert SwiGLU MLPs for each token, and only those run.
 
-In forward order: route (fp32 scores, top_k, optional renormalisation and DeepSeek-V3's balancing bias), dispatch
-(the token-expert pairs sorted by expert once, capacity applied if set), three grouped GEMMs over that order
-(kernels/), and combine (each pair's output weighted by its score, summed per token, shared experts added). The
-balancing losses (Switch's aux loss, ST-MoE's router z-loss) reach train.py through GPT.moe_loss(); routing metrics
-are counted on the device and read only at log time. The README's MoE section has the formulas.
+In forward order: route (fp32 scores, top_k, DeepSeek-V3's optional balancing bias), sort the token-expert pairs by
+expert (capacity applied if set), the experts on those sorted rows (two grouped GEMMs, kernels/), and combine (each
+pair's output weighted by its score, summed per token, shared experts added). Every shape depends on the batch
+alone, never on the routing, and nothing waits for the host: a dropped pair stays in the sorted order, past the
+kept ones, and comes back zero. The balancing losses (Switch's aux loss, ST-MoE's router z-loss) reach train.py
+through GPT.moe_loss(); routing metrics are counted on the device and read only at log time. The README's MoE
+section has the formulas.
 """
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from kernels import grouped_mm
 
@@ -29,19 +33,43 @@ def active_params(module):
     return sum(p.numel() for p in module.parameters()) - idle
 
 
+_recomputing = False  # True while gradient checkpointing reruns a forward in backward
+
+
+@contextlib.contextmanager
+def _recompute():
+    global _recomputing
+    _recomputing = True
+    try:
+        yield
+    finally:
+        _recomputing = False
+
+
+def _contexts():  # (around the forward, around its rerun); a module-level function, as torch.compile needs
+    return contextlib.nullcontext(), _recompute()
+
+
+def checkpoint(fn, *args):
+    """torch.utils.checkpoint (non-reentrant) that flags its rerun in backward, so that MoE layers count their routing
+    once per real forward (the rerun routes the same tokens again)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+
+
 class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         E, d, h = config.n_expert, config.n_embd, config.expert_hidden
         self.n_expert, self.top_k = E, config.top_k
         self.score, self.renormalize = config.router_score, config.router_renormalize
-        self.capacity_factor = config.capacity_factor
+        self.capacity_factor, self.eval_capacity_factor = config.capacity_factor, config.eval_capacity_factor
+        self.kernel = config.moe_kernel
         self.aux_loss_coef, self.z_loss_coef = config.aux_loss_coef, config.z_loss_coef
         self.router = nn.Linear(d, E, bias=False)
-        # stacked expert weights, laid out (in, out) so that each expert is x @ w[e]
-        self.w1 = nn.Parameter(torch.empty(E, d, h))  # gate
-        self.w3 = nn.Parameter(torch.empty(E, d, h))  # up
-        self.w2 = nn.Parameter(torch.empty(E, h, d))  # down, feeds the residual stream (GPT rescales its init)
+        # stacked expert weights, each (out, in) as nn.Linear keeps its weight: expert e computes x @ w[e].T
+        self.w1 = nn.Parameter(torch.empty(E, h, d))  # gate
+        self.w3 = nn.Parameter(torch.empty(E, h, d))  # up
+        self.w2 = nn.Parameter(torch.empty(E, d, h))  # down, feeds the residual stream (GPT rescales its init)
         for w in (self.w1, self.w3, self.w2):
             nn.init.normal_(w, mean=0.0, std=0.02)
         self.shared = None  # experts every token goes through: a dense MLP that model.Block puts here
@@ -59,68 +87,76 @@ class MoE(nn.Module):
         self.enter_experts, self.leave_experts = nn.Identity(), nn.Identity()
 
     def route(self, x):
-        """x: (N, d) -> expert ids (N, k), combine weights (N, k) fp32, and the balancing loss."""
-        logits = F.linear(x.float(), local(self.router.weight).float())  # fp32 even under autocast
+        """x: (N, d) -> expert ids (N, k), combine weights (N, k) fp32, the router scores of those choices (N, k),
+        and the balancing loss."""
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under autocast, which would make it bf16
+            logits = F.linear(x.float(), local(self.router.weight).float())
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         choice = scores + self.expert_bias if self.use_bias else scores
         expert = choice.topk(self.top_k, dim=-1, sorted=False).indices
-        weight = scores.gather(1, expert)
-        if self.renormalize:
-            weight = weight / weight.sum(-1, keepdim=True)
+        score = scores.gather(1, expert)
+        # at top_k=1 a renormalised weight is always 1 and the LM loss would not reach the router: Switch keeps p
+        weight = score / score.sum(-1, keepdim=True) if self.renormalize and self.top_k > 1 else score
         loss = logits.new_zeros(())
         if self.training and self.aux_loss_coef:
-            counts = torch.bincount(expert.flatten(), minlength=self.n_expert)
-            f = counts.float() / expert.numel()
+            f = self.count(expert).float() / expert.numel()
             P = (scores / scores.sum(-1, keepdim=True)).mean(0)  # = softmax probabilities when score='softmax'
             loss = loss + self.aux_loss_coef * self.n_expert * (f * P).sum()
         if self.training and self.z_loss_coef:
             loss = loss + self.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean()
-        return expert, weight, loss
+        return expert, weight, score, loss
 
-    def dispatch(self, expert, weight):
-        """The (token, slot) pairs sorted by expert, minus those over capacity: their flat pair ids (N*k) and each
-        expert's offsets into that order (E+1,)."""
+    def count(self, expert):
+        """Pairs per expert (E,) int64; a scatter, not torch.bincount, which waits for the host on CUDA."""
+        flat = expert.flatten()
+        counts = torch.zeros(self.n_expert, dtype=torch.long, device=flat.device)
+        return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+    def sort_by_expert(self, expert, score):
+        """The (token, slot) pairs as flat ids (N*k,) sorted by expert, and the pairs each expert takes (E,). Over
+        capacity an expert takes the pairs with the highest router scores; the rest go last, in no group."""
         E, flat = self.n_expert, expert.flatten()
-        if self.capacity_factor > 0:
-            # sort by score (best first), then stably by expert: each expert's pairs come out best first
-            by_score = weight.flatten().argsort(descending=True, stable=True)
-            order = by_score[flat[by_score].argsort(stable=True)]
-        else:
-            order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=E)
-        offsets = F.pad(counts.cumsum(0), (1, 0))
-        if self.training:  # the load the router asked for, before any dropping
+        counts = self.count(expert)
+        if self.training and not _recomputing:  # the load the router asked for, before any dropping
             self.load_seen += counts
             if self.use_bias:
                 self.load += counts
-        if self.capacity_factor > 0:
-            capacity = math.ceil(flat.numel() * self.capacity_factor / E)
-            rank_in_expert = torch.arange(flat.numel(), device=flat.device) - offsets[flat[order]]
-            order = order[rank_in_expert < capacity]
-            kept = counts.clamp(max=capacity)
-            if self.training:
-                self.dropped += torch.stack([counts.sum() - kept.sum(), counts.sum()])
-            counts, offsets = kept, F.pad(kept.cumsum(0), (1, 0))
-        elif self.training:
-            self.dropped[1] += flat.numel()
-        return order, offsets
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor <= 0:
+            if self.training and not _recomputing:
+                self.dropped[1] += flat.numel()
+            return flat.argsort(stable=True), counts
+        capacity = math.ceil(flat.numel() * factor / E)
+        # best score first, then stably by expert: each expert's pairs come out best first
+        by_score = score.flatten().argsort(descending=True, stable=True)
+        order = by_score[flat[by_score].argsort(stable=True)]
+        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[flat[order]]
+        # the kept pairs keep their places; the dropped ones move, stably, behind every group
+        order = order[torch.where(rank_in_expert < capacity, flat[order], E).argsort(stable=True)]
+        kept = counts.clamp(max=capacity)
+        if self.training and not _recomputing:
+            self.dropped += torch.stack([counts.sum() - kept.sum(), counts.sum()])
+        return order, kept
+
+    def experts(self, xs, counts):
+        """The routed experts on expert-sorted rows: counts[e] rows for expert e, in expert order, then any rows of
+        dropped pairs, which come back zero. xs: (M, d) -> (M, d). Expert parallelism exchanges rows around this."""
+        w13 = torch.cat([local(self.w1), local(self.w3)], dim=1)  # gate and up as one GEMM: xs is read once
+        w2 = local(self.w2)
+        if torch.is_autocast_enabled(xs.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
+            dt = torch.get_autocast_dtype(xs.device.type)
+            xs, w13, w2 = xs.to(dt), w13.to(dt), w2.to(dt)
+        offsets = F.pad(counts.cumsum(0), (1, 0))
+        gate, up = grouped_mm(xs, w13, offsets, self.kernel).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, w2, offsets, self.kernel)
 
     def forward(self, x):
         B, T, d = x.shape
         x = x.reshape(B * T, d)
-        expert, weight, self.aux_loss = self.route(x)
-        order, offsets = self.dispatch(expert, weight)
-        token = order // self.top_k
-        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
-        xe = self.enter_experts(x)
-        if torch.is_autocast_enabled(x.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
-            dt = torch.get_autocast_dtype(x.device.type)
-            xe, w1, w3, w2 = xe.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        if not xe.is_cuda:  # one gather for both up-projections (on CUDA the kernel gathers rows as it loads them)
-            xe, token = xe.index_select(0, token), None
-        h = F.silu(grouped_mm(xe, w1, offsets, gather_idx=token)) * grouped_mm(xe, w3, offsets, gather_idx=token)
-        y = grouped_mm(h, w2, offsets, scatter_idx=order, out_rows=expert.numel())  # (N*k, d), zero where dropped
-        y = self.leave_experts(y)
+        expert, weight, score, self.aux_loss = self.route(x)
+        order, counts = self.sort_by_expert(expert, score)
+        ys = self.leave_experts(self.experts(self.enter_experts(x).index_select(0, order // self.top_k), counts))
+        y = torch.zeros_like(ys).index_copy(0, order, ys)  # back to (token, slot) order; dropped pairs are zero
         out = self.dropout(torch.bmm(weight.to(y.dtype).unsqueeze(1), y.view(B * T, self.top_k, d)).view(B, T, d))
         if self.shared is not None:
             out = out + self.shared(x.view(B, T, d))

@@ -243,7 +243,7 @@ def apply_tensor_parallel(model, tp_mesh):
                 plan.update({"mlp.shared.c_gate": ColwiseParallel(), "mlp.shared.c_fc": ColwiseParallel(),
                              "mlp.shared.c_proj": RowwiseParallel()})
             moe = block.mlp
-            for name, placement in (("w1", Shard(2)), ("w3", Shard(2)), ("w2", Shard(1))):
+            for name, placement in (("w1", Shard(1)), ("w3", Shard(1)), ("w2", Shard(2))):  # (E, out, in)
                 setattr(moe, name, nn.Parameter(distribute_tensor(getattr(moe, name).data, tp_mesh, [placement])))
             moe.router.weight = nn.Parameter(distribute_tensor(moe.router.weight.data, tp_mesh, [Replicate()]))
             moe.enter_experts, moe.leave_experts = ExpertsTP(group, sum_output=False), ExpertsTP(group, sum_output=True)

@@ -17,9 +17,8 @@ import random
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from moe import MoE, active_params
+from moe import MoE, active_params, checkpoint
 
 
 @functools.lru_cache(maxsize=16)  # drawn from at every training step; the tensor is never modified
@@ -164,7 +163,7 @@ class RecurrentDepth(nn.Module):
     def run(self, blocks, x, cos, sin, caches=None):
         for block, cache in zip(blocks, caches or [None] * len(blocks)):
             if self.config.grad_checkpoint and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin)
             else:
                 x = block(x, cos, sin, cache)
         return x

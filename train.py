@@ -219,7 +219,8 @@ data_gen = torch.Generator().manual_seed(seed)
 # model
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # settings a run may change when it resumes or fine-tunes; every other model setting comes from the checkpoint
-RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "aux_loss_coef", "z_loss_coef", "dre_threshold")
+RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "eval_capacity_factor", "moe_kernel", "aux_loss_coef",
+                "z_loss_coef", "dre_threshold")
 
 
 def init_model():

@@ -1,13 +1,15 @@
 """Grouped GEMM for Mixture-of-Experts over expert-sorted rows, with the gather and scatter fused in.
 
-Sorted row i belongs to expert e iff offsets[e] <= i < offsets[e+1] (groups ragged, possibly empty) and computes
-x[gather_idx[i]] @ w[e] into y[scatter_idx[i]] (either index None: the identity). Fusing the indexing into the loads
-and stores (ScatterMoE's scatter2scatter) means no sorted copy of x, no padding per expert, one launch for all
-experts. Row tiles never straddle two experts: each program finds its expert by counting tile ends. Backward: grad_x
-reuses the forward kernel on (dy, w^T) with the indices' roles swapped; grad_w has its own kernel. Nothing syncs with
-the host: the tile schedule is built on the device and the grid sized from shapes alone (offsets[E] == M is the
-caller's promise, not checked).
+Sorted row i belongs to expert e iff offsets[e] <= i < offsets[e+1] (groups ragged, possibly empty; rows at or past
+offsets[E] belong to none and are not computed) and computes x[gather_idx[i]] @ w[e].T into y[scatter_idx[i]], w[e]
+being (out, in) as nn.Linear keeps it (either index None: the identity). Fusing the indexing into the loads and
+stores (ScatterMoE's scatter2scatter) means no sorted copy of x, no padding per expert, one launch for all experts.
+Row tiles never straddle two experts: each program finds its expert by counting tile ends. Backward: grad_x reuses
+the forward kernel on (dy, w) with the indices' roles swapped; grad_w has its own kernel. Nothing syncs with the
+host: the tile schedule is built on the device and the grid sized from shapes alone.
 """
+from collections import namedtuple
+
 import torch
 
 try:
@@ -16,13 +18,28 @@ try:
 except ImportError:  # the CPU-only install may have no triton; fail on use, not on import
     triton = None
 
-# Fixed launch config, no autotune. Chosen, not measured, for a d=1536, h=4096-class MoE on an H100 in
-# bf16: 64-row tiles keep the ragged-tail waste per expert small, 64x128 weight tiles keep the tensor
-# cores fed, and 3 stages of (64x64 + 64x128) bf16 tiles use ~72 KB of the 228 KB of shared memory.
-# Tests shrink the blocks (never below 16: tl.dot needs >= 16 per dimension on a GPU) to keep the
-# interpreter's grids small.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
-NUM_WARPS, NUM_STAGES = 4, 3
+# Launch configs by the bytes of one input element, widest first; a launch takes the first whose BLOCK_N is at
+# most its N (else the last). The rule, not a measurement (no GPU here; autotune would need one): 64-row tiles, so
+# an expert's ragged tail wastes under 64 rows; then the widest tiles whose pipeline (num_stages copies of both
+# kernels' operand tiles, smem_bytes) fits in 96 KB, under the 99 KB of shared memory per block of L4, A10, L40S
+# and RTX cards (an H100 has 227 KB, which these leave partly unused); fp32 runs on tf32 tensor cores at half the
+# K depth. Tests swap in small blocks (never below 16: tl.dot needs 16 per dimension on a GPU).
+Config = namedtuple("Config", "BLOCK_M BLOCK_N BLOCK_K num_warps num_stages")
+CONFIGS = {2: [Config(64, 128, 64, 4, 3), Config(64, 64, 64, 4, 4)],   # fp16 / bf16: 72 KB, 64 KB
+           4: [Config(64, 128, 32, 4, 2), Config(64, 64, 32, 4, 3)]}   # fp32: 80 KB, 72 KB
+SMEM_LIMIT = 96 * 1024
+
+
+def smem_bytes(cfg, element_size):
+    """Shared memory of one block's pipeline: num_stages copies of the larger operand pair of the two kernels,
+    (BLOCK_M x BLOCK_K) + (BLOCK_K x BLOCK_N) for the GEMM and (BLOCK_K x BLOCK_M) + (BLOCK_M x BLOCK_N) for dW."""
+    m, n, k = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
+    return cfg.num_stages * max(k * (m + n), m * (k + n)) * element_size
+
+
+def pick_config(dtype, N):
+    configs = CONFIGS[torch.empty((), dtype=dtype).element_size()]
+    return next((c for c in configs if c.BLOCK_N <= N), configs[-1])
 
 if triton is not None:
 
@@ -96,11 +113,13 @@ def _precision(dtype):
 
 
 def _launch_s2s(x, w, offsets, gidx, sidx, y):
-    """y[sidx[i]] = x[gidx[i]] @ w[e(i)] for every sorted row i (missing index = identity)."""
+    """y[sidx[i]] = x[gidx[i]] @ w[e(i)] for every sorted row i (missing index = identity); w here is (E, K, N)."""
     M = (gidx if gidx is not None else x).shape[0]
     E, K, N = w.shape
     if M == 0 or N == 0:
         return y
+    cfg = pick_config(x.dtype, N)
+    BLOCK_M, BLOCK_N, BLOCK_K = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
     sizes = offsets[1:] - offsets[:-1]
     tile_off = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
     tile_off[1:] = torch.cumsum((sizes + BLOCK_M - 1) // BLOCK_M, 0)
@@ -112,7 +131,7 @@ def _launch_s2s(x, w, offsets, gidx, sidx, y):
                       w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1), E,
                       E_POW2=triton.next_power_of_2(E), HAS_GATHER=gidx is not None,
                       HAS_SCATTER=sidx is not None, PRECISION=_precision(x.dtype), BLOCK_M=BLOCK_M,
-                      BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                      BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -120,13 +139,9 @@ class _Scatter2Scatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets, gather_idx, scatter_idx, out_rows):
         wc = w.to(x.dtype)  # under autocast the weights stay fp32 while x is bf16; tl.dot wants one dtype
-        M = (gather_idx if gather_idx is not None else x).shape[0]
-        N = w.shape[2]
-        if scatter_idx is None:
-            y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        else:  # rows no sorted row writes to (dropped tokens) must read as zero
-            y = torch.zeros(out_rows, N, dtype=x.dtype, device=x.device)
-        _launch_s2s(x, wc, offsets, gather_idx, scatter_idx, y)
+        # zeros: rows no sorted row writes to (dropped pairs, rows past the last group) must read as zero
+        y = torch.zeros(out_rows, w.shape[1], dtype=x.dtype, device=x.device)
+        _launch_s2s(x, wc.transpose(1, 2), offsets, gather_idx, scatter_idx, y)
         ctx.save_for_backward(x, wc, offsets, gather_idx, scatter_idx)
         ctx.w_dtype = w.dtype
         return y
@@ -134,16 +149,16 @@ class _Scatter2Scatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets, gidx, sidx = ctx.saved_tensors
-        E, K, N = w.shape
+        E, N, K = w.shape
         M = (gidx if gidx is not None else x).shape[0]
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            # dx for sorted row i is dy[sidx[i]] @ w[e]^T: the forward kernel with the indices' roles
-            # swapped. With a gather, tokens read by several rows (top-k) sum their rows' gradients;
+            # dx for sorted row i is dy[sidx[i]] @ w[e]: the forward kernel on w untransposed, with the
+            # indices' roles swapped. With a gather, tokens read by several rows (top-k) sum their rows' gradients;
             # index_put_(accumulate=True) does that deterministically on CUDA, unlike index_add_.
             acc_dtype = torch.float32 if gidx is not None else x.dtype
             dxs = torch.zeros(M, K, dtype=acc_dtype, device=x.device)
-            _launch_s2s(dy, w.transpose(1, 2), offsets, sidx, None, dxs)
+            _launch_s2s(dy, w, offsets, sidx, None, dxs)
             if gidx is None:
                 grad_x = dxs
             else:
@@ -151,32 +166,33 @@ class _Scatter2Scatter(torch.autograd.Function):
                 grad_x.index_put_((gidx,), dxs, accumulate=True)
                 grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros(E, K, N, dtype=ctx.w_dtype, device=x.device)
+            grad_w = torch.zeros(E, N, K, dtype=ctx.w_dtype, device=x.device)
             if M > 0 and K > 0 and N > 0:
-                grid = (E, triton.cdiv(K, BLOCK_K), triton.cdiv(N, BLOCK_N))
+                cfg = pick_config(x.dtype, N)
+                grid = (E, triton.cdiv(K, cfg.BLOCK_K), triton.cdiv(N, cfg.BLOCK_N))
                 dummy = offsets
                 _dw_kernel[grid](x, dy, grad_w, offsets, gidx if gidx is not None else dummy,
                                  sidx if sidx is not None else dummy, K, N, x.stride(0), x.stride(1),
-                                 dy.stride(0), dy.stride(1), grad_w.stride(0), grad_w.stride(1),
-                                 grad_w.stride(2), HAS_GATHER=gidx is not None,
+                                 dy.stride(0), dy.stride(1), grad_w.stride(0), grad_w.stride(2),
+                                 grad_w.stride(1), HAS_GATHER=gidx is not None,
                                  HAS_SCATTER=sidx is not None, PRECISION=_precision(x.dtype),
-                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return grad_x, grad_w, None, None, None, None
 
 
 def scatter2scatter(x, w, offsets, gather_idx=None, scatter_idx=None, out_rows=None):
-    """y[scatter_idx[i]] = x[gather_idx[i]] @ w[e] for each expert-sorted row i of group e.
+    """y[scatter_idx[i]] = x[gather_idx[i]] @ w[e].T for each expert-sorted row i of group e.
 
-    x: [Nx, K] (or [M, K] in sorted order when gather_idx is None); w: [E, K, N]; offsets: int [E+1]
-    group boundaries over the M sorted rows; gather_idx / scatter_idx: int64 [M] or None (identity;
-    scatter_idx must be unique). Returns [out_rows, N] (rows nobody writes are zero; out_rows defaults
-    to M) in x's dtype, accumulated in fp32. Differentiable w.r.t. x and w.
+    x: [Nx, K] (or [M, K] in sorted order when gather_idx is None); w: [E, N, K]; offsets: int [E+1]
+    group boundaries over the M sorted rows (rows at or past offsets[E] belong to no group); gather_idx /
+    scatter_idx: int64 [M] or None (identity; scatter_idx must be unique). Returns [out_rows, N] (rows nobody
+    writes are zero; out_rows defaults to M) in x's dtype, accumulated in fp32. Differentiable w.r.t. x and w.
     """
     if triton is None:
         raise RuntimeError("kernels.triton_gemm.scatter2scatter needs triton (pip install triton)")
-    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"expected x [rows, K] and w [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+        raise ValueError(f"expected x [rows, K] and w [E, N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
     if any(t is not None and t.device != x.device for t in (w, offsets, gather_idx, scatter_idx)):
         raise ValueError("w, offsets and the index tensors must be on x's device")
     if offsets.shape != (w.shape[0] + 1,):

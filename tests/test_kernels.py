@@ -1,8 +1,10 @@
-"""kernels/triton_gemm.py's scatter2scatter against a float64 loop over experts, run in Triton's interpreter.
+"""Every path of kernels.grouped_mm against a float64 loop over experts: Triton's scatter2scatter in its
+interpreter (fp32, fp16), torch._grouped_mm (bf16, the only dtype it takes) and the per-expert loop (fp32).
 
 TRITON_INTERPRET=1 has to be set before triton.jit wraps the kernels, and other test modules may import
-kernels normally in this same pytest process, so the kernels run in one child process: this file builds
-the inputs, the child runs forward and backward on all of them, and the comparisons happen here.
+kernels normally in this same pytest process, so the Triton kernels run in one child process: this file builds
+the inputs, the child runs forward and backward on all of them (and one MoE layer on the triton path), and the
+comparisons happen here.
 """
 import os
 import subprocess
@@ -11,6 +13,10 @@ import sys
 import pytest
 import torch
 
+from kernels import grouped_mm
+from kernels import triton_gemm as tg
+from model import GPTConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Blocks of 32 (>= 16, as tl.dot needs on a GPU) so that M, K and N below span more than one tile with
@@ -18,9 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import sys, traceback, torch
 import kernels.triton_gemm as tg
-tg.BLOCK_M = tg.BLOCK_N = tg.BLOCK_K = 32
+small = [tg.Config(32, 64, 32, 4, 1), tg.Config(32, 32, 32, 4, 1)]  # N < 64 takes the second: both run
+tg.CONFIGS = {2: small, 4: small}
 results = {}
-for name, c in torch.load(sys.argv[1]).items():
+cases = torch.load(sys.argv[1])
+moe_case = cases.pop("moe")
+for name, c in cases.items():
     try:
         x = c["x"].clone().requires_grad_(c["dy"] is not None)
         w = c["w"].clone().requires_grad_(c["dy"] is not None)
@@ -32,6 +41,18 @@ for name, c in torch.load(sys.argv[1]).items():
         results[name] = r
     except Exception:
         results[name] = traceback.format_exc()
+try:  # a whole MoE layer on the triton path, capacity dropping pairs: its output and gradients
+    from model import GPTConfig
+    from moe import MoE
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(n_layer=1, n_head=2, **moe_case["config"]))
+    moe.load_state_dict(moe_case["state"])
+    x = moe_case["x"].clone().requires_grad_()
+    out = moe(x.view(1, *x.shape)).view(x.shape)
+    out.backward(moe_case["dy"])
+    results["moe"] = {"y": out.detach(), "dx": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
+except Exception:
+    results["moe"] = traceback.format_exc()
 torch.save(results, sys.argv[2])
 """
 
@@ -64,31 +85,35 @@ def make_cases():
         tag = str(dt).split(".")[-1]
         # no gather, no scatter: the first and a middle expert are empty; M = 63, 2 tiles of 32 rows
         sizes = [0, 37, 0, 26]
-        cases[f"neither_{tag}"] = dict(x=rand(63, K), w=rand(E, K, N), offsets=offsets_of(sizes),
+        cases[f"neither_{tag}"] = dict(x=rand(63, K), w=rand(E, N, K), offsets=offsets_of(sizes),
                                        gather_idx=None, scatter_idx=None, out_rows=None, dy=rand(63, N))
         # gather only, with repeated rows; the last expert is empty; K = 20 and N = 24 are below a block
         sizes, M = [21, 24, 0], 45
-        cases[f"gather_{tag}"] = dict(x=rand(30, 20), w=rand(3, 20, 24), offsets=offsets_of(sizes),
+        cases[f"gather_{tag}"] = dict(x=rand(30, 20), w=rand(3, 24, 20), offsets=offsets_of(sizes),
                                       gather_idx=torch.randint(0, 30, (M,), generator=g), scatter_idx=None,
                                       out_rows=None, dy=rand(M, 24))
         # scatter only into 80 rows, 30 of which nobody writes; int32 offsets
         sizes, M = [17, 0, 33, 0], 50
-        cases[f"scatter_{tag}"] = dict(x=rand(M, K), w=rand(E, K, N), offsets=offsets_of(sizes, torch.int32),
+        cases[f"scatter_{tag}"] = dict(x=rand(M, K), w=rand(E, N, K), offsets=offsets_of(sizes, torch.int32),
                                        gather_idx=None, scatter_idx=torch.randperm(80, generator=g)[:M],
                                        out_rows=80, dy=rand(80, N))
         # top-2 gather + scatter with dropped pairs and an empty expert, forward and backward
         sizes, gidx, sidx = top2_routing(g, 35, E, drop=5)
-        cases[f"top2_{tag}"] = dict(x=rand(35, K), w=rand(E, K, N), offsets=offsets_of(sizes), gather_idx=gidx,
+        cases[f"top2_{tag}"] = dict(x=rand(35, K), w=rand(E, N, K), offsets=offsets_of(sizes), gather_idx=gidx,
                                     scatter_idx=sidx, out_rows=70, dy=rand(70, N))
+        # 9 rows past the last group (pairs dropped for capacity, moved to the end): zero out, zero gradient
+        sizes = [20, 0, 11, 30]
+        cases[f"tail_{tag}"] = dict(x=rand(70, K), w=rand(E, N, K), offsets=offsets_of(sizes), gather_idx=None,
+                                    scatter_idx=None, out_rows=None, dy=rand(70, N))
     # autocast-style: fp16 activations, fp32 weights (the weight gradient stays fp32)
     sizes, gidx, sidx = top2_routing(g, 20, E, drop=3)
-    cases["mixed"] = dict(x=rand(20, K).half(), w=rand(E, K, N), offsets=offsets_of(sizes), gather_idx=gidx,
+    cases["mixed"] = dict(x=rand(20, K).half(), w=rand(E, N, K), offsets=offsets_of(sizes), gather_idx=gidx,
                           scatter_idx=sidx, out_rows=40, dy=rand(40, N).half())
     # no rows at all, with and without a scatter
-    cases["empty_scatter"] = dict(x=rand(6, K), w=rand(E, K, N), offsets=torch.zeros(E + 1, dtype=torch.int64),
+    cases["empty_scatter"] = dict(x=rand(6, K), w=rand(E, N, K), offsets=torch.zeros(E + 1, dtype=torch.int64),
                                   gather_idx=torch.zeros(0, dtype=torch.int64),
                                   scatter_idx=torch.zeros(0, dtype=torch.int64), out_rows=5, dy=rand(5, N))
-    cases["empty_sorted"] = dict(x=rand(0, K), w=rand(E, K, N), offsets=torch.zeros(E + 1, dtype=torch.int64),
+    cases["empty_sorted"] = dict(x=rand(0, K), w=rand(E, N, K), offsets=torch.zeros(E + 1, dtype=torch.int64),
                                  gather_idx=None, scatter_idx=None, out_rows=None, dy=rand(0, N))
     for name, c in cases.items():
         if name == "mixed":
@@ -103,18 +128,34 @@ def make_cases():
 CASES = make_cases()
 
 
+def make_moe_case():
+    """A MoE layer whose expert 0 is overloaded, capacity 1.0: groups ragged, pairs dropped to the end."""
+    from moe import MoE
+    config = dict(n_embd=16, n_expert=4, top_k=2, expert_hidden=24, capacity_factor=1.0, moe_kernel="triton")
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(n_layer=1, n_head=2, **config))
+    with torch.no_grad():
+        moe.router.weight[0, 0] += 3.0
+    x = torch.randn(40, 16)
+    x[:, 0] = torch.linspace(0.1, 2.0, 40)
+    return dict(config=config, state=moe.state_dict(), x=x, dy=torch.randn(40, 16), moe=moe)
+
+
+MOE_CASE = make_moe_case()
+
+
 def reference(c):
     """float64 loop over experts: index the group's rows, matmul, scatter; differentiable."""
     x = c["x"].double().requires_grad_()
     w = c["w"].double().requires_grad_()
     M = len(c["gather_idx"]) if c["gather_idx"] is not None else len(x)
-    y = torch.zeros(c["out_rows"] or M, w.shape[2], dtype=torch.float64)
+    y = torch.zeros(c["out_rows"] or M, w.shape[1], dtype=torch.float64)
     off = c["offsets"].tolist()
     for e in range(w.shape[0]):
         rows = torch.arange(off[e], off[e + 1])
         src = c["gather_idx"][rows] if c["gather_idx"] is not None else rows
         dst = c["scatter_idx"][rows] if c["scatter_idx"] is not None else rows
-        y = y.index_put((dst,), x[src] @ w[e])
+        y = y.index_put((dst,), x[src] @ w[e].t())
     if c["dy"] is None:
         return y.detach(), None, None
     y.backward(c["dy"].double())
@@ -124,7 +165,7 @@ def reference(c):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("s2s")
-    torch.save(CASES, tmp / "cases.pt")
+    torch.save({**CASES, "moe": {k: v for k, v in MOE_CASE.items() if k != "moe"}}, tmp / "cases.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
@@ -141,7 +182,8 @@ def check(name, results, what=("y",)):
         assert got[key].dtype == (c["w"] if key == "dw" else c["x"]).dtype, (key, got[key].dtype)
         assert got[key].shape == ref[key].shape, (key, got[key].shape, ref[key].shape)
         scale = max(ref[key].abs().amax().item() if ref[key].numel() else 0.0, 1.0)
-        torch.testing.assert_close(got[key].double(), ref[key], rtol=tol, atol=tol * scale, msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(got[key].double(), ref[key], rtol=tol, atol=tol * scale,
+                                   msg=lambda m: f"{name} {key}: {m}")
     return c, got
 
 
@@ -197,3 +239,122 @@ def test_imports_without_triton_and_says_why_on_use():
 
 def test_fp16_activations_with_fp32_weights_match_float64(results):
     check("mixed", results, ("y", "dx", "dw"))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_rows_past_the_last_group_come_back_zero_with_zero_gradient(results, dt):
+    c, got = check(f"tail_{dt}", results, ("y", "dx", "dw"))
+    assert torch.all(got["y"][61:] == 0) and torch.all(got["dx"][61:] == 0)
+
+
+def test_moe_layer_on_the_triton_path_matches_float64(results):
+    from test_moe import kept_by_score, naive_moe
+    got = results["moe"]
+    assert not isinstance(got, str), f"the MoE layer raised in the kernel process:\n{got}"
+    moe, x = MOE_CASE["moe"], MOE_CASE["x"].clone().requires_grad_()
+    keep = kept_by_score(moe, x, capacity=20)
+    assert (~keep).any()
+    ref = naive_moe(moe, x, keep)
+    ref.backward(MOE_CASE["dy"].double())
+    want = {"y": ref.detach(), "dx": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
+    for key in want:
+        torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+# the other two paths run in this process: the loop on every case in fp32, torch._grouped_mm on the sorted-row cases
+# (it takes no gather or scatter index) in bf16
+LOOP_CASES = [n for n in CASES if n.endswith("float32") or n.startswith("empty")]
+SORTED_CASES = ["neither_float32", "tail_float32", "empty_sorted"]
+
+
+def run_path(kernel, c, dtype):
+    x = c["x"].to(dtype, copy=True).requires_grad_()  # a copy: the shared case must stay a plain tensor
+    w = c["w"].to(dtype, copy=True).requires_grad_()
+    y = grouped_mm(x, w, c["offsets"], kernel, c["gather_idx"], c["scatter_idx"], c["out_rows"])
+    y.backward(c["dy"].to(dtype))
+    zero = lambda t, grad: torch.zeros_like(t) if grad is None else grad  # nothing reached it: no rows
+    return {"y": y.detach(), "dx": zero(x, x.grad), "dw": zero(w, w.grad)}
+
+
+@pytest.mark.parametrize("kernel,names,dtype,tol", [("loop", LOOP_CASES, torch.float32, 1e-5),
+                                                    ("grouped_mm", SORTED_CASES, torch.bfloat16, 2e-2)])
+def test_loop_and_torch_grouped_mm_match_float64(kernel, names, dtype, tol):
+    for name in names:
+        c = CASES[name]
+        got, ref = run_path(kernel, c, dtype), dict(zip(("y", "dx", "dw"), reference(c)))
+        ref["dx"] = torch.zeros_like(c["x"], dtype=torch.float64) if ref["dx"] is None else ref["dx"]
+        for key in ref:
+            assert got[key].dtype == dtype
+            scale = max(ref[key].abs().amax().item() if ref[key].numel() else 0.0, 1.0)
+            torch.testing.assert_close(got[key].double(), ref[key], rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"{kernel} {name} {key}: {m}")
+        if name.startswith("tail"):
+            assert torch.all(got["y"][61:] == 0) and torch.all(got["dx"][61:] == 0)
+
+
+def test_grouped_mm_path_refuses_other_dtypes_and_auto_picks_by_device_and_dtype():
+    c = CASES["neither_float32"]
+    with pytest.raises(ValueError, match="bfloat16 only"):
+        grouped_mm(c["x"], c["w"], c["offsets"], "grouped_mm")
+    from kernels import pick
+    x, w = c["x"], c["w"]  # K = 48, N = 40
+    assert pick("auto", x.bfloat16(), w.bfloat16()) == "grouped_mm" and pick("auto", x, w) == "loop"
+    assert pick("auto", x.bfloat16(), w[:, :36].bfloat16()) == "loop"  # rows of 72 bytes: not for CUTLASS
+    assert pick("triton", x, w) == "triton"
+
+
+def test_triton_configs_fit_99kb_of_shared_memory_and_follow_the_gpu_rules():
+    for size, configs in tg.CONFIGS.items():
+        for cfg in configs:
+            assert tg.smem_bytes(cfg, size) <= tg.SMEM_LIMIT < 99 * 1024, (size, cfg)
+            for block in (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K):  # tl.dot: >= 16; tl.arange: powers of two
+                assert block >= 16 and block & (block - 1) == 0, cfg
+    # by hand: 3 stages of (64x64 + 64x128) bf16 tiles are 72 KB; the fp32 list's first, 2 x (64 x (32 + 128)) x 4
+    assert tg.smem_bytes(tg.Config(64, 128, 64, 4, 3), 2) == 72 * 1024
+    assert tg.smem_bytes(tg.Config(64, 128, 32, 4, 2), 4) == 80 * 1024
+    assert tg.pick_config(torch.bfloat16, 4096).BLOCK_N == 128 and tg.pick_config(torch.float16, 64).BLOCK_N == 64
+    assert tg.pick_config(torch.float32, 16) == tg.CONFIGS[4][-1]
+
+
+# The GPU check (README: one command, a few minutes on one GPU): skipped without CUDA
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu_paths():
+    paths = [("triton", torch.bfloat16), ("triton", torch.float16), ("loop", torch.bfloat16), ("loop", torch.float16)]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        paths.append(("grouped_mm", torch.bfloat16))
+    return paths
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel,dtype", gpu_paths())
+def test_gpu_paths_match_float64_on_ragged_groups_without_host_syncs(kernel, dtype):
+    g = torch.Generator().manual_seed(0)
+    E, K, N = 8, 256, 320
+    sizes = [0, 300, 17, 0, 128, 1, 250, 0]  # empty first, middle and last experts; 40 rows past the last group
+    M = sum(sizes) + 40
+    c = dict(x=torch.randn(M, K, generator=g), w=torch.randn(E, N, K, generator=g) / K ** 0.5,
+             offsets=offsets_of(sizes), gather_idx=None, scatter_idx=None, out_rows=None,
+             dy=torch.randn(M, N, generator=g))
+    ref = dict(zip(("y", "dx", "dw"), reference(c)))
+    x = c["x"].cuda().to(dtype).requires_grad_()
+    w = c["w"].cuda().to(dtype).requires_grad_()
+    offsets, dy = c["offsets"].cuda(), c["dy"].cuda().to(dtype)
+    grouped_mm(x, w, offsets, kernel).backward(dy)  # the first call compiles (Triton) and may sync; not timed
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    if kernel != "loop":  # the loop reads the group sizes on the host by design
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = grouped_mm(x, w, offsets, kernel)
+        y.backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = {"y": y.detach(), "dx": x.grad, "dw": w.grad}
+    for key in ref:
+        scale = ref[key].abs().max().item()
+        err = (got[key].double().cpu() - ref[key]).abs().max().item()
+        assert err <= 2e-2 * scale, (kernel, dtype, key, err, scale)
+    assert torch.all(got["y"][-40:] == 0) and torch.all(got["dx"][-40:] == 0)

@@ -24,17 +24,22 @@ def make_moe(E=4, k=2, d=16, h=24, **kw):
     return moe
 
 
-def naive_moe(moe, x):
-    """The textbook layer: route each token, then loop over experts with index_select / index_add."""
-    logits = x @ moe.router.weight.t()
-    probs = logits.softmax(-1)
+def naive_moe(moe, x, keep=None):
+    """The textbook layer in float64: route each token, then loop over experts with index_select / index_add. At
+    top_k=1 the weight is the softmax probability itself (Switch). keep (N, k) bool: the pairs capacity kept."""
+    router, w1, w3, w2 = (p.double() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2))
+    x = x.double()
+    probs = (x @ router.t()).softmax(-1)
     weight, expert = probs.topk(moe.top_k, dim=-1)
-    weight = weight / weight.sum(-1, keepdim=True)
+    if moe.top_k > 1:
+        weight = weight / weight.sum(-1, keepdim=True)
+    if keep is not None:
+        weight = weight * keep
     out = torch.zeros_like(x)
     for e in range(moe.n_expert):
         token, slot = (expert == e).nonzero(as_tuple=True)
         xe = x.index_select(0, token)
-        ye = (F.silu(xe @ moe.w1[e]) * (xe @ moe.w3[e])) @ moe.w2[e]
+        ye = (F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())) @ w2[e].t()
         out = out.index_add(0, token, ye * weight[token, slot, None])
     return out
 
@@ -42,54 +47,117 @@ def naive_moe(moe, x):
 def grads(moe, x, out):
     moe.zero_grad()
     x.grad = None
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a non-uniform upstream gradient
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()  # non-uniform
     return [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2)]
 
 
-@pytest.mark.parametrize("E,k,tokens", [(4, 2, 40), (8, 2, 1), (8, 1, 3), (4, 4, 7)])
-def test_moe_matches_naive_loop(E, k, tokens):
-    # (8, 2, 1): a single token leaves six experts empty
-    moe = make_moe(E=E, k=k)
+def assert_close_scaled(got, want, tol, msg=""):
+    """got within tol of want, relative to want's largest entry (bf16 rounds each entry to ~3 digits)."""
+    scale = max(want.abs().max().item(), 1e-30)
+    assert (got.double() - want).abs().max().item() <= tol * scale, (msg, (got.double() - want).abs().max(), scale)
+
+
+# (8, 2, 1): a single token leaves six experts empty; (8, 1, 3): top-1, where the weight is the raw probability
+SHAPES = [(4, 2, 40), (8, 2, 1), (8, 1, 3), (4, 4, 7)]
+# each path in the dtype it runs in on the CPU (bf16 via autocast, as train.py runs it), against float64
+PATHS = [("loop", torch.float32, 1e-5), ("grouped_mm", torch.bfloat16, 3e-2)]
+
+
+@pytest.mark.parametrize("kernel,dtype,tol", PATHS)
+@pytest.mark.parametrize("E,k,tokens", SHAPES)
+def test_moe_matches_float64_naive_loop(E, k, tokens, kernel, dtype, tol):
+    moe = make_moe(E=E, k=k, moe_kernel=kernel)
     x = torch.randn(tokens, 16, requires_grad=True)
-    out = moe(x.view(1, tokens, 16)).view(tokens, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = moe(x.view(1, tokens, 16)).view(tokens, 16)
+    assert out.dtype == dtype
     ref = naive_moe(moe, x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads(moe, x, out), grads(moe, x, ref)):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(out, ref, tol, "out")
+    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+        assert_close_scaled(g, r, tol, name)
     if tokens == 1:  # experts that got no token get exactly zero gradient
         used = set(moe.route(x.detach())[0].flatten().tolist())
         for e in set(range(E)) - used:
             assert moe.w1.grad[e].abs().sum() == 0 and moe.w2.grad[e].abs().sum() == 0
 
 
+def test_top1_router_learns_from_the_language_model_loss():
+    # with the weight renormalised to p/p = 1 the router got 1e-12 (rounding) from this loss; with p it gets 1.5e-5
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, top_k=1,
+                          expert_hidden=16, aux_loss_coef=0.0, z_loss_coef=0.0))
+    x = torch.randint(0, 32, (4, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    router = model.moe_layers()[0].router.weight.grad
+    assert router.abs().max() > 1e-7, router.abs().max()
+
+
 def test_shared_expert_adds_a_dense_mlp():
     moe = make_moe(n_shared_expert=1)
     x = torch.randn(1, 10, 16)
-    routed = naive_moe(moe, x[0])
+    routed = naive_moe(moe, x[0]).float()
     torch.testing.assert_close(moe(x)[0], routed + moe.shared(x)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_capacity_keeps_exactly_the_highest_scoring_tokens():
-    moe = make_moe(E=4, k=1, capacity_factor=1.0)
-    with torch.no_grad():  # expert 0 is everyone's favourite
-        moe.router.weight.zero_()
-        moe.router.weight[0, 0] = 5.0
+def kept_by_score(moe, x, capacity):
+    """Independently of moe.py: for each expert, the `capacity` (token, slot) pairs routed to it with the highest
+    router probability, as a (N, k) mask."""
+    probs = (x.double() @ moe.router.weight.double().t()).softmax(-1)
+    expert = probs.topk(moe.top_k, dim=-1).indices
+    keep = torch.zeros(expert.shape, dtype=torch.bool)
+    for e in range(moe.n_expert):
+        pairs = [(i, j) for i in range(len(x)) for j in range(moe.top_k) if expert[i, j] == e]
+        for i, j in sorted(pairs, key=lambda p: -probs[p[0], e].item())[:capacity]:
+            keep[i, j] = True
+    return keep
+
+
+@pytest.mark.parametrize("kernel,dtype,tol", PATHS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_keeps_per_expert_the_highest_scoring_pairs(k, kernel, dtype, tol):
+    moe = make_moe(E=4, k=k, capacity_factor=1.0, moe_kernel=kernel)
+    with torch.no_grad():  # expert 0 is everyone's favourite, by unequal margins; the best come late in the batch
+        moe.router.weight[0, 0] += 3.0
     x = torch.randn(64, 16)
-    x[:, 0] = x[:, 0].abs() + 0.1
-    expert, weight, _ = moe.route(x)
-    order, offsets = moe.dispatch(expert, weight)
-    capacity = math.ceil(64 * 1 * 1.0 / 4)
-    wanted = [i for i in range(64) if expert[i, 0] == 0]
-    assert len(wanted) > capacity  # the test needs an overloaded expert
-    best = sorted(wanted, key=lambda i: -weight[i, 0].item())[:capacity]
-    kept = order[offsets[0]:offsets[1]].tolist()
-    assert sorted(kept) == sorted(best)
-    # a dropped token gets nothing from the layer (only the residual carries it on); a kept one does
-    out = moe(x.view(1, 64, 16))[0]
-    dropped = sorted(set(wanted) - set(best))
-    assert out[dropped].abs().max() == 0
-    assert (out[best].abs().sum(-1) > 0).all()
-    assert moe.metrics()["dropped"] == pytest.approx(len(dropped) / 64)
+    x[:, 0] = torch.linspace(0.1, 2.0, 64)
+    capacity = math.ceil(64 * k / 4)
+    keep = kept_by_score(moe, x, capacity)
+    assert (~keep).sum() > 0  # the test needs an overloaded expert
+    expert, weight, score, _ = moe.route(x)
+    order, counts = moe.sort_by_expert(expert, score)
+    bounds = [0, *counts.cumsum(0).tolist()]
+    # each expert's group holds its kept tokens (moe.route may order a token's slots unlike topk: compare tokens)
+    ref_expert = (x.double() @ moe.router.weight.double().t()).softmax(-1).topk(k).indices
+    for e in range(4):
+        group = order[bounds[e]:bounds[e + 1]]
+        assert (expert.flatten()[group] == e).all()
+        want = [i for i in range(64) for j in range(k) if ref_expert[i, j] == e and keep[i, j]]
+        assert sorted((group // k).tolist()) == sorted(want), e
+    x = x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = moe(x.view(1, 64, 16))[0]
+    ref = naive_moe(moe, x, keep)
+    assert_close_scaled(out, ref, tol, "out")  # a dropped pair adds nothing; the residual carries its token on
+    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+        assert_close_scaled(g, r, tol, name)
+    assert moe.metrics()["dropped"] == pytest.approx((~keep).sum().item() / (64 * k))
+
+
+def test_evaluation_is_dropless_by_default_and_independent_of_the_batch():
+    moe = make_moe(E=4, k=2, capacity_factor=0.5)
+    with torch.no_grad():
+        moe.router.weight[0, 0] += 3.0
+    x = torch.randn(1, 32, 16).abs()
+    one_at_a_time = lambda: torch.cat([moe(x[:, i:i + 1])[0] for i in range(32)])
+    moe.train()
+    assert not torch.allclose(moe(x)[0], one_at_a_time())  # training drops pairs: the batch matters
+    moe.eval()
+    alone = one_at_a_time()
+    torch.testing.assert_close(moe(x)[0], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x)[0], naive_moe(moe, x[0]).float(), rtol=1e-5, atol=1e-6)
+    moe.eval_capacity_factor = 0.5  # asked for, evaluation drops too
+    assert not torch.allclose(moe(x)[0], alone)
 
 
 def test_aux_and_z_loss_match_the_formulas_worked_by_hand():
@@ -103,12 +171,12 @@ def test_aux_and_z_loss_match_the_formulas_worked_by_hand():
         moe.router.weight.copy_(torch.eye(2))
     ln3 = math.log(3)
     x = torch.tensor([[ln3, 0.0], [ln3, 0.0], [0.0, ln3]])
-    expert, weight, loss = moe.route(x)
+    expert, weight, _, loss = moe.route(x)
     assert expert.flatten().tolist() == [0, 0, 1]
     assert weight.flatten().tolist() == pytest.approx([0.75, 0.75, 0.75])
     assert loss.item() == pytest.approx(alpha * 19 / 18 + beta * math.log(4) ** 2, rel=1e-6)
     moe.eval()  # evaluation adds no balancing loss
-    assert moe.route(x)[2].item() == 0
+    assert moe.route(x)[3].item() == 0
 
 
 @pytest.mark.parametrize("score,rate", [("softmax", 1e-3), ("sigmoid", 3e-3)])
@@ -134,7 +202,7 @@ def test_bias_balancing_evens_out_a_skewed_router(score, rate):
     assert before < 0.4 and after > 0.85, (before, after)
     # the bias chooses experts, but never scales their outputs: the weights are the plain scores
     x = torch.randn(5, 16)
-    expert, weight, _ = moe.route(x)
+    expert, weight, _, _ = moe.route(x)
     logits = x @ moe.router.weight.t()
     scores = (logits.softmax(-1) if score == "softmax" else logits.sigmoid()).gather(1, expert)
     torch.testing.assert_close(weight, scores / scores.sum(-1, keepdim=True))
@@ -169,6 +237,77 @@ def test_grad_checkpoint_keeps_the_moe_loss_gradients():
         results.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], msg=name)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grad_checkpoint_counts_routed_tokens_once(compiled):
+    # the recompute in backward routes every token again; counting it too doubled tokens_per_expert (64, not 32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, top_k=2,
+                          expert_hidden=16, grad_checkpoint=True, capacity_factor=0.5))
+    x = torch.randint(0, 32, (2, 8))
+    _, loss = (torch.compile(model) if compiled else model)(x, x)
+    loss.backward()
+    m = model.moe_layers()[0].metrics()
+    assert sum(m["tokens_per_expert"]) == 2 * 8 * 2
+    assert 0 < m["dropped"] < 1
+
+
+def moe_step(layer, x):
+    """Forward under bf16 autocast (as train.py runs it) and backward: the output and every gradient."""
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    ((out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + layer.aux_loss).backward()
+    return [out.detach(), x.grad] + [p.grad.clone() for p in (layer.router.weight, layer.w1, layer.w3, layer.w2)]
+
+
+def gpu_path_moe(capacity_factor):
+    return make_moe(E=8, k=2, capacity_factor=capacity_factor, moe_kernel="grouped_mm", aux_loss_coef=0.01,
+                    z_loss_coef=0.001, moe_balance="bias")
+
+
+def test_grouped_mm_layer_compiles_fullgraph_and_matches_eager():
+    moe = gpu_path_moe(capacity_factor=1.0)
+    x = torch.randn(2, 24, 16)
+    got = moe_step(torch.compile(moe, fullgraph=True), x)  # fullgraph: any graph break is an error
+    moe.zero_grad()
+    want = moe_step(moe, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
+    assert sum(moe.metrics()["tokens_per_expert"]) == 2 * (2 * 24 * 2)  # two forwards, one compiled
+
+
+def syncing_nodes(fn):
+    """fn compiled, and a list that running it fills with the nodes of its traced forward and backward graphs that
+    read a tensor's value on the host (.item(), .tolist()) or whose shape depends on tensor values (bincount, nonzero,
+    boolean-mask indexing): each makes the host wait for a GPU. torch.compile(fullgraph=True) alone accepts them."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    found = []
+    # ops whose result needs the host to see tensor values; _assert_scalar checks a value-dependent size at run time
+    syncing = ("_local_scalar_dense", "bincount", "nonzero", "masked_select", "unique", "_assert_scalar")
+
+    def record(gm, example_inputs):
+        found.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and (
+            any(op in str(n.target) for op in syncing) or free_unbacked_symbols(n.meta.get("val"))))
+        return gm
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)), found
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_grouped_mm_layer_has_no_host_sync_forward_or_backward(capacity_factor):
+    # the checker finds what the old dispatch did: torch.bincount, and capacity by boolean indexing
+    for fn, arg in [(lambda e: torch.bincount(e, minlength=8), torch.randint(0, 8, (10,))),
+                    (lambda x: x[x > 0], torch.randn(10))]:
+        fn, found = syncing_nodes(fn)
+        fn(arg)
+        assert found
+    layer, found = syncing_nodes(gpu_path_moe(capacity_factor))
+    moe_step(layer, torch.randn(2, 24, 16))
+    assert len(found) == 0, found
 
 
 def test_medium_moe_parameter_counts_match_the_formula():
@@ -206,3 +345,66 @@ def test_moe_model_trains_and_logs_routing(char_data, tmp_path, balance):
     assert has_bias == (balance == "bias")
     if balance == "bias":  # the biases moved
         assert any(ckpt["model"][k].abs().sum() > 0 for k in ckpt["model"] if k.endswith("expert_bias"))
+
+
+# The GPU check (README: one command, a few minutes on one GPU): skipped without CUDA
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_KERNELS = ["triton", "loop"] + (["grouped_mm"] if torch.cuda.is_available()
+                                    and torch.cuda.get_device_capability() >= (9, 0) else [])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_gpu_moe_layer_matches_float64_without_host_syncs(kernel, dtype, capacity_factor):
+    if kernel == "grouped_mm" and dtype == torch.float16:
+        pytest.skip("torch._grouped_mm takes bf16 only")
+    moe = make_moe(E=8, k=2, d=64, h=96, capacity_factor=capacity_factor, moe_kernel=kernel).cuda()
+    with torch.no_grad():
+        moe.router.weight[0, 0] += 3.0  # an overloaded expert, so that capacity drops pairs
+    x = torch.randn(512, 64)
+    x[:, 0] = x[:, 0].abs()
+    dy = torch.linspace(-1, 1, x.numel()).view_as(x)
+    xg, dyg = x.cuda().requires_grad_(), dy.cuda()  # copied before the check: a host-to-device copy syncs too
+
+    def run():
+        moe.zero_grad()
+        xg.grad = None
+        with torch.autocast("cuda", dtype=dtype):
+            out = moe(xg.view(1, 512, 64)).view(512, 64)
+        out.float().backward(dyg)
+        return out
+
+    run()  # compiles the Triton kernels
+    torch.cuda.synchronize()
+    if kernel != "loop":  # the loop reads the group sizes on the host by design
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    params = lambda: (moe.router.weight, moe.w1, moe.w3, moe.w2)
+    got = [out.detach().cpu(), xg.grad.cpu()] + [p.grad.cpu() for p in params()]
+    moe.cpu().zero_grad()
+    x64 = x.double().requires_grad_()
+    keep = kept_by_score(moe, x, math.ceil(512 * 2 * capacity_factor / 8)) if capacity_factor else None
+    ref = naive_moe(moe, x64, keep)
+    ref.backward(dy.double())
+    want = [ref.detach(), x64.grad] + [p.grad for p in params()]
+    for name, g, w in zip(("out", "x", "router", "w1", "w3", "w2"), got, want):
+        assert_close_scaled(g, w, 3e-2, name)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("compile,kernel", [(False, "auto"), (True, "auto"), (False, "triton")])
+def test_gpu_moe_model_trains_20_steps(char_data, tmp_path, compile, kernel):
+    run_train([*TINY_MOE, f"--out_dir={tmp_path}", "--max_iters=20", "--eval_interval=20", "--device=cuda",
+               "--dtype=bfloat16", f"--compile={compile}", f"--moe_kernel={kernel}", "--capacity_factor=1.25",
+               "--log_interval=1"], char_data)
+    with open(tmp_path / "metrics.jsonl") as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) < sum(losses[:5]), losses  # it learns

@@ -64,8 +64,9 @@ def reference(char_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout,nproc,model,extra", [
-    ("ddp", 2, "dense", []), ("fsdp", 2, "dense", []), ("tp", 2, "dense", []), ("fsdp", 2, "moe", []),
-    ("tp", 2, "moe", []), ("fsdp+tp", 4, "dense", []), ("ddp", 2, "dre", []), ("fsdp", 2, "dre", []),
+    ("ddp", 2, "dense", []), ("fsdp", 2, "dense", []), ("tp", 2, "dense", []), ("ddp", 2, "moe", []),
+    ("fsdp", 2, "moe", []), ("tp", 2, "moe", []), ("fsdp+tp", 4, "dense", []), ("ddp", 2, "dre", []),
+    ("fsdp", 2, "dre", []),
     ("ddp", 2, "dense", ["--gradient_accumulation_steps=1", "--batch_size=4"]),
 ])
 def test_layout_matches_single_process(char_data, reference, tmp_path, layout, nproc, model, extra):
