@@ -57,6 +57,9 @@ class MoE(nn.Module):
         # tensor parallelism (parallel.py) makes these Megatron's f and g: each rank then holds a slice of every
         # expert's hidden units, so the experts' input gradient and their outputs are summed over the group
         self.enter_experts, self.leave_experts = nn.Identity(), nn.Identity()
+        # expert parallelism (parallel.ExpertsEP): this rank holds n_expert/ep_size of the experts, and the sorted
+        # rows travel to the ranks holding theirs and back: expert_parallel(x_sorted, counts, self.experts)
+        self.expert_parallel = None
 
     def route(self, x):
         """x: (N, d) -> expert ids (N, k), combine weights (N, k) fp32, and the balancing loss."""
@@ -111,20 +114,34 @@ class MoE(nn.Module):
         expert, weight, self.aux_loss = self.route(x)
         order, offsets = self.dispatch(expert, weight)
         token = order // self.top_k
-        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
-        xe = self.enter_experts(x)
-        if torch.is_autocast_enabled(x.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
-            dt = torch.get_autocast_dtype(x.device.type)
-            xe, w1, w3, w2 = xe.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        if not xe.is_cuda:  # one gather for both up-projections (on CUDA the kernel gathers rows as it loads them)
-            xe, token = xe.index_select(0, token), None
-        h = F.silu(grouped_mm(xe, w1, offsets, gather_idx=token)) * grouped_mm(xe, w3, offsets, gather_idx=token)
-        y = grouped_mm(h, w2, offsets, scatter_idx=order, out_rows=expert.numel())  # (N*k, d), zero where dropped
+        if self.expert_parallel is not None:
+            y = self.expert_parallel(x.index_select(0, token), offsets.diff(), self.experts)
+            y = y.new_zeros(expert.numel(), d).index_copy(0, order, y)  # (N*k, d), zero where dropped
+        else:
+            w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
+            xe = self.enter_experts(x)
+            if torch.is_autocast_enabled(x.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
+                dt = torch.get_autocast_dtype(x.device.type)
+                xe, w1, w3, w2 = xe.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+            if not xe.is_cuda:  # one gather for both up-projections (on CUDA the kernel gathers rows as it loads)
+                xe, token = xe.index_select(0, token), None
+            h = F.silu(grouped_mm(xe, w1, offsets, gather_idx=token)) * grouped_mm(xe, w3, offsets, gather_idx=token)
+            y = grouped_mm(h, w2, offsets, scatter_idx=order, out_rows=expert.numel())  # zero where dropped
         y = self.leave_experts(y)
         out = self.dropout(torch.bmm(weight.to(y.dtype).unsqueeze(1), y.view(B * T, self.top_k, d)).view(B, T, d))
         if self.shared is not None:
             out = out + self.shared(x.view(B, T, d))
         return out
+
+    def experts(self, x, counts):
+        """The SwiGLU experts on rows sorted by expert, counts[e] of them for expert e (under expert parallelism,
+        this rank's experts on the rows its group sent them)."""
+        offsets = F.pad(counts.cumsum(0), (1, 0))
+        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w1, w3, w2 = x.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        return grouped_mm(F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets), w2, offsets)
 
     @torch.no_grad()
     def update_bias(self, rate):

@@ -17,7 +17,8 @@ TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_la
 MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--n_shared_expert=1", "--moe_balance=bias"]
 # a recurrent core (reasoning.py) run 1-4 times, drawn per optimizer step: every rank must draw the same r
 DRE = ["--dre", "--n_layer=3", "--max_reasoning_steps=4", "--dre_mean_steps=2.5", "--dre_backprop_steps=2"]
-MODELS = {"dense": [], "moe": MOE, "dre": DRE}
+# 4 data-parallel ranks need 4 micro-batches to take one each, as one process does (the aux loss is per batch)
+MODELS = {"dense": [], "moe": MOE, "dre": DRE, "moe4": [*MOE, "--gradient_accumulation_steps=4"]}
 
 
 def torchrun(nproc, args, cwd, check=True):
@@ -55,11 +56,12 @@ def assert_same_run(out_dir, ref_dir):
 
 @pytest.fixture(scope="module")
 def reference(char_data, tmp_path_factory):
-    """One process, 10 steps, for the dense, the MoE and the DRE model; then the dense one resumed for two more."""
+    """One process, 10 steps, for each model; then the dense and the MoE one for two steps more."""
     out = tmp_path_factory.mktemp("single")
     for name, args in MODELS.items():
         run_train([*TINY, *args, f"--out_dir={out / name}"], char_data)
-    run_train([*TINY, f"--out_dir={out / 'dense_more'}", "--max_iters=12"], char_data)
+    for name in ("dense", "moe"):
+        run_train([*TINY, *MODELS[name], f"--out_dir={out / (name + '_more')}", "--max_iters=12"], char_data)
     return out
 
 
@@ -67,6 +69,10 @@ def reference(char_data, tmp_path_factory):
     ("ddp", 2, "dense", []), ("fsdp", 2, "dense", []), ("tp", 2, "dense", []), ("fsdp", 2, "moe", []),
     ("tp", 2, "moe", []), ("fsdp+tp", 4, "dense", []), ("ddp", 2, "dre", []), ("fsdp", 2, "dre", []),
     ("ddp", 2, "dense", ["--gradient_accumulation_steps=1", "--batch_size=4"]),
+    # expert parallelism: 2 experts a rank, or 1; on 4 ranks with ep_size=2, two copies of each expert
+    *(pytest.param(layout, nproc, model, [f"--ep_size={ep}"], id=f"{layout}-{nproc}-{model}-ep{ep}")
+      for layout, nproc, model, ep in (("ddp", 2, "moe", 2), ("fsdp", 2, "moe", 2), ("ddp", 4, "moe4", 4),
+                                       ("fsdp", 4, "moe4", 2))),
 ])
 def test_layout_matches_single_process(char_data, reference, tmp_path, layout, nproc, model, extra):
     # ddp and fsdp: each rank one of the two micro-batches of 2 sequences; tp: both ranks the same ones; fsdp+tp:
@@ -77,11 +83,12 @@ def test_layout_matches_single_process(char_data, reference, tmp_path, layout, n
     assert_same_run(out, reference / model)
 
 
-def test_fsdp_checkpoint_resumes_on_one_process(char_data, reference, tmp_path):
-    torchrun(2, [*TINY, f"--out_dir={tmp_path}", "--parallel=fsdp"], char_data)
+@pytest.mark.parametrize("model,layout", [("dense", ["--parallel=fsdp"]), ("moe", ["--parallel=ddp", "--ep_size=2"])])
+def test_sharded_checkpoint_resumes_on_one_process(char_data, reference, tmp_path, model, layout):
+    torchrun(2, [*TINY, *MODELS[model], f"--out_dir={tmp_path}", *layout], char_data)
     assert os.path.exists(tmp_path / "ckpt_dcp" / "meta.pt") and not os.path.exists(tmp_path / "ckpt.pt")
-    run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=12", "--init_from=resume"], char_data)
-    got, want = losses(tmp_path), losses(reference / "dense_more")
+    run_train([*TINY, *MODELS[model], f"--out_dir={tmp_path}", "--max_iters=12", "--init_from=resume"], char_data)
+    got, want = losses(tmp_path), losses(reference / f"{model}_more")
     for it in (11, 12):  # optimizer state, data position and RNG all came back, resharded from 2 ranks to 1
         assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
 
@@ -92,6 +99,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(char_data, reference, tmp_path):
     (["--parallel=ddp", "--gradient_accumulation_steps=3", "--batch_size=3"], "batch is too small"),
     (["--parallel=none"], "unrelated models"),
     (["--parallel=tp", "--tp_size=2", *DRE], "dre is not supported with tensor parallelism"),
+    ([*MOE, "--parallel=ddp", "--ep_size=3"], "n_expert=4 across ep_size=3"),
 ])
 def test_impossible_layout_fails_before_any_work(char_data, tmp_path, args, message):
     proc = torchrun(2, [*TINY, f"--out_dir={tmp_path}", *args], char_data, check=False)
@@ -105,3 +113,20 @@ def test_half_set_torchrun_environment_is_a_clear_error(char_data, tmp_path):
     proc = run_train([*TINY, f"--out_dir={tmp_path}"], char_data, check=False,
                      env=dict(env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2"))
     assert proc.returncode != 0 and "half set" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("layout,ep_size,model,message", [
+    ("ddp", 2, {}, "this one is dense"),
+    ("ddp", 3, {"n_expert": 6}, "world size 4 is not divisible by ep_size=3"),
+    ("ddp", 8, {"n_expert": 4}, "n_expert=4 across ep_size=8"),
+    ("fsdp+tp", 2, {"n_expert": 4}, "not supported yet"),
+    ("tp", 2, {"n_expert": 4}, "not supported yet"),
+    ("ddp", 2, {"n_expert": 4, "dre": True, "n_layer": 3}, "dre is not supported with expert parallelism"),
+    ("fsdp", 0, {"n_expert": 4}, "ep_size must be at least 1"),
+])
+def test_impossible_expert_parallel_layout_is_refused(layout, ep_size, model, message):
+    from model import GPTConfig
+    from parallel import check_layout
+    config = GPTConfig(n_layer=model.pop("n_layer", 2), n_head=4, n_embd=32, **model)
+    with pytest.raises(ValueError, match=message):
+        check_layout(layout, 2, 4, config, 2, 32, 4, ep_size=ep_size)
