@@ -130,3 +130,62 @@ def test_impossible_expert_parallel_layout_is_refused(layout, ep_size, model, me
     config = GPTConfig(n_layer=model.pop("n_layer", 2), n_head=4, n_embd=32, **model)
     with pytest.raises(ValueError, match=message):
         check_layout(layout, 2, 4, config, 2, 32, 4, ep_size=ep_size)
+
+
+def expert_parallel_layer_check(ep_size, capacity_factor, unused):
+    """Run by test_expert_parallel_layer_matches_one_process on every rank (python test_parallel.py ...): one MoE
+    layer in float64 on this rank's slice of a batch, once whole and once with its experts split by ep_size, from the
+    same weights. Experts in `unused` are never routed to (with ep_size=2 and unused=2,3 rank 1 receives no rows)."""
+    import copy
+    import torch.distributed as dist
+    import parallel
+    from model import GPTConfig
+    from moe import MoE, local
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    ref = MoE(GPTConfig(n_layer=1, n_head=1, n_embd=8, n_expert=4, top_k=2, expert_hidden=16, moe_balance="bias",
+                        capacity_factor=capacity_factor)).double()
+    ref.expert_bias[unused] = -10.0  # never chosen: scores are in (0, 1)
+    layer = copy.deepcopy(ref)
+    parallel.apply_expert_parallel(layer, ep_size, "cpu")
+    x, g = torch.randn(2, world, 16, 8, dtype=torch.float64)[:, rank:rank + 1]  # this rank's 16 tokens
+
+    def run(moe):  # as under data parallelism: the mean over this rank's tokens
+        xr = x.clone().requires_grad_()
+        y = moe(xr)
+        ((y * g).sum() / 16).backward()
+        return y, xr.grad
+
+    (y_ref, gx_ref), (y, gx) = run(ref), run(layer)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    for p in [*ref.parameters(), layer.router.weight]:  # what DDP or FSDP would do: the mean over the ranks
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    parallel.sync_expert_grads(layer)
+    torch.testing.assert_close(layer.router.weight.grad, ref.router.weight.grad)
+    n, ep_rank = 4 // ep_size, rank % ep_size
+    for name in ("w1", "w3", "w2"):
+        got, want = local(getattr(layer, name).grad), getattr(ref, name).grad[ep_rank * n:(ep_rank + 1) * n]
+        used = [e not in unused for e in range(ep_rank * n, (ep_rank + 1) * n)]
+        assert got.shape[0] == n and want.flatten(1).abs().sum(1).gt(0).tolist() == used
+        torch.testing.assert_close(got, want, msg=name)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nproc,ep_size,capacity_factor,unused", [
+    (2, 2, 0.0, [2, 3]),  # rank 1's experts get no rows
+    (4, 2, 1.0, [3]),     # two copies of each expert, an empty expert, capacity dropping some pairs
+])
+def test_expert_parallel_layer_matches_one_process(tmp_path, nproc, ep_size, capacity_factor, unused):
+    # outputs, input gradients, router and expert gradients: the all_to_all's uneven splits, including empty ones
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
+           str(ep_size), str(capacity_factor), ",".join(map(str, unused))]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    expert_parallel_layer_check(int(sys.argv[1]), float(sys.argv[2]), [int(e) for e in sys.argv[3].split(",")])
