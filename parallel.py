@@ -321,10 +321,12 @@ class ExpertsEP(nn.Module):
         dist.all_to_all_single(got, counts, group=self.group)
         got = got.view(P, -1)
         send, recv = counts.view(P, -1).sum(1).tolist(), got.sum(1).tolist()
+        if torch.is_autocast_enabled(x.device.type):  # the experts compute in it: send half the bytes
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x = all_to_all_single_autograd(x, recv, send, self.group)
         # the rows arrive by source rank, each source's by expert: regroup them by expert for the grouped GEMMs
-        expert = torch.arange(got.shape[1], device=x.device).repeat(P).repeat_interleave(got.flatten())
-        order = expert.argsort(stable=True)
+        expert = torch.arange(got.shape[1], device=x.device).repeat(P)  # of each (source, expert) run of rows
+        order = expert.repeat_interleave(got.flatten(), output_size=sum(recv)).argsort(stable=True)
         y = experts(x[order], got.sum(0))
         y = y.new_empty(y.shape).index_copy(0, order, y)  # back in arrival order
         return all_to_all_single_autograd(y, send, recv, self.group)
