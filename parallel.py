@@ -312,6 +312,9 @@ class ExpertsEP(nn.Module):
         super().__init__()
         self.group, self.size = mesh["ep"].get_group(), mesh["ep"].size()
 
+    # eager under torch.compile: the split sizes are data (a graph break anyway), and the experts' DTensor weights
+    # reach the compiled kernels as DTensors otherwise
+    @torch.compiler.disable
     def forward(self, x, counts, experts):
         from torch.distributed._functional_collectives import all_to_all_single_autograd
         P = self.size
