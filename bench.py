@@ -7,6 +7,7 @@ Measures training speed: forward + backward + optimizer step of a model on rando
     python bench.py --moe     # one MoE layer by each moe_kernel path, a naive loop, and a dense MLP of equal FLOPs
     python bench.py --dre --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
     python bench.py --memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
+    python bench.py --memory config/shakespeare_char_moe.py   # MoE models add expert-parallel (ep_size) rows
     python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
 
 `dtype` and `compile` take comma-separated lists: every combination is measured in the same run.
@@ -56,6 +57,7 @@ memory_layout = ""          # set for the worker processes bench.py starts itsel
 estimate = False
 gpus = 8
 tp_size = 2
+ep_size = 2                 # the expert-parallel rows' group size (MoE models): ddp or fsdp with ep_size ranks a group
 # --dre: out_dir's DRE checkpoint at core steps 1..max_reasoning_steps and at each of dre_thresholds
 dre = False
 out_dir = "out"
@@ -215,9 +217,12 @@ def bench_memory():  # one torchrun per layout, rank 0 reporting the largest ran
           f"fp32 + AdamW; MiB per rank, measured on the CPU (gloo)")
     print(f"{'layout':<10} {'ranks':>5} {'params':>9} {'grads':>9} {'optimizer':>10} {'total':>9} {'vs none':>8}")
     base = None
-    for name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("fsdp+tp", 4)):
+    rows = [(name, name, ranks, 1) for name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("fsdp+tp", 4))]
+    if n_expert:  # expert parallelism on ep_size ranks: the experts split between them, the rest as the layout says
+        rows += [(f"{name}, ep {ep_size}", name, ep_size, ep_size) for name in ("ddp", "fsdp")]
+    for name, layout, ranks, ep in rows:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-               *sys.argv[1:], f"--memory_layout={name}"]
+               *sys.argv[1:], f"--memory_layout={layout}", f"--ep_size={ep}"]
         print(f"  {name} on {ranks} process{'es' * (ranks > 1)}...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode:
@@ -234,12 +239,13 @@ def memory_worker():
     rank, _, world, _ = parallel.init_distributed("cpu")
     model = GPT(config)  # the same seeded weights on every rank
     mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu")
-    wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu")
+    wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu", ep_size=ep_size)
     opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw",
                                      parallel.optimizer_kwargs(model, "cpu"))[0]
     x = torch.randint(vocab_size, (1, min(block_size, 64) + 1))
     _, loss = wrapped(x[:, :-1], x[:, 1:])
     (loss + model.moe_loss()).backward()
+    parallel.sync_expert_grads(model)
     opt.step()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
@@ -253,13 +259,17 @@ def memory_worker():
 
 def estimate_memory():
     """Per-GPU bytes on `gpus` GPUs: fp32 params, grads and AdamW's two moments (4 + 4 + 8 bytes), divided by the
-    data-parallel size under FSDP, the blocks' share by tp_size under TP; bf16 activations ~34*s*b*h bytes a layer
+    data-parallel size under FSDP, the blocks' share by tp_size under TP, the experts' by ep_size under expert
+    parallelism (which leaves them out of FSDP's sharding); bf16 activations ~34*s*b*h bytes a layer
     (Korthikanti et al. 2022, no stored attention scores) over tp_size (sequence parallel), with grad_checkpoint
     only each block's 2*s*b*h-byte input plus one block's full activations."""
     with torch.device("meta"):
         model = GPT(config)
     total = model.num_params(non_embedding=False)
     blocks = sum(p.numel() for p in model.transformer.h.parameters())
+    experts = sum(w.numel() for m in model.moe_layers() for w in (m.w1, m.w3, m.w2))
+    if n_expert and (n_expert % ep_size or gpus % ep_size):
+        sys.exit(f"error: ep_size={ep_size} must divide both n_expert={n_expert} and gpus={gpus}")
     s, b, h, L = block_size, batch_size, n_embd, n_layer
     width = (top_k + n_shared_expert) * config.expert_hidden if n_expert else config.mlp_hidden
     per_layer = s * b * h * 34 * width / (8 / 3 * h)  # 34 is for a 4h GELU MLP: scale by the SwiGLU's real width
@@ -268,9 +278,13 @@ def estimate_memory():
           f"parameters; {gpus} GPUs, micro-batch {b} x {s}, fp32 weights + AdamW, bf16 activations"
           f"{', grad_checkpoint' if grad_checkpoint else ''}; GiB per GPU")
     print(f"{'layout':<16} {'params':>8} {'grads':>8} {'optimizer':>10} {'activations':>12} {'total':>8}")
-    for name, shards, tp in (("ddp", 1, 1), ("fsdp", gpus, 1), (f"tp ({gpus})", 1, gpus),
-                             (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size)):
-        weights = (total - blocks + blocks / tp) / shards
+    layouts = [("ddp", 1, 1, 1), ("fsdp", gpus, 1, 1), (f"tp ({gpus})", 1, gpus, 1),
+               (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size, 1)]
+    if n_expert:
+        layouts += [(f"ddp, ep {ep_size}", 1, 1, ep_size), (f"fsdp, ep {ep_size}", gpus, 1, ep_size)]
+    for name, shards, tp, ep in layouts:
+        split = experts if ep > 1 else 0  # split ep ways by expert parallelism, and not sharded further
+        weights = (total - blocks + (blocks - split) / tp) / shards + split / ep
         gib = [v / 2**30 for v in (4 * weights, 4 * weights, 8 * weights, act / tp)]
         print(f"{name:<16}", *(f"{v:>{w}.2f}" for v, w in zip(gib + [sum(gib)], (8, 8, 10, 12, 8))))
 

@@ -85,6 +85,9 @@ class MoE(nn.Module):
         # tensor parallelism (parallel.py) makes these Megatron's f and g: each rank then holds a slice of every
         # expert's hidden units, so the experts' input gradient and their outputs are summed over the group
         self.enter_experts, self.leave_experts = nn.Identity(), nn.Identity()
+        # expert parallelism (parallel.ExpertsEP): this rank holds n_expert/ep_size of the experts, and the sorted
+        # rows travel to the ranks holding theirs and back: expert_parallel(x_sorted, counts, self.experts)
+        self.expert_parallel = None
 
     def route(self, x):
         """x: (N, d) -> expert ids (N, k), combine weights (N, k) fp32, the router scores of those choices (N, k),
@@ -155,12 +158,26 @@ class MoE(nn.Module):
         x = x.reshape(B * T, d)
         expert, weight, score, self.aux_loss = self.route(x)
         order, counts = self.sort_by_expert(expert, score)
-        ys = self.leave_experts(self.experts(self.enter_experts(x).index_select(0, order // self.top_k), counts))
+        xs = self.enter_experts(x).index_select(0, order // self.top_k)
+        if self.expert_parallel is None:
+            ys = self.leave_experts(self.experts(xs, counts))
+        else:  # parallel.ExpertsEP: the rows go to the ranks holding their experts and come back
+            ys = self.expert_parallel(xs, counts, self.experts)
         y = torch.zeros_like(ys).index_copy(0, order, ys)  # back to (token, slot) order; dropped pairs are zero
         out = self.dropout(torch.bmm(weight.to(y.dtype).unsqueeze(1), y.view(B * T, self.top_k, d)).view(B, T, d))
         if self.shared is not None:
             out = out + self.shared(x.view(B, T, d))
         return out
+
+    def experts(self, x, counts):
+        """The SwiGLU experts on rows sorted by expert, counts[e] of them for expert e (under expert parallelism,
+        this rank's experts on the rows its group sent them)."""
+        offsets = F.pad(counts.cumsum(0), (1, 0))
+        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w1, w3, w2 = x.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        return grouped_mm(F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets), w2, offsets)
 
     @torch.no_grad()
     def update_bias(self, rate):

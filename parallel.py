@@ -6,9 +6,12 @@ checked against one process by tests/test_parallel.py:
 - 'tp': Megatron tensor parallelism with DTensor: heads and hidden units split across the ranks, and between blocks
   the residual stream split along the sequence (sequence parallelism).
 - 'fsdp+tp': a (dp, tp) mesh: tp inside each group of tp_size ranks, fsdp across the groups.
+- ep_size > 1 (with 'ddp' or 'fsdp'): expert parallelism. Each group of ep_size consecutive ranks splits every MoE
+  layer's experts between them, and the routed tokens travel to their experts' ranks and back (all_to_all); the
+  rest of the model is data parallel over all ranks as the layout says.
 Also here: everything else that only layouts need (device choice, the stop agreement between ranks, Megatron's f/g,
-clipping over DTensors) and distributed checkpoints (DCP), which load on any world size and layout.
-`python convert.py OUT_DIR --ckpt` turns one into the single-file ckpt.pt that sample.py reads.
+the experts' all_to_all, clipping over DTensors) and distributed checkpoints (DCP), which load on any world size and
+layout. `python convert.py OUT_DIR --ckpt` turns one into the single-file ckpt.pt that sample.py reads.
 """
 
 import functools
@@ -131,8 +134,29 @@ def exit_process(code=0):
 
 
 def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gradient_accumulation_steps,
-                 optimizer="adamw", dtype="float32"):
+                 optimizer="adamw", dtype="float32", ep_size=1):
     """Every reason a layout cannot work, found before any work is done. Raises ValueError."""
+    if ep_size < 1:
+        raise ValueError(f"ep_size must be at least 1, got {ep_size}")
+    if ep_size > 1:
+        if not config.n_expert:
+            raise ValueError(f"ep_size={ep_size} splits the experts of a Mixture-of-Experts model, but this one is "
+                             "dense: set n_expert, or ep_size=1")
+        if config.n_expert % ep_size:
+            raise ValueError(f"expert parallelism splits n_expert={config.n_expert} across ep_size={ep_size} ranks: "
+                             f"n_expert must be divisible by ep_size")
+        if world_size % ep_size:
+            raise ValueError(f"the world size {world_size} is not divisible by ep_size={ep_size}: launch a multiple "
+                             f"of {ep_size} processes (torchrun --nproc_per_node)")
+        if layout not in ("ddp", "fsdp"):
+            raise ValueError(f"ep_size={ep_size} works with parallel='ddp' or 'fsdp', not {layout!r}"
+                             + (" (expert parallelism with tensor parallelism is not supported yet)"
+                                if "tp" in layout else ""))
+        if config.dre:
+            raise ValueError("dre is not supported with expert parallelism yet (it is with ddp and fsdp): at "
+                             "inference every rank of a group would have to run as many core steps as the slowest")
+        if optimizer == "muon" or dtype == "float16":
+            raise ValueError(f"ep_size={ep_size} works with optimizer='adamw' and fp32/bf16 only")
     if layout not in LAYOUTS:
         raise ValueError(f"parallel must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout != "none" and not dist.is_initialized():
@@ -184,13 +208,17 @@ def mesh_and_ranks(layout, tp_size, world_size, device_type):
     return mesh, mesh["dp"].get_local_rank(), world_size // tp
 
 
-def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_after_forward=True, cpu_offload=False):
-    """Wraps the model for the layout. param_dtype (GPU fsdp only): compute in it, reduce gradients in fp32."""
+def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_after_forward=True, cpu_offload=False,
+                ep_size=1):
+    """Wraps the model for the layout. param_dtype (GPU fsdp only): compute in it, reduce gradients in fp32.
+    ep_size > 1: the experts are split first (apply_expert_parallel), and the layout leaves them alone."""
     if layout == "none":
         return model
+    experts = apply_expert_parallel(model, ep_size, device_type) if ep_size > 1 else {}
     if layout == "ddp":
         # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
         # every rank from all-reduced loads (while their load counters are each rank's own)
+        DDP._set_params_and_buffers_to_ignore_for_model(model, list(experts))
         return DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
                    broadcast_buffers=False)
     if "tp" in layout:
@@ -199,7 +227,8 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         kw = dict(mesh=mesh["dp"], reshard_after_forward=reshard_after_forward,
                   mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+                  ignored_params=set(experts.values()))
         for block in model.transformer.h:
             fully_shard(block, **kw)
         if model.config.dre:  # adaptive exit runs the core until every rank's tokens have stopped (reasoning.py)
@@ -288,6 +317,78 @@ class ExpertsTP(nn.Module):
 
     def forward(self, x):
         return _MegatronFG.apply(x, self.group, self.sum_output)
+
+
+def apply_expert_parallel(model, ep_size, device_type):
+    """Expert parallelism on an (expert_dp, ep) mesh of the world: in each group of ep_size consecutive ranks, rank
+    r keeps experts [r*E/ep_size, (r+1)*E/ep_size) of every MoE layer, as DTensors sharded over the group and
+    replicated across groups, so that a distributed checkpoint holds each expert once and loads on any layout.
+    Returns {name: parameter} of the experts, which the data-parallel layouts must leave alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("expert_dp", "ep"))
+    rank, experts = mesh["ep"].get_local_rank(), {}
+    for name, moe in model.named_modules():
+        if isinstance(moe, MoE):
+            for w in ("w1", "w3", "w2"):
+                full = getattr(moe, w).data  # the same seeded initial weights on every rank
+                n = full.shape[0] // ep_size
+                mine = DTensor.from_local(full[rank * n:(rank + 1) * n].clone(), mesh, [Replicate(), Shard(0)],
+                                          run_check=False)
+                setattr(moe, w, nn.Parameter(mine))
+                experts[f"{name}.{w}"] = getattr(moe, w)
+            moe.expert_parallel = ExpertsEP(mesh)
+    return experts
+
+
+class ExpertsEP(nn.Module):
+    """How moe.MoE runs its experts under expert parallelism. Its rows arrive sorted by expert, counts[e] for
+    expert e; those of the experts rank j holds are a contiguous run, sent to rank j by one all_to_all with uneven
+    splits, run there, and returned by a second all_to_all into the same order. Both are differentiable: backward
+    sends each row's gradient back the way it came, so every rank's experts get the gradients of all the rows
+    they ran (and sync_expert_grads averages those over the groups)."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.group, self.size = mesh["ep"].get_group(), mesh["ep"].size()
+
+    # eager under torch.compile: the split sizes are data (a graph break anyway), and the experts' DTensor weights
+    # reach the compiled kernels as DTensors otherwise
+    @torch.compiler.disable
+    def forward(self, x, counts, experts):
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+        P, rows = self.size, x.shape[0]
+        # first a small exchange: got[i, e] = how many rows rank i sends to this rank's e-th expert (a host sync,
+        # since the split sizes are Python ints)
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=self.group)
+        got = got.view(P, -1)
+        send, recv = counts.view(P, -1).sum(1).tolist(), got.sum(1).tolist()
+        x = x[:sum(send)]  # the rows of pairs dropped by capacity come last and stay here (their output is zero)
+        if torch.is_autocast_enabled(x.device.type):  # the experts compute in it: send half the bytes
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = all_to_all_single_autograd(x, recv, send, self.group)
+        # the rows arrive by source rank, each source's by expert: regroup them by expert for the grouped GEMMs
+        expert = torch.arange(got.shape[1], device=x.device).repeat(P)  # of each (source, expert) run of rows
+        order = expert.repeat_interleave(got.flatten(), output_size=sum(recv)).argsort(stable=True)
+        y = experts(x[order], got.sum(0))
+        y = y.new_empty(y.shape).index_copy(0, order, y)  # back in arrival order
+        y = all_to_all_single_autograd(y, send, recv, self.group)
+        return torch.cat([y, y.new_zeros(rows - y.shape[0], y.shape[1])])
+
+
+def sync_expert_grads(model):
+    """Expert parallelism, after backward: each expert's gradient summed over the ranks holding a copy of it (one
+    per ep group), then divided by the world size, the mean over the global batch that DDP and FSDP take of every
+    other gradient. (Each copy already holds its own group's rows, through the all_to_all's backward.)"""
+    for moe in model.modules():
+        if isinstance(moe, MoE) and moe.expert_parallel is not None:
+            for w in (moe.w1, moe.w3, moe.w2):
+                if w.grad is not None:
+                    grad = w.grad.to_local()
+                    dist.all_reduce(grad, group=w.device_mesh["expert_dp"].get_group())
+                    grad.div_(dist.get_world_size())
 
 
 def optimizer_kwargs(model, device_type):

@@ -30,7 +30,7 @@ import reasoning
 from model import GPT, GPTConfig
 from parallel import (agree, check_layout, clip_grad_norm_, exit_process, find_sharded, hardware_peak_flops,
                       init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
-                      pick_device, save_sharded)
+                      pick_device, save_sharded, sync_expert_grads)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -85,6 +85,7 @@ compile = False                  # torch.compile the model (pays on GPUs; on sma
 backend = "auto"                 # torch.distributed backend: 'nccl', 'gloo'; auto: nccl on CUDA, else gloo
 parallel = "auto"                # 'ddp', 'fsdp', 'tp', 'fsdp+tp' under torchrun (parallel.py); auto: ddp if several
 tp_size = 1                      # tensor-parallel group size ('tp', 'fsdp+tp')
+ep_size = 1                      # expert-parallel group size (with 'ddp' or 'fsdp'): each rank n_expert/ep_size experts
 fsdp_reshard_after_forward = True  # False: keep parameters gathered from forward to backward (ZeRO-2-like)
 fsdp_cpu_offload = False         # keep sharded parameters, gradients and optimizer state in CPU memory
 seed = 1337
@@ -124,12 +125,12 @@ if parallel == "auto":
     parallel = "ddp" if world_size > 1 else "none"
 try:
     check_layout(parallel, tp_size, world_size, GPTConfig.from_settings(config), batch_size, block_size,
-                 gradient_accumulation_steps, optimizer, dtype)
+                 gradient_accumulation_steps, optimizer, dtype, ep_size)
 except ValueError as e:
     if master:
         print(f"error: {e}")
     exit_process(1)
-sharded = parallel in ("fsdp", "tp", "fsdp+tp")  # checkpoints go through torch.distributed.checkpoint
+sharded = parallel in ("fsdp", "tp", "fsdp+tp") or ep_size > 1  # checkpoints through torch.distributed.checkpoint
 # data-parallel ranks read different slices of each global batch; tensor-parallel ranks of a group the same one
 mesh, dp_rank, dp_size = mesh_and_ranks(parallel, tp_size, world_size, device_type)
 if gradient_accumulation_steps % dp_size == 0:  # the step's micro-batches are shared out among the ranks...
@@ -253,8 +254,8 @@ def init_model():
         if not os.path.exists(path):
             sys.exit(f"error: init_from={init_from!r} but {path} does not exist")
         if init_from == "resume" and sharded:
-            sys.exit(f"error: {path} is a single-file checkpoint; resume it with parallel='none' or 'ddp' (sharded "
-                     f"layouts resume from the ckpt_dcp/ their own runs write)")
+            sys.exit(f"error: {path} is a single-file checkpoint; resume it with parallel='none' or 'ddp' and "
+                     f"ep_size=1 (sharded layouts resume from the ckpt_dcp/ their own runs write)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     else:
         sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding a "
@@ -307,7 +308,8 @@ if compile and not sharded:
     model = torch.compile(model)
 # GPU fsdp: bf16 (or fp16) compute with fp32 gradient reduction; elsewhere autocast does the casting
 param_dtype = ptdtype if device_type == "cuda" and "fsdp" in parallel and dtype != "float32" else None
-model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload)
+model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload,
+                    ep_size)
 if compile and sharded:
     model = torch.compile(model)
 
@@ -542,6 +544,7 @@ while True:
         moe_loss_sum += moe_loss.detach()
         for name, value in stats.items():
             stats_sum[name] = stats_sum.get(name, 0.0) + value / gradient_accumulation_steps
+    sync_expert_grads(raw_model)  # expert parallelism: each expert's gradient over the ranks holding it
     nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss_sum + moe_loss_sum)).float())
     if grad_clip != 0.0:
         for opt in optimizers:

@@ -17,7 +17,8 @@ TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_la
 MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--n_shared_expert=1", "--moe_balance=bias"]
 # a recurrent core (reasoning.py) run 1-4 times, drawn per optimizer step: every rank must draw the same r
 DRE = ["--dre", "--n_layer=3", "--max_reasoning_steps=4", "--dre_mean_steps=2.5", "--dre_backprop_steps=2"]
-MODELS = {"dense": [], "moe": MOE, "dre": DRE}
+# 4 data-parallel ranks need 4 micro-batches to take one each, as one process does (the aux loss is per batch)
+MODELS = {"dense": [], "moe": MOE, "dre": DRE, "moe4": [*MOE, "--gradient_accumulation_steps=4"]}
 
 
 def torchrun(nproc, args, cwd, check=True):
@@ -55,11 +56,12 @@ def assert_same_run(out_dir, ref_dir):
 
 @pytest.fixture(scope="module")
 def reference(char_data, tmp_path_factory):
-    """One process, 10 steps, for the dense, the MoE and the DRE model; then the dense one resumed for two more."""
+    """One process, 10 steps, for each model; then the dense and the MoE one for two steps more."""
     out = tmp_path_factory.mktemp("single")
     for name, args in MODELS.items():
         run_train([*TINY, *args, f"--out_dir={out / name}"], char_data)
-    run_train([*TINY, f"--out_dir={out / 'dense_more'}", "--max_iters=12"], char_data)
+    for name in ("dense", "moe"):
+        run_train([*TINY, *MODELS[name], f"--out_dir={out / (name + '_more')}", "--max_iters=12"], char_data)
     return out
 
 
@@ -68,6 +70,10 @@ def reference(char_data, tmp_path_factory):
     ("fsdp", 2, "moe", []), ("tp", 2, "moe", []), ("fsdp+tp", 4, "dense", []), ("ddp", 2, "dre", []),
     ("fsdp", 2, "dre", []),
     ("ddp", 2, "dense", ["--gradient_accumulation_steps=1", "--batch_size=4"]),
+    # expert parallelism: 2 experts a rank, or 1; on 4 ranks with ep_size=2, two copies of each expert
+    *(pytest.param(layout, nproc, model, [f"--ep_size={ep}"], id=f"{layout}-{nproc}-{model}-ep{ep}")
+      for layout, nproc, model, ep in (("ddp", 2, "moe", 2), ("fsdp", 2, "moe", 2), ("ddp", 4, "moe4", 4),
+                                       ("fsdp", 4, "moe4", 2))),
 ])
 def test_layout_matches_single_process(char_data, reference, tmp_path, layout, nproc, model, extra):
     # ddp and fsdp: each rank one of the two micro-batches of 2 sequences; tp: both ranks the same ones; fsdp+tp:
@@ -78,11 +84,12 @@ def test_layout_matches_single_process(char_data, reference, tmp_path, layout, n
     assert_same_run(out, reference / model)
 
 
-def test_fsdp_checkpoint_resumes_on_one_process(char_data, reference, tmp_path):
-    torchrun(2, [*TINY, f"--out_dir={tmp_path}", "--parallel=fsdp"], char_data)
+@pytest.mark.parametrize("model,layout", [("dense", ["--parallel=fsdp"]), ("moe", ["--parallel=ddp", "--ep_size=2"])])
+def test_sharded_checkpoint_resumes_on_one_process(char_data, reference, tmp_path, model, layout):
+    torchrun(2, [*TINY, *MODELS[model], f"--out_dir={tmp_path}", *layout], char_data)
     assert os.path.exists(tmp_path / "ckpt_dcp" / "meta.pt") and not os.path.exists(tmp_path / "ckpt.pt")
-    run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=12", "--init_from=resume"], char_data)
-    got, want = losses(tmp_path), losses(reference / "dense_more")
+    run_train([*TINY, *MODELS[model], f"--out_dir={tmp_path}", "--max_iters=12", "--init_from=resume"], char_data)
+    got, want = losses(tmp_path), losses(reference / f"{model}_more")
     for it in (11, 12):  # optimizer state, data position and RNG all came back, resharded from 2 ranks to 1
         assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
 
@@ -93,6 +100,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(char_data, reference, tmp_path):
     (["--parallel=ddp", "--gradient_accumulation_steps=3", "--batch_size=3"], "batch is too small"),
     (["--parallel=none"], "unrelated models"),
     (["--parallel=tp", "--tp_size=2", *DRE], "dre is not supported with tensor parallelism"),
+    ([*MOE, "--parallel=ddp", "--ep_size=3"], "n_expert=4 across ep_size=3"),
 ])
 def test_impossible_layout_fails_before_any_work(char_data, tmp_path, args, message):
     proc = torchrun(2, [*TINY, f"--out_dir={tmp_path}", *args], char_data, check=False)
@@ -106,3 +114,79 @@ def test_half_set_torchrun_environment_is_a_clear_error(char_data, tmp_path):
     proc = run_train([*TINY, f"--out_dir={tmp_path}"], char_data, check=False,
                      env=dict(env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2"))
     assert proc.returncode != 0 and "half set" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("layout,ep_size,model,message", [
+    ("ddp", 2, {}, "this one is dense"),
+    ("ddp", 3, {"n_expert": 6}, "world size 4 is not divisible by ep_size=3"),
+    ("ddp", 8, {"n_expert": 4}, "n_expert=4 across ep_size=8"),
+    ("fsdp+tp", 2, {"n_expert": 4}, "not supported yet"),
+    ("tp", 2, {"n_expert": 4}, "not supported yet"),
+    ("ddp", 2, {"n_expert": 4, "dre": True, "n_layer": 3}, "dre is not supported with expert parallelism"),
+    ("fsdp", 0, {"n_expert": 4}, "ep_size must be at least 1"),
+])
+def test_impossible_expert_parallel_layout_is_refused(layout, ep_size, model, message):
+    from model import GPTConfig
+    from parallel import check_layout
+    config = GPTConfig(n_layer=model.pop("n_layer", 2), n_head=4, n_embd=32, **model)
+    with pytest.raises(ValueError, match=message):
+        check_layout(layout, 2, 4, config, 2, 32, 4, ep_size=ep_size)
+
+
+def expert_parallel_layer_check(ep_size, capacity_factor, unused):
+    """Run by test_expert_parallel_layer_matches_one_process on every rank (python test_parallel.py ...): one MoE
+    layer in float64 on this rank's slice of a batch, once whole and once with its experts split by ep_size, from the
+    same weights. Experts in `unused` are never routed to (with ep_size=2 and unused=2,3 rank 1 receives no rows)."""
+    import copy
+    import torch.distributed as dist
+    import parallel
+    from model import GPTConfig
+    from moe import MoE, local
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    ref = MoE(GPTConfig(n_layer=1, n_head=1, n_embd=8, n_expert=4, top_k=2, expert_hidden=16, moe_balance="bias",
+                        capacity_factor=capacity_factor)).double()
+    ref.expert_bias[unused] = -10.0  # never chosen: scores are in (0, 1)
+    layer = copy.deepcopy(ref)
+    parallel.apply_expert_parallel(layer, ep_size, "cpu")
+    x, g = torch.randn(2, world, 16, 8, dtype=torch.float64)[:, rank:rank + 1]  # this rank's 16 tokens
+
+    def run(moe):  # as under data parallelism: the mean over this rank's tokens
+        xr = x.clone().requires_grad_()
+        y = moe(xr)
+        ((y * g).sum() / 16).backward()
+        return y, xr.grad
+
+    (y_ref, gx_ref), (y, gx) = run(ref), run(layer)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    for p in [*ref.parameters(), layer.router.weight]:  # what DDP or FSDP would do: the mean over the ranks
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    parallel.sync_expert_grads(layer)
+    torch.testing.assert_close(layer.router.weight.grad, ref.router.weight.grad)
+    n, ep_rank = 4 // ep_size, rank % ep_size
+    for name in ("w1", "w3", "w2"):
+        got, want = local(getattr(layer, name).grad), getattr(ref, name).grad[ep_rank * n:(ep_rank + 1) * n]
+        used = [e not in unused for e in range(ep_rank * n, (ep_rank + 1) * n)]
+        assert got.shape[0] == n and want.flatten(1).abs().sum(1).gt(0).tolist() == used
+        torch.testing.assert_close(got, want, msg=name)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nproc,ep_size,capacity_factor,unused", [
+    (2, 2, 0.0, [2, 3]),  # rank 1's experts get no rows
+    (4, 2, 1.0, [3]),     # two copies of each expert, an empty expert, capacity dropping some pairs
+])
+def test_expert_parallel_layer_matches_one_process(tmp_path, nproc, ep_size, capacity_factor, unused):
+    # outputs, input gradients, router and expert gradients: the all_to_all's uneven splits, including empty ones
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
+           str(ep_size), str(capacity_factor), ",".join(map(str, unused))]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    expert_parallel_layer_check(int(sys.argv[1]), float(sys.argv[2]), [int(e) for e in sys.argv[3].split(",")])
