@@ -191,8 +191,8 @@ def to_hf_weights(config, weights, n_vocab):
         out["model.norm.weight"] = w.pop("transformer.ln_f.weight")
         for name in [k for k in w if k.startswith("transformer.h.") and k.endswith(("mlp.w1", "mlp.w2", "mlp.w3"))]:
             i, kind = name.split(".")[2], name[-2:]
-            for e, expert in enumerate(w.pop(name)):  # ours is (in, out) per expert, nn.Linear's is (out, in)
-                out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight"] = expert.t()
+            for e, expert in enumerate(w.pop(name)):  # (out, in) per expert, as nn.Linear
+                out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight"] = expert
         for name in [k for k in w if k.startswith("transformer.h.")]:
             out[llama_name(name)] = w.pop(name)
     head = w.pop("lm_head.weight")
@@ -395,7 +395,7 @@ def from_hf(path, dropout=0.0):
         for i in range(config.n_layer if config.n_expert else 0):
             for kind in ("w1", "w2", "w3"):
                 sd[f"transformer.h.{i}.mlp.{kind}"] = torch.stack([
-                    w.pop(f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight").t()
+                    w.pop(f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight")
                     for e in range(config.n_expert)])
     head = w.pop("lm_head.weight", None)
     sd["lm_head.weight"] = sd["transformer.wte.weight"] if config.tie_embeddings or head is None else head
