@@ -34,8 +34,15 @@ if not os.path.exists(path):
         raise SystemExit(f"error: could not download Tiny Shakespeare ({e}); "
                          f"pass a local copy with --input PATH") from None
     os.replace(path + ".part", path)
-with open(path, encoding="utf-8") as f:
-    text = f.read()
+if os.path.isdir(path):
+    raise SystemExit(f"error: --input {path} is a directory; give a text file")
+try:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+except UnicodeDecodeError as e:
+    raise SystemExit(f"error: --input {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+if len(text) < 100:
+    raise SystemExit(f"error: --input {path} holds {len(text)} characters; train.bin and val.bin need far more")
 
 enc = tiktoken.get_encoding("gpt2")
 # split the text, not the tokens, so that each file decodes to whole characters on its own;
