@@ -139,6 +139,9 @@ except ValueError as e:
 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and init_from != "resume" and (
         os.path.exists(os.path.join(out_dir, "ckpt.pt")) or find_sharded(out_dir)):
     init_from = "resume"  # torchrun restarted the workers after a failure: go on from the last checkpoint
+    if os.environ.get("RANK") == "0":
+        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the last checkpoint in "
+              f"{out_dir}")
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per device
 try:
@@ -301,9 +304,10 @@ def init_model():
                  f"got {init_from!r}")
     # the architecture comes from the checkpoint; everything else from this run's config
     args.update({k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS})
-    model = GPT(GPTConfig(**args))
-    if "model" in ckpt:
-        load_weights(model.to(device), ckpt["model"], path)  # on the device: no second copy in host memory
+    with torch.device(device):  # built where it trains: on a GPU node no rank holds the weights in host memory
+        model = GPT(GPTConfig(**args))
+    if "model" in ckpt:  # copied from the file's pages, shared by the node's ranks
+        load_weights(model, ckpt["model"], path)
     return model, args, ckpt if init_from == "resume" else None
 
 
@@ -405,6 +409,7 @@ def save_checkpoint():
         path = save_sharded(out_dir, raw_model, optimizers, state, ckpt_group, keep_last)
     elif master:
         path = ckpt_path
+        state.update(model=raw_model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers])
         try:
             write_checkpoint(state)
         except OSError as e:
@@ -423,9 +428,8 @@ def write_checkpoint(state):
     """ckpt.pt, atomically: written to a temporary file and renamed over the old one once complete, so a crash or
     a second Ctrl-C mid-write leaves the last one intact. With keep_last > 1 the one it replaces stays on as
     ckpt-<iter>.pt (a second name for the same file, not a copy), and only the newest keep_last are kept."""
-    with open(ckpt_path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
+    torch.save(state, ckpt_path + ".tmp")
+    with open(ckpt_path + ".tmp", "rb") as f:
         os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
     if keep_last > 1 and os.path.exists(ckpt_path):
         previous = os.path.join(out_dir, f"ckpt-{read_checkpoint(ckpt_path)['iter_num']}.pt")
@@ -565,6 +569,7 @@ if distributed:
     def fail_fast(kind, value, tb):
         """An exception on one rank ends its process at once, with no collective on the way out: torchrun then
         stops the other ranks, which would otherwise wait in their next collective until its timeout."""
+        sys.stdout.flush()
         sys.__excepthook__(kind, value, tb)
         print(f"error: rank {rank} failed: {kind.__name__}: {value}", file=sys.stderr, flush=True)
         os._exit(1)
