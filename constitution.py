@@ -215,7 +215,7 @@ def main(argv=None):
             return
         if args.command == "revise" and args.rounds < 1:
             raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
-        for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be at least 1, got {args.max_new_tokens}"),
+        for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
                              (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
                              (args.top_k < 0, f"--top_k must be >= 0 (0: no cut), got {args.top_k}")):
             if bad:

@@ -89,7 +89,11 @@ def init_distributed(device, backend="auto"):
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
+    # a worker group that torchrun restarts (--max-restarts) meets in the same store as the one it replaces: under
+    # a prefix of its own, or a rank can read a dead rank's address (gloo) or id (NCCL) left by the last attempt
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     return rank, local_rank, world_size, device
 
 

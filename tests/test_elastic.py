@@ -87,8 +87,7 @@ def test_elastic_restart_after_a_killed_rank_resumes_and_matches_an_uninterrupte
                            capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
     out = tmp_path / "elastic"
-    # more restarts than the one kill needs: on a loaded machine gloo's first connection can fail at startup
-    proc = start(torchrun(train, [*args, f"--out_dir={out}"], "--max-restarts=3"), char_data, tmp_path / "log")
+    proc = start(torchrun(train, [*args, f"--out_dir={out}"], "--max-restarts=1"), char_data, tmp_path / "log")
     wait_for(logged_past(out, 8))  # after the checkpoint of iteration 5
     os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, (tmp_path / "log").read_text()[-3000:]
