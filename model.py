@@ -82,9 +82,6 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if self.layout == "modern" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary positions need an even head size: n_embd={self.n_embd} / n_head={self.n_head} "
-                             f"= {self.n_embd // self.n_head}")
         if not self.mlp_hidden:
             self.mlp_hidden = 4 * self.n_embd
             if self.layout == "modern":

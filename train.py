@@ -127,8 +127,6 @@ for bad, message in [
     (peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
     (fsdp_cpu_offload and "fsdp" not in parallel, "fsdp_cpu_offload=True needs parallel='fsdp' or 'fsdp+tp'"),
     (os.path.isfile(out_dir), f"out_dir={out_dir!r} is a file; point out_dir at a directory (new, or a run's)"),
-    (init_from not in ("scratch", "resume") and not init_from.startswith("gpt2") and not os.path.isdir(init_from),
-     f"init_from must be 'scratch', 'resume', 'gpt2*' or a run's directory, got {init_from!r}"),
 ]:
     if bad:
         sys.exit(f"error: {message}")
