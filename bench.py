@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import configurator
 import parallel
-from model import GPT, MLP, GPTConfig, load_run
+from model import GPT, MLP, CheckpointError, GPTConfig, load_run
 from moe import MoE, local
 
 # model and batch, as in train.py, whose config files work here (keys bench.py lacks are ignored)
@@ -78,12 +78,43 @@ if dataset and vocab_size == settings["vocab_size"] and os.path.exists(meta_path
     with open(meta_path) as f:
         vocab_size = json.load(f)["vocab_size"]
 
-device = parallel.pick_device(device)
+# every setting checked before anything is measured: one line naming it
+for name in ("batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "gpus", "tp_size",
+             "dre_eval_batches", "dre_new_tokens"):
+    if globals()[name] < 1:
+        sys.exit(f"error: {name} must be at least 1, got {globals()[name]}")
+try:
+    thresholds = [float(t) for t in dre_thresholds.split(",")]
+except ValueError:
+    thresholds = [-1.0]
+for bad, message in [
+    (warmup < 0, f"warmup must be >= 0, got {warmup}"),
+    (dtype != "auto" and not set(dtype.split(",")) <= {"float32", "bfloat16", "float16"},
+     f"dtype must be a comma-separated list of float32, bfloat16, float16 (or 'auto'), got {dtype!r}"),
+    (not all(type(c) is bool for c in (compile if isinstance(compile, tuple) else (bool(compile),))),
+     f"compile must be True, False or a list of them (False,True), got {compile!r}"),
+    (optimizer not in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {optimizer!r}"),
+    (not learning_rate > 0 or weight_decay < 0, f"learning_rate must be > 0 and weight_decay >= 0, got "
+                                                 f"{learning_rate}, {weight_decay}"),
+    (peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
+    (min(thresholds) < 0, f"dre_thresholds must be comma-separated numbers >= 0, got {dre_thresholds!r}"),
+    (moe and not 1 <= top_k <= (n_expert or 8), f"--moe: top_k={top_k} must be between 1 and n_expert={n_expert or 8}"),
+    (memory and estimate and gpus % tp_size, f"--estimate: gpus={gpus} is not divisible by tp_size={tp_size}"),
+    (memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
+]:
+    if bad:
+        sys.exit(f"error: {message}")
+try:
+    device = parallel.pick_device(device)
+    config = GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 device_type = device.split(":")[0]
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32,bfloat16"
+if "float16" in dtype.split(",") and device_type == "cpu":
+    sys.exit("error: dtype float16 is not supported on the CPU; use float32 or bfloat16")
 torch.manual_seed(seed)
-config = GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
 
 
 def autocast(dt):
@@ -295,6 +326,8 @@ def bench_dre():
         model, run_cfg = load_run(out_dir)
     except FileNotFoundError as e:  # none, or older than the run's distributed checkpoint
         sys.exit(f"error: {e} (a DRE model: python train.py config/shakespeare_char_dre.py)")
+    except CheckpointError as e:
+        sys.exit(f"error: out_dir={out_dir!r}: {e}")
     if not model.config.dre:
         sys.exit(f"error: {path} is not a DRE model (it was trained with dre=False)")
     model.to(device)

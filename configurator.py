@@ -10,6 +10,7 @@ one, and a value must have its default's type (an int passes for a float; a None
 
 import ast
 import difflib
+import traceback
 import types
 
 
@@ -45,7 +46,17 @@ def apply(config, argv, skip_unknown_in_files=False):
                     code = compile(f.read(), arg, "exec")
             except FileNotFoundError:
                 raise ConfigError(f"config file not found: {arg}") from None
-            exec(code, namespace)
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"config file {arg} cannot be read: {e}") from None
+            except SyntaxError as e:
+                raise ConfigError(f"{arg}, line {e.lineno}: syntax error: {e.msg}; fix the file "
+                                  f"(a config file is Python: key = value lines)") from None
+            try:
+                exec(code, namespace)
+            except Exception as e:  # the file's own line, not configurator's
+                line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                             if f.filename == arg), "?")
+                raise ConfigError(f"{arg}, line {line}: {type(e).__name__}: {e}") from None
             for key, value in namespace.items():
                 if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue

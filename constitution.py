@@ -215,6 +215,13 @@ def main(argv=None):
             return
         if args.command == "revise" and args.rounds < 1:
             raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+        for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
+                             (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
+                             (args.top_k < 0, f"--top_k must be >= 0 (0: no cut), got {args.top_k}")):
+            if bad:
+                raise ValueError(message)
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a directory; give a JSONL file to write")
         device = pick_device(args.device)
         policy = load_model(args.out_dir, device)
         judge = load_model(args.judge, device) if args.command == "label" and args.judge else policy

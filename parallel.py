@@ -35,10 +35,21 @@ DCP_DIR = "ckpt_dcp"  # inside out_dir
 
 
 def pick_device(device):
-    """'auto' is cuda, then mps, then cpu; anything else is kept."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto' is cuda, then mps, then cpu; anything else must exist here (ValueError naming the setting if not)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here (torch {torch.__version__}, "
+                         f"{torch.cuda.device_count()} GPUs visible); use device='cpu' or 'auto'")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} GPUs (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps' but MPS (Apple GPU) is not available here; use device='cpu' or 'auto'")
+    return device
 
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, matched against torch.cuda.get_device_name().
@@ -109,7 +120,11 @@ def init_distributed(device, backend="auto"):
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
+    # a worker group that torchrun restarts (--max-restarts) meets in the same store as the one it replaces: under
+    # a prefix of its own, or a rank can read a dead rank's address (gloo) or id (NCCL) left by the last attempt
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     return rank, local_rank, world_size, device
 
 
@@ -434,9 +449,19 @@ def clip_grad_norm_(params, max_norm):
 # distributed checkpoints
 
 
-def save_sharded(out_dir, model, optimizers, meta):
+def checkpoint_group(timeout_s):
+    """All ranks again, as a gloo group with a timeout of its own, for waiting on checkpoint writes: the default
+    group's timeout (NCCL's is 10 min) is sized for a step, and writing a 25 GB checkpoint to a slow disk can take
+    longer. Gloo waits on the CPU, so no GPU collective is pending (and timing out) meanwhile."""
+    from datetime import timedelta
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def save_sharded(out_dir, model, optimizers, meta, group=None, keep=1):
     """Every rank writes its shards of the model and optimizer state; rank 0 adds `meta` (iteration, config, RNG
-    states...). Written to a temporary directory, then swapped in: a crash mid-save leaves the previous one intact."""
+    states...). Written to a temporary directory, then swapped in: a crash mid-save leaves the previous one intact.
+    With keep > 1 the one it replaces stays on as ckpt_dcp-<iter>, and only the newest keep are kept. `group`
+    (checkpoint_group) carries the waits, so that a slow rank's write does not time the others out."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final, tmp = os.path.join(out_dir, DCP_DIR), os.path.join(out_dir, DCP_DIR + ".tmp")
@@ -444,19 +469,27 @@ def save_sharded(out_dir, model, optimizers, meta):
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
     model_sd, optim_sd = get_state_dict(model, optimizers)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=group)
     if rank == 0:
         torch.save(meta, os.path.join(tmp, "meta.pt"))
         old = final + ".old"
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
-        if os.path.exists(old):
+        if os.path.exists(old) and keep > 1:
+            iters = torch.load(os.path.join(old, "meta.pt"), map_location="cpu", weights_only=True)["iter_num"]
+            os.replace(old, os.path.join(out_dir, f"{DCP_DIR}-{iters}"))
+        elif os.path.exists(old):
             shutil.rmtree(old)
+        n = len(DCP_DIR) + 1
+        older = sorted((d for d in os.listdir(out_dir) if d.startswith(DCP_DIR + "-") and d[n:].isdigit()),
+                       key=lambda d: int(d[n:]))
+        for name in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(out_dir, name))
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
     return final
 
 
@@ -468,13 +501,13 @@ def find_sharded(out_dir):
     return None
 
 
-def load_sharded(path, model, optimizers):
+def load_sharded(path, model, optimizers, group=None):
     """Loads a DCP checkpoint into an already parallelized (or plain) model and its optimizers, resharding as
     needed: a checkpoint saved on 2 ranks loads on 1 or on 8. Returns the meta dict."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizers)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, process_group=group)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)

@@ -18,7 +18,7 @@ import chat
 import configurator
 import convert
 import reasoning
-from model import GPT, load_run
+from model import GPT, CheckpointError, load_run
 from parallel import pick_device
 
 init_from = "resume"     # 'resume' (from out_dir), a GPT-2 variant ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
@@ -41,11 +41,34 @@ try:
                                         skip_unknown_in_files=True))
 except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
-
-device = pick_device(device)
+# every setting checked before a model is loaded: one line naming it
+for bad, message in [
+    (init_from != "resume" and not init_from.startswith("gpt2"),
+     f"init_from must be 'resume' (from out_dir) or 'gpt2*', got {init_from!r}"),
+    (num_samples < 1, f"num_samples must be at least 1, got {num_samples}"),
+    (max_new_tokens < 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
+    (temperature < 0, f"temperature must be >= 0 (0 is greedy), got {temperature}"),
+    (top_k < 0, f"top_k must be >= 0 (0 disables it), got {top_k}"),
+    (not 0 < top_p <= 1, f"top_p is a probability in (0, 1] (1.0 disables it), got {top_p}"),
+    (dtype not in ("auto", "float32", "bfloat16", "float16"),
+     f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}"),
+    (dre_threshold is not None and not (isinstance(dre_threshold, (int, float)) and dre_threshold >= 0),
+     f"dre_threshold must be a number >= 0 (or None: the model's), got {dre_threshold!r}"),
+    (max_reasoning_steps is not None and not (type(max_reasoning_steps) is int and max_reasoning_steps >= 1),
+     f"max_reasoning_steps must be an int >= 1 (or None: the model's), got {max_reasoning_steps!r}"),
+    (start.startswith("FILE:") and not os.path.isfile(start[5:]), f"start={start!r}: no such file {start[5:]!r}"),
+]:
+    if bad:
+        sys.exit(f"error: {message}")
+try:
+    device = pick_device(device)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 device_type = device.split(":")[0]
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if dtype == "float16" and device_type == "cpu":
+    sys.exit("error: dtype='float16' autocast is not supported on the CPU; use float32 or bfloat16")
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)
@@ -56,12 +79,17 @@ if init_from == "resume":
         model, run_config = load_run(out_dir)
     except FileNotFoundError as e:
         sys.exit(f"error: {e} (or pass --init_from=gpt2)")
+    except CheckpointError as e:
+        sys.exit(f"error: out_dir={out_dir!r}: {e}")
     chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
     print(f"sampling {os.path.join(out_dir, 'ckpt.pt')}", file=sys.stderr)  # the newest: load_run refuses older
     meta_path = os.path.join("data", run_config["dataset"], "meta.json")
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            sys.exit(f"error: {meta_path} is not valid JSON ({e}); prepare the data again (data/*/prepare.py)")
 elif init_from.startswith("gpt2"):
     model = GPT.from_pretrained(init_from)
 elif init_from.startswith("hf:"):

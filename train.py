@@ -12,9 +12,12 @@ import json
 import math
 import os
 import random
+import select
 import signal
+import socket
 import sys
 import textwrap
+import threading
 import time
 from contextlib import nullcontext
 
@@ -27,10 +30,10 @@ import configurator
 import convert
 import moe
 import reasoning
-from model import GPT, GPTConfig
-from parallel import (agree, check_layout, clip_grad_norm_, exit_process, find_sharded, hardware_peak_flops,
-                      init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
-                      pick_device, save_sharded, sync_expert_grads)
+from model import GPT, CheckpointError, GPTConfig, load_weights, read_checkpoint
+from parallel import (agree, check_layout, checkpoint_group, clip_grad_norm_, exit_process, find_sharded,
+                      hardware_peak_flops, init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs,
+                      parallelize, pick_device, save_sharded, sync_expert_grads)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -44,6 +47,9 @@ init_from = "scratch"            # 'scratch', 'resume' (from out_dir/ckpt.pt), '
                                  # out_dir: its weights, with a fresh optimizer from iter 0 (to fine-tune), or
                                  # 'hf:FOLDER', a local Hugging Face Llama/Qwen3/Mixtral/GPT-2 folder (convert.py)
 overwrite = False                # start afresh in an out_dir that holds another run's checkpoint, replacing it
+keep_last = 1                    # checkpoints kept: ckpt.pt and the keep_last-1 before it as ckpt-<iter>.pt
+stop_grace = 25.0                # seconds a SIGTERM / Ctrl-C leaves for the step and the save (torchrun kills at 30)
+save_timeout = 3600.0            # seconds the other ranks wait for rank 0 to write a checkpoint
 # logging
 wandb_log = False                # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = "nanothink"
@@ -99,10 +105,50 @@ except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 config = {k: globals()[k] for k in config_keys}
 
+# every setting is checked before any work: a bad one ends the run in one line naming it, with nothing touched
+for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+             "eval_iters", "keep_last", "tp_size"):
+    if globals()[name] < 1:
+        sys.exit(f"error: {name} must be at least 1, got {globals()[name]}")
+for bad, message in [
+    (max_iters < 0, f"max_iters must be >= 0, got {max_iters}"),
+    (warmup_iters < 0, f"warmup_iters must be >= 0, got {warmup_iters}"),
+    (not learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}"),
+    (min_lr < 0, f"min_lr must be >= 0, got {min_lr}"),
+    (weight_decay < 0, f"weight_decay must be >= 0, got {weight_decay}"),
+    (not (0 <= beta1 < 1 and 0 <= beta2 < 1), f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}"),
+    (grad_clip < 0, f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}"),
+    (lr_schedule not in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}"),
+    (decay_lr and lr_decay_iters < 1, f"lr_decay_iters must be at least 1 (or decay_lr=False), got {lr_decay_iters}"),
+    (lr_schedule == "wsd" and not 0 < cooldown_frac <= 1, f"cooldown_frac must be in (0, 1], got {cooldown_frac}"),
+    (optimizer not in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {optimizer!r}"),
+    (mode not in ("pretrain", "sft", "dpo"), f"mode must be 'pretrain', 'sft' or 'dpo', got {mode!r}"),
+    (dpo_beta <= 0, f"dpo_beta must be > 0, got {dpo_beta}"),
+    (moe_bias_rate < 0, f"moe_bias_rate must be >= 0, got {moe_bias_rate}"),
+    (backend not in ("auto", "nccl", "gloo"), f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}"),
+    (stop_grace <= 0, f"stop_grace must be > 0 seconds, got {stop_grace}"),
+    (save_timeout <= 0, f"save_timeout must be > 0 seconds, got {save_timeout}"),
+    (peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
+    (fsdp_cpu_offload and "fsdp" not in parallel, "fsdp_cpu_offload=True needs parallel='fsdp' or 'fsdp+tp'"),
+    (os.path.isfile(out_dir), f"out_dir={out_dir!r} is a file; point out_dir at a directory (new, or a run's)"),
+]:
+    if bad:
+        sys.exit(f"error: {message}")
+try:
+    GPTConfig.from_settings(config)  # the model's own settings (sizes, dropout, MoE, DRE), checked by GPTConfig
+except ValueError as e:
+    sys.exit(f"error: {e}")
+if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and init_from != "resume" and (
+        os.path.exists(os.path.join(out_dir, "ckpt.pt")) or find_sharded(out_dir)):
+    init_from = "resume"  # torchrun restarted the workers after a failure: go on from the last checkpoint
+    if os.environ.get("RANK") == "0":
+        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the last checkpoint in "
+              f"{out_dir}")
+
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per device
 try:
     rank, local_rank, world_size, device = init_distributed(pick_device(device), backend)
-except RuntimeError as e:
+except (RuntimeError, ValueError) as e:
     sys.exit(f"error: {e}")
 distributed, master = world_size > 1, rank == 0
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
@@ -116,7 +162,7 @@ dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 if dtype not in dtypes:
     sys.exit(f"error: dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")
 if dtype == "float16" and device_type == "cpu":
-    sys.exit("error: float16 autocast is not supported on the CPU; use bfloat16 or float32")
+    sys.exit("error: dtype='float16' autocast is not supported on the CPU; use bfloat16 or float32")
 ptdtype = dtypes[dtype]
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 config["device"], config["dtype"] = device, dtype
@@ -153,8 +199,15 @@ data_dir = os.path.join("data", dataset)
 meta_path = os.path.join(data_dir, "meta.json")
 meta = {}
 if os.path.exists(meta_path):
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {meta_path} is not valid JSON ({e}); prepare the data again (data/*/prepare.py)")
+    if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in ("uint16", "uint32") or \
+            not isinstance(meta.get("vocab_size", 1), int) or meta.get("vocab_size", 1) < 1:
+        sys.exit(f"error: {meta_path} needs a positive int vocab_size and dtype 'uint16' or 'uint32'; prepare the "
+                 f"data again (data/*/prepare.py)")
 token_dtype = np.dtype(meta.get("dtype", "uint16"))
 bin_splits = ("train", "val") if mode == "pretrain" else ()  # sft and dpo read JSONL instead, tokenized once here
 if mode != "pretrain":
@@ -174,6 +227,9 @@ for split in bin_splits:
         how = f"python {script}" if os.path.exists(script) else \
             f"python data/text/prepare.py --out_dir {data_dir} YOUR_TEXT_FILES"
         sys.exit(f"error: {path} not found; prepare the data first: {how}")
+    if os.path.getsize(path) % token_dtype.itemsize:
+        sys.exit(f"error: {path} is {os.path.getsize(path):,} bytes, not a whole number of {token_dtype.name} tokens "
+                 f"(meta.json's dtype): truncated, or another dtype; prepare the data again")
     if os.path.getsize(path) // token_dtype.itemsize <= block_size:
         fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if split == "val" else \
             "use more text or "
@@ -248,7 +304,7 @@ def init_model():
     if dcp and not (os.path.exists(ckpt_path) and
                     os.path.getmtime(ckpt_path) > os.path.getmtime(os.path.join(dcp, "meta.pt"))):
         # a sharded run's checkpoint: shapes now, contents once the model is parallelized (load_sharded)
-        ckpt = {**torch.load(os.path.join(dcp, "meta.pt"), map_location="cpu", weights_only=True), "dcp": dcp}
+        ckpt = {**read_checkpoint(os.path.join(dcp, "meta.pt")), "dcp": dcp}
     elif init_from == "resume" or os.path.isdir(init_from):
         path = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
         if not os.path.exists(path):
@@ -256,15 +312,19 @@ def init_model():
         if init_from == "resume" and sharded:
             sys.exit(f"error: {path} is a single-file checkpoint; resume it with parallel='none' or 'ddp' and "
                      f"ep_size=1 (sharded layouts resume from the ckpt_dcp/ their own runs write)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)  # memory-mapped: the ranks of a node share one copy (page cache)
+        if init_from == "resume" and not {"optimizers", "rng", "scaler"} <= set(ckpt):
+            sys.exit(f"error: {path} holds weights only (an export), not a run to resume; start a new run from it "
+                     f"with init_from={out_dir!r} and another out_dir")
     else:
         sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding a "
                  f"ckpt.pt, got {init_from!r}")
     # the architecture comes from the checkpoint; everything else from this run's config
     args.update({k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS})
-    model = GPT(GPTConfig(**args))
-    if "model" in ckpt:
-        model.load_state_dict(ckpt["model"])
+    with torch.device(device):  # built where it trains: on a GPU node no rank holds the weights in host memory
+        model = GPT(GPTConfig(**args))
+    if "model" in ckpt:  # copied from the file's pages, shared by the node's ranks
+        load_weights(model, ckpt["model"], path)
     return model, args, ckpt if init_from == "resume" else None
 
 
@@ -274,7 +334,13 @@ if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # on
         print(f"error: {out_dir} holds another run's checkpoint ({', '.join(old_ckpt)}); continue it with "
               f"--init_from=resume, start elsewhere with --out_dir=..., or replace it with --overwrite=True")
     exit_process(1)
-model, model_args, resume = init_model()
+try:
+    model, model_args, resume = init_model()
+except CheckpointError as e:
+    sys.exit(f"error: init_from={init_from!r}: {e}")
+if block_size > model.config.block_size:
+    sys.exit(f"error: block_size={block_size} exceeds the model's {model.config.block_size} ({init_from}); "
+             f"set block_size <= {model.config.block_size}")
 iter_num, best_val_loss = (resume["iter_num"], resume["best_val_loss"]) if resume else (0, float("inf"))
 if resume and master:
     print(f"resuming {resume.get('dcp', ckpt_path)} from iter {iter_num} (best val loss {best_val_loss:.4f})")
@@ -337,9 +403,12 @@ def set_rng_states(rng):  # the inverse of rng_states
     data_gen.set_state(rng["data"])
 
 
+# rank 0's checkpoint writes are waited for on a group of their own, with a timeout sized for them (save_timeout)
+ckpt_group = checkpoint_group(save_timeout) if distributed else None
+saved_iter = iter_num if resume else None  # the iteration of the checkpoint on disk, for the messages
 if resume:
     if "dcp" in resume:
-        load_sharded(resume["dcp"], raw_model, optimizers)
+        load_sharded(resume["dcp"], raw_model, optimizers, ckpt_group)
     else:
         for opt, state in zip(optimizers, resume["optimizers"]):
             opt.load_state_dict(state)
@@ -349,24 +418,54 @@ if resume:
 
 
 def save_checkpoint():
-    """Called on every rank (it gathers each rank's RNG states); rank 0 writes ckpt.pt atomically: to a temporary
-    file first, renamed over the old one only once complete, so a crash mid-save leaves the last one intact.
-    Sharded layouts write a distributed checkpoint instead, every rank its own shards (parallel.save_sharded)."""
+    """Called on every rank (it gathers each rank's RNG states). Rank 0 writes ckpt.pt (write_checkpoint) while
+    the others wait on ckpt_group, whose timeout (save_timeout) is sized for the write rather than for a step, and
+    learn from it whether the write worked. Sharded layouts write a distributed checkpoint instead, every rank its
+    own shards (parallel.save_sharded)."""
+    global saved_iter
+    from model import CHECKPOINT_VERSION  # here: a module-level int would become a setting
     rngs = [rng_states()]
     if distributed:
         rngs = [None] * world_size
         dist.all_gather_object(rngs, rng_states())
-    state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-             "rng": rngs, "scaler": scaler.state_dict()}
+    state = {"version": CHECKPOINT_VERSION, "model_args": model_args, "iter_num": iter_num,
+             "best_val_loss": best_val_loss, "config": config, "rng": rngs, "scaler": scaler.state_dict()}
+    t0, failed = time.perf_counter(), [None]
     if sharded:
-        path = save_sharded(out_dir, raw_model, optimizers, state)
-        if master:
-            print(f"saved distributed checkpoint to {path} (iter {iter_num})")
+        path = save_sharded(out_dir, raw_model, optimizers, state, ckpt_group, keep_last)
     elif master:
+        path = ckpt_path
         state.update(model=raw_model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers])
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
-        print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
+        try:
+            write_checkpoint(state)
+        except OSError as e:
+            failed = [f"could not write {ckpt_path}: {e}"]
+    if distributed and not sharded:
+        dist.broadcast_object_list(failed, src=0, group=ckpt_group)
+    if failed[0]:
+        stop(f"error: {failed[0]}; the previous checkpoint is kept. Free some disk space or point out_dir elsewhere")
+    saved_iter = iter_num
+    if master:
+        print(f"saved {'distributed ' * sharded}checkpoint to {path} (iter {iter_num}, "
+              f"{time.perf_counter() - t0:.1f} s)")
+
+
+def write_checkpoint(state):
+    """ckpt.pt, atomically: written to a temporary file and renamed over the old one once complete, so a crash or
+    a second Ctrl-C mid-write leaves the last one intact. With keep_last > 1 the one it replaces stays on as
+    ckpt-<iter>.pt (a second name for the same file, not a copy), and only the newest keep_last are kept."""
+    torch.save(state, ckpt_path + ".tmp")
+    with open(ckpt_path + ".tmp", "rb") as f:
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+    if keep_last > 1 and os.path.exists(ckpt_path):
+        previous = os.path.join(out_dir, f"ckpt-{read_checkpoint(ckpt_path)['iter_num']}.pt")
+        if not os.path.exists(previous):
+            os.link(ckpt_path, previous)
+    os.replace(ckpt_path + ".tmp", ckpt_path)
+    older = sorted((f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt")),
+                   key=lambda f: int(f[5:-3]) if f[5:-3].isdigit() else -1)
+    for name in older[:max(0, len(older) - (keep_last - 1))]:
+        os.remove(os.path.join(out_dir, name))
 
 
 def forward(batch):
@@ -448,16 +547,61 @@ def stop(message, code=1):
     exit_process(code)
 
 
-stop_requested = False  # SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly
+stop_requested = False  # set by the first SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit cleanly
 
 
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True
+def watch_signals():
+    """SIGTERM and Ctrl-C: the first asks for a stop after this step, with a checkpoint, within stop_grace seconds;
+    a second one exits at once (the checkpoint on disk stays whole: writes go to a temporary file). Python runs
+    signal handlers only between bytecodes, and the main thread may sit in one long C++ call (a collective, a big
+    kernel), so a thread hears the signals through the wakeup fd and acts on them itself. torchrun runs each worker
+    in a session of its own and forwards what it gets, so a Ctrl-C there reaches every worker once."""
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)  # the thread below does the work
+    def kept():
+        return (f"the last checkpoint (iter {saved_iter}) in {out_dir} is intact" if saved_iter is not None
+                else "no checkpoint was saved yet")
+
+    def say(text):
+        if master:
+            print(text, flush=True)
+
+    def run(send):  # holds the sending end: were it collected, its socket would close
+        global stop_requested
+        first = None
+        while True:
+            wait = None if first is None else max(0.0, first + stop_grace - time.monotonic())
+            if not select.select([receive], [], [], wait)[0]:
+                say(f"error: the step and the save did not finish within stop_grace={stop_grace:g} s; exiting "
+                    f"without saving; {kept()}. A big model needs a larger stop_grace (and torchrun "
+                    f"--shutdown-timeout above it)")
+                os._exit(1)
+            for _ in receive.recv(64):  # one byte per signal
+                if first is None:
+                    first, stop_requested = time.monotonic(), True
+                    say(f"stopping: a checkpoint will be saved after this step (within stop_grace={stop_grace:g} s);"
+                        f" press Ctrl-C again to quit at once")
+                else:
+                    say(f"second signal: quitting now, without saving; {kept()}")
+                    os._exit(130)
+
+    threading.Thread(target=run, args=(send,), daemon=True, name="signals").start()
 
 
-signal.signal(signal.SIGTERM, request_stop)
-signal.signal(signal.SIGINT, request_stop)
+watch_signals()
+if distributed:
+    def fail_fast(kind, value, tb):
+        """An exception on one rank ends its process at once, with no collective on the way out: torchrun then
+        stops the other ranks, which would otherwise wait in their next collective until its timeout."""
+        sys.stdout.flush()
+        sys.__excepthook__(kind, value, tb)
+        print(f"error: rank {rank} failed: {kind.__name__}: {value}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    sys.excepthook = fail_fast
 
 wandb = None
 if wandb_log and master:

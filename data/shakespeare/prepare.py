@@ -25,9 +25,16 @@ args = parser.parse_args()
 
 path = args.input
 if not os.path.exists(path):
-    raise SystemExit(f"error: {path} does not exist")
-with open(path, encoding="utf-8") as f:
-    text = f.read()
+    raise SystemExit(f"error: --input {path} does not exist")
+if os.path.isdir(path):
+    raise SystemExit(f"error: --input {path} is a directory; give a text file")
+try:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+except UnicodeDecodeError as e:
+    raise SystemExit(f"error: --input {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+if len(text) < 100:
+    raise SystemExit(f"error: --input {path} holds {len(text)} characters; train.bin and val.bin need far more")
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(here, "..", "tiktoken"))  # GPT-2's shipped BPE files
 enc = tiktoken.get_encoding("gpt2")

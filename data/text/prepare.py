@@ -38,6 +38,8 @@ parser.add_argument("--val_fraction", type=float, default=0.01,
 args = parser.parse_args()
 if not 0 < args.val_fraction < 1:
     raise SystemExit(f"error: --val_fraction must be between 0 and 1, got {args.val_fraction}")
+if os.path.isfile(args.out_dir):
+    raise SystemExit(f"error: --out_dir {args.out_dir} is a file; give a directory for train.bin, val.bin, meta.json")
 
 # find every file before tokenizing anything: a typo in the last path should not cost an hour of work
 sources = []
