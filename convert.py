@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import chat
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, read_checkpoint
 from parallel import find_sharded
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel")
@@ -57,7 +57,7 @@ def read_run(run_dir):
             weights = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)["model"]
         ckpt = torch.load(os.path.join(dcp, "meta.pt"), map_location="cpu", weights_only=True)
     elif os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         weights = ckpt["model"]
     else:
         raise FileNotFoundError(f"{run_dir} is not a run: it holds neither ckpt.pt nor a distributed checkpoint "

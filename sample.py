@@ -43,8 +43,8 @@ except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 # every setting checked before a model is loaded: one line naming it
 for bad, message in [
-    (init_from != "resume" and not init_from.startswith("gpt2"),
-     f"init_from must be 'resume' (from out_dir) or 'gpt2*', got {init_from!r}"),
+    (init_from != "resume" and not init_from.startswith(("gpt2", "hf:")),
+     f"init_from must be 'resume' (from out_dir), 'gpt2*' or 'hf:FOLDER', got {init_from!r}"),
     (num_samples < 1, f"num_samples must be at least 1, got {num_samples}"),
     (max_new_tokens < 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
     (temperature < 0, f"temperature must be >= 0 (0 is greedy), got {temperature}"),
@@ -92,14 +92,12 @@ if init_from == "resume":
             sys.exit(f"error: {meta_path} is not valid JSON ({e}); prepare the data again (data/*/prepare.py)")
 elif init_from.startswith("gpt2"):
     model = GPT.from_pretrained(init_from)
-elif init_from.startswith("hf:"):
+else:  # 'hf:FOLDER', checked above
     try:
         model = convert.from_hf(init_from[3:])
         meta = {"tokenizer": init_from}
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: init_from={init_from!r}: {e}")
-else:
-    sys.exit(f"error: init_from must be 'resume', 'gpt2*' or 'hf:FOLDER', got {init_from!r}")
 model.eval().to(device)
 if model.config.dre:
     if dre_threshold is not None:

@@ -131,7 +131,11 @@ CASES = [
     ("constitution.py", [*REVISE, "--out_dir=run", "--temperature=-1"], "--temperature"),
     ("constitution.py", [*REVISE, "--out_dir=garbage"], "not a nanothink checkpoint"),
     ("constitution.py", [*REVISE, "--out_dir=run", "--device=tpu9"], "device"),
-    ("parallel.py", ["export", "empty_run"], "distributed checkpoint"),
+    ("convert.py", ["empty_run", "--ckpt"], "distributed checkpoint"),
+    ("convert.py", ["no_such_run", "hf"], "no_such_run"),
+    ("convert.py", ["garbage", "hf"], "not a nanothink checkpoint"),
+    ("convert.py", ["run", "afile"], "--force"),
+    ("convert.py", ["run"], "HF_DIR"),
 ]
 
 
@@ -209,7 +213,7 @@ def test_bad_input_ends_in_one_error_line_naming_it_and_touches_nothing(results,
 
 def test_there_are_at_least_thirty_cases_across_every_entry_point():
     assert len(CASES) >= 30
-    assert {s for s, _, _ in CASES} >= {"train.py", "sample.py", "bench.py", "constitution.py", "parallel.py",
+    assert {s for s, _, _ in CASES} >= {"train.py", "sample.py", "bench.py", "constitution.py", "convert.py",
                                        "data/text/prepare.py", "data/shakespeare_char/prepare.py"}
 
 
