@@ -16,8 +16,12 @@ layout. `python convert.py OUT_DIR --ckpt` turns one into the single-file ckpt.p
 
 import functools
 import os
+import select
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 import timeit
 
@@ -146,6 +150,59 @@ def exit_process(code=0):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def watch_signals(stop_grace, last_checkpoint, say=True):
+    """SIGTERM and Ctrl-C: the first sets the returned Event (the training loop then stops after this step, with a
+    checkpoint, within stop_grace seconds); a second one exits at once (the checkpoint on disk stays whole: writes go
+    to a temporary file). Python runs signal handlers only between bytecodes, and the main thread may sit in one long
+    C++ call (a collective, a big kernel), so a thread hears the signals through the wakeup fd and acts on them
+    itself. torchrun runs each worker in a session of its own and forwards what it gets, so a Ctrl-C there reaches
+    every worker once. last_checkpoint() says, in words, what is on disk; say=False keeps this rank quiet."""
+    requested = threading.Event()
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)  # the thread below does the work
+
+    def tell(text):
+        if say:
+            print(text, flush=True)
+
+    def run(send):  # holds the sending end: were it collected, its socket would close
+        first = None
+        while True:
+            wait = None if first is None else max(0.0, first + stop_grace - time.monotonic())
+            if not select.select([receive], [], [], wait)[0]:
+                tell(f"error: the step and the save did not finish within stop_grace={stop_grace:g} s; exiting "
+                     f"without saving; {last_checkpoint()}. A big model needs a larger stop_grace (and torchrun "
+                     f"--shutdown-timeout above it)")
+                os._exit(1)
+            for _ in receive.recv(64):  # one byte per signal
+                if first is None:
+                    first = time.monotonic()
+                    requested.set()
+                    tell(f"stopping: a checkpoint will be saved after this step (within stop_grace={stop_grace:g} "
+                         f"s); press Ctrl-C again to quit at once")
+                else:
+                    tell(f"second signal: quitting now, without saving; {last_checkpoint()}")
+                    os._exit(130)
+
+    threading.Thread(target=run, args=(send,), daemon=True, name="signals").start()
+    return requested
+
+
+def fail_fast(rank):
+    """Under torchrun: an exception on one rank ends its process at once, with no collective on the way out; torchrun
+    then stops the other ranks, which would otherwise wait in their next collective until its timeout."""
+    def hook(kind, value, tb):
+        sys.stdout.flush()
+        sys.__excepthook__(kind, value, tb)
+        print(f"error: rank {rank} failed: {kind.__name__}: {value}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    sys.excepthook = hook
 
 
 def check_layout(layout, tp_size, world_size, config, batch_size, block_size, gradient_accumulation_steps,

@@ -12,12 +12,8 @@ import json
 import math
 import os
 import random
-import select
-import signal
-import socket
 import sys
 import textwrap
-import threading
 import time
 from contextlib import nullcontext
 
@@ -31,9 +27,9 @@ import convert
 import moe
 import reasoning
 from model import GPT, CheckpointError, GPTConfig, load_weights, read_checkpoint
-from parallel import (agree, check_layout, checkpoint_group, clip_grad_norm_, exit_process, find_sharded,
+from parallel import (agree, check_layout, checkpoint_group, clip_grad_norm_, exit_process, fail_fast, find_sharded,
                       hardware_peak_flops, init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs,
-                      parallelize, pick_device, save_sharded, sync_expert_grads)
+                      parallelize, pick_device, save_sharded, sync_expert_grads, watch_signals)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -547,61 +543,15 @@ def stop(message, code=1):
     exit_process(code)
 
 
-stop_requested = False  # set by the first SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit cleanly
+def last_checkpoint():  # for the signal thread's messages
+    return (f"the last checkpoint (iter {saved_iter}) in {out_dir} is intact" if saved_iter is not None
+            else "no checkpoint was saved yet")
 
 
-def watch_signals():
-    """SIGTERM and Ctrl-C: the first asks for a stop after this step, with a checkpoint, within stop_grace seconds;
-    a second one exits at once (the checkpoint on disk stays whole: writes go to a temporary file). Python runs
-    signal handlers only between bytecodes, and the main thread may sit in one long C++ call (a collective, a big
-    kernel), so a thread hears the signals through the wakeup fd and acts on them itself. torchrun runs each worker
-    in a session of its own and forwards what it gets, so a Ctrl-C there reaches every worker once."""
-    receive, send = socket.socketpair()
-    send.setblocking(False)
-    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)  # the thread below does the work
-    def kept():
-        return (f"the last checkpoint (iter {saved_iter}) in {out_dir} is intact" if saved_iter is not None
-                else "no checkpoint was saved yet")
-
-    def say(text):
-        if master:
-            print(text, flush=True)
-
-    def run(send):  # holds the sending end: were it collected, its socket would close
-        global stop_requested
-        first = None
-        while True:
-            wait = None if first is None else max(0.0, first + stop_grace - time.monotonic())
-            if not select.select([receive], [], [], wait)[0]:
-                say(f"error: the step and the save did not finish within stop_grace={stop_grace:g} s; exiting "
-                    f"without saving; {kept()}. A big model needs a larger stop_grace (and torchrun "
-                    f"--shutdown-timeout above it)")
-                os._exit(1)
-            for _ in receive.recv(64):  # one byte per signal
-                if first is None:
-                    first, stop_requested = time.monotonic(), True
-                    say(f"stopping: a checkpoint will be saved after this step (within stop_grace={stop_grace:g} s);"
-                        f" press Ctrl-C again to quit at once")
-                else:
-                    say(f"second signal: quitting now, without saving; {kept()}")
-                    os._exit(130)
-
-    threading.Thread(target=run, args=(send,), daemon=True, name="signals").start()
-
-
-watch_signals()
+# the first SIGTERM / Ctrl-C sets this: finish the step, save a checkpoint, exit cleanly (a second one quits at once)
+signalled = watch_signals(stop_grace, last_checkpoint, say=master)
 if distributed:
-    def fail_fast(kind, value, tb):
-        """An exception on one rank ends its process at once, with no collective on the way out: torchrun then
-        stops the other ranks, which would otherwise wait in their next collective until its timeout."""
-        sys.stdout.flush()
-        sys.__excepthook__(kind, value, tb)
-        print(f"error: rank {rank} failed: {kind.__name__}: {value}", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    sys.excepthook = fail_fast
+    fail_fast(rank)
 
 wandb = None
 if wandb_log and master:
@@ -638,6 +588,7 @@ while True:
         for group in opt.param_groups:
             group["lr"] = lr
     evaluate = iter_num % eval_interval == 0 or iter_num == max_iters or eval_only
+    stop_requested = signalled.is_set()
     if distributed or evaluate or stop_requested or iter_num % log_interval == 0:  # (a host sync)
         stop_requested, bad = agree(stop_requested, nonfinite, device)
         if bad and (evaluate or stop_requested or iter_num % log_interval == 0):
