@@ -6,6 +6,7 @@ Measures training speed: forward + backward + optimizer step of a model on rando
     python bench.py --n_layer=6 --n_embd=384 --block_size=256 --batch_size=64 --dtype=float32,bfloat16
     python bench.py --moe     # one MoE layer by each moe_kernel path, a naive loop, and a dense MLP of equal FLOPs
     python bench.py --dre --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
+    python bench.py --reasoning --out_dir=out-reasoning-dre   # accuracy per difficulty vs core steps, exit, speed
     python bench.py --memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
     python bench.py --memory config/shakespeare_char_moe.py   # MoE models add expert-parallel (ep_size) rows
     python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
@@ -64,6 +65,14 @@ out_dir = "out"
 dre_thresholds = "3e-4,1e-3,3e-3,1e-2"  # KL between successive steps' predictions, nats
 dre_eval_batches = 20       # val batches of the checkpoint's batch_size x block_size
 dre_new_tokens = 200        # tokens generated per timed round
+# --reasoning: out_dir's model on its dataset's test.jsonl (data/reasoning/prepare.py), at fixed core steps 1 ..
+# reasoning_max_factor x the training mean and with exit by dre_threshold (the checkpoint's unless set here)
+reasoning = False
+reasoning_test = ""         # default: data/<the run's dataset>/test.jsonl
+reasoning_max_factor = 4
+reasoning_threshold = -1.0  # < 0: the checkpoint's dre_threshold
+reasoning_exit = ""         # '', 'kl' or 'state': the checkpoint's dre_exit unless set
+reasoning_plot = ""         # default: out_dir/reasoning.png
 
 settings = configurator.hyperparameters(globals())
 # no arguments: the CPU default config (its dataset has 65 characters)
@@ -80,7 +89,7 @@ if dataset and vocab_size == settings["vocab_size"] and os.path.exists(meta_path
 
 # every setting checked before anything is measured: one line naming it
 for name in ("batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "gpus", "tp_size",
-             "dre_eval_batches", "dre_new_tokens"):
+             "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor"):
     if globals()[name] < 1:
         sys.exit(f"error: {name} must be at least 1, got {globals()[name]}")
 try:
@@ -98,6 +107,7 @@ for bad, message in [
                                                  f"{learning_rate}, {weight_decay}"),
     (peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
     (min(thresholds) < 0, f"dre_thresholds must be comma-separated numbers >= 0, got {dre_thresholds!r}"),
+    (reasoning_exit not in ("", "kl", "state"), f"reasoning_exit must be '', 'kl' or 'state', got {reasoning_exit!r}"),
     (moe and not 1 <= top_k <= (n_expert or 8), f"--moe: top_k={top_k} must be between 1 and n_expert={n_expert or 8}"),
     (memory and estimate and gpus % tp_size, f"--estimate: gpus={gpus} is not divisible by tp_size={tp_size}"),
     (memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
@@ -376,8 +386,69 @@ def bench_dre():
               f"{row['gen_steps']:>10.2f} {tok_s:>10,.0f} {tok_s / top_tok_s:>6.2f}x")
 
 
+def bench_reasoning():
+    import reasoning as dre_eval
+    try:
+        model, run_cfg = load_run(out_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e} (python data/reasoning/prepare.py && python train.py config/reasoning_dre.py)")
+    except CheckpointError as e:
+        sys.exit(f"error: out_dir={out_dir!r}: {e}")
+    data_dir = os.path.join("data", run_cfg["dataset"])
+    test_path = reasoning_test or os.path.join(data_dir, "test.jsonl")
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        problems, stoi = dre_eval.load_problems(test_path), {c: i for i, c in enumerate(meta["chars"])}
+        train_max = meta["train_max"]
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: the reasoning test set ({test_path}, {data_dir}/meta.json): {type(e).__name__}: {e}; "
+                 f"prepare it with python data/reasoning/prepare.py")
+    model.to(device)
+    if reasoning_exit:
+        model.config.dre_exit = reasoning_exit
+    threshold = reasoning_threshold if reasoning_threshold >= 0 else model.config.dre_threshold
+    mean = model.config.dre_mean_steps if model.config.dre else 1
+    counts = list(range(1, math.ceil(reasoning_max_factor * mean) + 1))
+    encode = lambda text: [stoi[c] for c in text]  # noqa: E731
+    rows, summary = dre_eval.benchmark(model, problems, encode, stoi["\n"], train_max, counts, threshold,
+                                       rounds=rounds)
+    diffs = sorted({p["difficulty"] for p in problems})
+    print(f"{out_dir}: {'DRE' if model.config.dre else 'dense'} model, {model.config.n_layer} blocks x "
+          f"{model.config.n_embd}, trained on difficulty 1-{train_max}{f' at mean {mean:g} core steps' * (mean > 1)}; "
+          f"{len(problems)} problems of {test_path}; exact-match accuracy per difficulty ({device})")
+    print(f"{'core steps':<18}" + "".join(f"{d:>6}" for d in diffs) + f"{'all':>7}{'steps/ans':>10}"
+          f"{'MFLOPs/tok':>11}{'gen tok/s':>10}")
+    for name, row in rows.items():
+        steps = sum(row["steps"].values()) / len(row["steps"])
+        extra = f"{row['flops'] / 1e6:>11.2f}{row['tok_s']:>10,.0f}" if row["tok_s"] else ""
+        print(f"{name:<18}" + "".join(f"{row['acc'][d]:>6.0%}" for d in diffs) + f"{row['all']:>7.1%}"
+              f"{steps:>10.2f}{extra}")
+    plot_path = reasoning_plot or os.path.join(out_dir, "reasoning.png")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib)")
+    else:
+        fixed = [(r, rows[f"{r} steps"]) for r in (counts if model.config.dre else [1])]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for d in diffs:
+            ax.plot([r for r, _ in fixed], [row["acc"][d] for _, row in fixed], marker="o", label=f"difficulty {d}",
+                    linestyle="-" if d <= train_max else "--")
+        ax.set(xlabel="core steps", ylabel="exact-match accuracy", ylim=(-0.02, 1.02),
+               title=f"{out_dir} (dashed: harder than training)")
+        ax.legend(fontsize=7)
+        fig.savefig(plot_path, dpi=120, bbox_inches="tight")
+        print(f"plot: {plot_path}")
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+
+
 if memory_layout:
     memory_worker()
+elif reasoning:
+    bench_reasoning()
 elif dre:
     bench_dre()
 elif memory:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model import load_run
+from reasoning import RecurrentDepth
 
 HUMAN, ASSISTANT, END, TURN_SEP = "Human: ", "\n\nAssistant:", "\nEND", "\n\n"
 GPT2_BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiktoken")  # shipped BPE files
@@ -204,11 +205,24 @@ def preference_accuracy(margins):
     return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean()
 
 
+def policy_steps(model):
+    """The core steps each token of a DRE policy's last forward ran (an int when all ran the same), so that its
+    reference runs at the same depth: a reference that drew r again, or exited by its threshold while the policy
+    trained at a drawn r, would differ from an identical policy and move the loss off ln 2. None for a dense model.
+    The policy may be wrapped (DDP, torch.compile): its RecurrentDepth is found among its modules."""
+    depth = next((m for m in model.modules() if isinstance(m, RecurrentDepth)), None)
+    if depth is None or depth.last_steps is None:
+        return None
+    steps = depth.last_steps
+    return int(steps.flatten()[0]) if bool((steps == steps.flatten()[0]).all()) else steps
+
+
 def dpo_forward(model, ref_model, x, y, p, beta, soft_labels=True):
-    """DPO loss and statistics of a batch of finetune_batch's pairs: chosen rows, then rejected rows."""
+    """DPO loss and statistics of a batch of finetune_batch's pairs: chosen rows, then rejected rows. The frozen
+    reference runs each token at the policy's core steps (policy_steps)."""
     policy = sequence_logprobs(model(x)[0], y)
     with torch.no_grad():
-        ref = sequence_logprobs(ref_model(x)[0], y)
+        ref = sequence_logprobs(ref_model(x, steps=policy_steps(model))[0], y)
     loss, chosen, rejected = dpo_loss(*policy.chunk(2), *ref.chunk(2), beta, p if soft_labels else 1.0)
     margin = chosen - rejected
     return loss, {"accuracy": preference_accuracy(margin), "margin": margin.mean(),

@@ -63,7 +63,11 @@ class GPTConfig:
     dre_sample_steps: bool = True  # draw the core steps per optimizer step; False: always max_reasoning_steps
     dre_mean_steps: float = 4.0  # mean core steps drawn per training step
     dre_backprop_steps: int = 6  # gradients flow through the core's last this-many steps
-    dre_threshold: float = 1e-2  # inference: a token stops once its prediction moves less than this (KL, nats)
+    dre_threshold: float = 1e-2  # inference: a token stops once the exit test's measure falls below this
+    dre_exit: str = "kl"        # the exit test: 'kl' (KL between successive steps' predictions, nats; runs the coda
+                                # and head every step) or 'state' (|s_i - s_{i-1}| / |s_i|, O(n_embd) per step)
+    dre_inject: bool = False    # s_i = e + (core(s_{i-1}) - s_{i-1}): each step's update lands on the prelude's
+                                # output e instead of piling onto the last state (input injection, as in DEQs)
 
     def __post_init__(self):
         if self.layout not in ("modern", "gpt2"):
@@ -115,6 +119,8 @@ class GPTConfig:
                                  f"{self.max_reasoning_steps}")
             if self.dre_backprop_steps < 1:
                 raise ValueError(f"dre_backprop_steps must be at least 1, got {self.dre_backprop_steps}")
+            if self.dre_exit not in ("kl", "state"):
+                raise ValueError(f"dre_exit must be 'kl' or 'state', got {self.dre_exit!r}")
             if self.dre_threshold < 0:
                 raise ValueError(f"dre_threshold must be >= 0 (0 runs every token max_reasoning_steps steps), "
                                  f"got {self.dre_threshold}")

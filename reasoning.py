@@ -185,6 +185,11 @@ class RecurrentDepth(nn.Module):
             return self.run(coda, self.iterate(x, core, cos, sin, steps), cos, sin)
         return self.iterate_per_token(x, core, coda, cos, sin, caches[P:P + C], caches[P + C:], steps, head)
 
+    def step(self, core, s, e, cos, sin, caches=None):
+        """One core step: s_i = core(s_{i-1}), or with dre_inject e + (core(s_{i-1}) - s_{i-1})."""
+        new = self.run(core, s, cos, sin, caches)
+        return e + (new - s) if self.config.dre_inject else new
+
     def iterate(self, e, core, cos, sin, r):
         """r core steps for every token; gradients through the last dre_backprop_steps only."""
         if r < 1:
@@ -193,13 +198,13 @@ class RecurrentDepth(nn.Module):
         s = e
         with torch.no_grad():
             for _ in range(r - with_grad):
-                s = self.run(core, s, cos, sin)
+                s = self.step(core, s, e, cos, sin)
         if r > with_grad:  # what the skipped steps added to the stream, as a constant: the gradient reaches e along
             s = e + (s - e).detach()  # the residual path, and none reaches the core through those steps
         moes = [b.mlp for b in core if isinstance(b.mlp, MoE)]
         aux = [0.0] * len(moes)
         for _ in range(with_grad):
-            s = self.run(core, s, cos, sin)
+            s = self.step(core, s, e, cos, sin)
             aux = [a + moe.aux_loss for a, moe in zip(aux, moes)]
         for a, moe in zip(aux, moes):  # each MoE core layer's balancing loss: the mean over the steps with gradients
             moe.aux_loss = a / with_grad
@@ -212,7 +217,8 @@ class RecurrentDepth(nn.Module):
         returns the coda's output. caches, coda_caches: StepCaches, or Nones without generation caches."""
         B, T, _ = e.shape
         threshold = self.config.dre_threshold if steps is None else 0.0
-        if threshold > 0 and head is None:
+        by_kl = self.config.dre_exit == "kl"
+        if threshold > 0 and by_kl and head is None:
             raise ValueError("exiting by dre_threshold needs the head, to compare successive predictions")
         limit = most = least = self.config.max_reasoning_steps if steps is None else steps
         if not isinstance(limit, int):  # a count per token
@@ -233,11 +239,13 @@ class RecurrentDepth(nn.Module):
         for i in range(1, most + 1):
             for kv in kvs:
                 kv.step, kv.active = i - 1, (active if running < B * T else None)
-            new = self.run(core, s, cos, sin, kvs)
+            new = self.step(core, s, e, cos, sin, kvs)
             taken += active
-            s = torch.where(active[..., None], new, s) if running < B * T else new
             done = taken >= limit
-            if threshold > 0:  # the prediction after this step against the one after the previous step
+            if threshold > 0 and not by_kl:  # how far this step moved the state, relative to its size
+                done = done | ((new - s).float().norm(dim=-1) < threshold * new.float().norm(dim=-1))
+            s = torch.where(active[..., None], new, s) if running < B * T else new
+            if threshold > 0 and by_kl:  # the prediction after this step against the one after the previous step
                 y = self.run(coda, s, cos, sin, coda_kvs)
                 logp, last = head(y).float().log_softmax(-1), logp
                 if last is not None:
@@ -297,3 +305,148 @@ def describe(m):
 def describe_drawn(steps, drawn=True):
     """The training log line for the core steps of each micro-batch since the last one."""
     return f"dre: {sum(steps) / len(steps):.2f} core steps per micro-batch" + (" (drawn)" if drawn else "")
+
+
+# -----------------------------------------------------------------------------
+# The reasoning benchmark (bench.py --reasoning): problems with a difficulty, from data/reasoning/prepare.py
+
+
+def load_problems(path):
+    """The {"prompt", "answer", "difficulty"} lines of a test.jsonl, checked."""
+    import json
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                p = json.loads(line)
+                if not (isinstance(p, dict) and isinstance(p.get("prompt"), str) and isinstance(p.get("answer"), str)
+                        and isinstance(p.get("difficulty"), int)):
+                    raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": str, \"answer\": str, "
+                                     f"\"difficulty\": int}}")
+                problems.append(p)
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems
+
+
+def set_depth(model, steps, threshold):
+    """A DRE model runs `steps` core steps (threshold 0) or up to `steps`, exiting by `threshold`."""
+    if model.config.dre:
+        model.config.max_reasoning_steps, model.config.dre_threshold = steps, threshold
+
+
+@torch.no_grad()
+def solve(model, problems, encode, newline, batch_size=256):
+    """Greedy decoding of each problem's answer and a newline, a batch of equal-length prompts at a time, with the
+    model's KV cache (as generation runs). Returns per problem: right or not, and the mean core steps the answer's
+    tokens ran (tokens of a DRE model that were decided after its answer went wrong still count)."""
+    right, steps = [None] * len(problems), [None] * len(problems)
+    groups = {}
+    for i, p in enumerate(problems):
+        groups.setdefault((len(p["prompt"]), len(p["answer"])), []).append(i)
+    device = model.lm_head.weight.device
+    for (_, n_answer), members in groups.items():
+        for lo in range(0, len(members), batch_size):
+            ix = members[lo:lo + batch_size]
+            idx = torch.tensor([encode(problems[i]["prompt"]) for i in ix], device=device)
+            target = torch.tensor([encode(problems[i]["answer"]) + [newline] for i in ix], device=device)
+            taken = []
+            observe = (lambda logits, nxt: taken.append(model.depth.last_steps[:, -1])) if model.config.dre else None
+            out = model.generate(idx, n_answer + 1, temperature=0.0, observe=observe)[:, idx.size(1):]
+            ok = (out == target).all(1).tolist()
+            mean = torch.stack(taken, 1).float().mean(1).tolist() if taken else [1.0] * len(ix)
+            for j, i in enumerate(ix):
+                right[i], steps[i] = ok[j], mean[j]
+    return right, steps
+
+
+def by_difficulty(problems, values):
+    """{difficulty: mean of values over its problems}."""
+    out = {}
+    for p, v in zip(problems, values):
+        out.setdefault(p["difficulty"], []).append(float(v))
+    return {d: sum(v) / len(v) for d, v in sorted(out.items())}
+
+
+@torch.no_grad()
+def generation_speed(model, prompts, new_tokens, rounds=3):
+    """Tokens (prompt and generated) per second and the mean core steps they ran, generating `new_tokens` after
+    each prompt at batch 1, median over rounds. Steps are counted with a full forward of the same tokens, which
+    decides every token's steps as cached generation does."""
+    import time
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        outs = [model.generate(p, new_tokens, temperature=0.0) for p in prompts]
+        times.append(time.perf_counter() - t0)
+    steps = []
+    for out in outs:
+        model(out[:, :-1])  # the tokens generation ran through the model, each deciding its own steps
+        steps.append(model.depth.last_steps.float().flatten() if model.config.dre else torch.ones(out.size(1) - 1))
+    tokens = sum(out.size(1) - 1 for out in outs)
+    return tokens / sorted(times)[len(times) // 2], torch.cat(steps).mean().item()
+
+
+def forward_flops_per_token(model, mean_steps, seq_len):
+    """Forward FLOPs per token: 2 per parameter outside the core and attention there, plus mean_steps core steps."""
+    d, L = model.config.n_embd, model.config.n_layer
+    if not model.config.dre:
+        return 2 * model.num_params(active=True) + 4 * L * d * seq_len
+    core = model.depth
+    outside = 2 * (model.num_params(active=True) - core.step_params) + 4 * (L - core.n_core) * d * seq_len
+    return outside + mean_steps * core.core_flops_per_step(seq_len)
+
+
+def benchmark(model, problems, encode, newline, train_max, step_counts, threshold, gen_prompts=24, rounds=3):
+    """Accuracy per difficulty at each fixed step count and with adaptive exit (up to the largest count), steps per
+    answer token against difficulty, FLOPs and generation speed. Returns (rows, summary): rows[setting] =
+    {"acc": {difficulty: accuracy}, "steps": {difficulty: mean steps per answer token}}, summary the JSON line."""
+    cfg = model.config
+    saved = (cfg.max_reasoning_steps, cfg.dre_threshold)
+    settings = [(f"{r} steps", r, 0.0) for r in (step_counts if cfg.dre else [1])]
+    if cfg.dre:
+        settings.append((f"exit {cfg.dre_exit} < {threshold:g}", max(step_counts), threshold))
+    rows, answer_steps = {}, {}
+    for name, r, t in settings:
+        set_depth(model, r, t)
+        right, steps = solve(model, problems, encode, newline)
+        rows[name] = {"acc": by_difficulty(problems, right), "steps": by_difficulty(problems, steps),
+                      "all": sum(right) / len(right)}
+        answer_steps[name] = steps
+    # generation speed at the largest count and with exit, on prompts drawn from every difficulty
+    step = max(1, len(problems) // gen_prompts)
+    prompts = [torch.tensor([encode(p["prompt"])], device=model.lm_head.weight.device) for p in problems[::step]]
+    new = max(len(p["answer"]) for p in problems) + 1
+    top, ext = settings[-2] if cfg.dre else settings[0], settings[-1]
+    speed = {}
+    for name, r, t in dict.fromkeys([top, ext]):  # one setting for a dense model
+        set_depth(model, r, t)
+        speed[name] = generation_speed(model, prompts, new, rounds)
+    cfg.max_reasoning_steps, cfg.dre_threshold = saved
+    seq = len(problems[0]["prompt"]) + new
+    flops = {name: forward_flops_per_token(model, s, seq) for name, (_, s) in speed.items()}
+    for name in rows:
+        rows[name]["flops"] = flops.get(name)
+        rows[name]["tok_s"] = speed.get(name, (None,))[0]
+
+    def mean_acc(row, keep):  # over the difficulties kept, each weighing the same
+        acc = [a for d, a in row["acc"].items() if keep(d)]
+        return sum(acc) / len(acc) if acc else None
+
+    iid = lambda row: mean_acc(row, lambda d: d <= train_max)  # noqa: E731
+    ood = lambda row: mean_acc(row, lambda d: d >= 1.5 * train_max)  # noqa: E731 (the targets' 1.5-2x)
+    fixed = [rows[name] for name, _, _ in settings[:len(settings) - cfg.dre]]
+    train_r = round(cfg.dre_mean_steps) if cfg.dre else 1
+    default = rows[f"{min(saved[0], max(step_counts)) if cfg.dre else 1} steps"]
+    summary = {"id_acc": iid(default), "ood_acc": max((ood(r) for r in fixed), default=None, key=lambda v: v or 0),
+               "ood_acc_train_steps": ood(rows[f"{train_r if cfg.dre else 1} steps"]),
+               "exit_step_ratio": 1.0, "exit_acc_drop": 0.0, "rho_steps_difficulty": None, "exit_speedup": 1.0,
+               "flop_ratio": 1.0}
+    if cfg.dre:
+        e, m = rows[ext[0]], rows[top[0]]
+        steps = torch.tensor(answer_steps[ext[0]])
+        summary.update(exit_step_ratio=steps.mean().item() / max(step_counts), exit_acc_drop=m["all"] - e["all"],
+                       rho_steps_difficulty=spearman(steps, torch.tensor([float(p["difficulty"]) for p in problems])),
+                       exit_speedup=speed[ext[0]][0] / speed[top[0]][0], flop_ratio=flops[top[0]] / flops[ext[0]],
+                       ood_acc_exit=ood(e), id_acc_exit=iid(e))
+    return rows, summary

@@ -1,0 +1,150 @@
+"""data/reasoning/prepare.py and the reasoning benchmark: the generator's answers and difficulties agree with solvers
+written here, training data stays below the test set's hardest problems, the files are what train.py and bench.py
+read, and bench.py --reasoning runs end to end on a tiny model (DRE and dense)."""
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_train
+
+PREPARE = os.path.join(ROOT, "data", "reasoning", "prepare.py")
+spec = importlib.util.spec_from_file_location("reasoning_prepare", PREPARE)
+prep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prep)
+
+
+def chase(prompt):
+    """An independent solver: (answer, hops) by following the query's assignments to a digit."""
+    body, query = prompt[:-1].rsplit(";", 1)
+    table = {}
+    for statement in body.split(";"):
+        name, value = statement.split("=")
+        assert len(name) == 1 and name not in table, f"{name} assigned twice in {prompt}"
+        table[name] = value
+    hops, x = 0, query
+    while not x.isdigit():
+        x, hops = table[x], hops + 1
+        assert hops <= len(table), f"a cycle in {prompt}"
+    return x, hops
+
+
+def add(prompt):
+    a, b = prompt[:-1].split("+")
+    return str(int(a) + int(b))[::-1], max(len(a), len(b))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 7, 10])
+def test_pointer_answers_and_depths_match_an_independent_solver(depth):
+    rng = random.Random(depth)
+    for _ in range(200):
+        prompt, answer, letters = prep.pointer_problem(rng, depth, statements=10, distractor_max=4)
+        assert chase(prompt) == (answer, depth)
+        assert len(prompt) == 10 * 4 + 2  # the same length at every depth: only the depth is out of distribution
+        assert sorted(letters) == sorted(s[0] for s in prompt.split(";")[:-1])
+
+
+def test_pointer_chains_are_shuffled_and_letters_differ_from_the_previous_problem():
+    rng, avoid, firsts = random.Random(0), "", set()
+    for _ in range(300):
+        prompt, _, letters = prep.pointer_problem(rng, 4, 10, 4, avoid)
+        assert not set(letters) & set(avoid)
+        firsts.add(prompt.split(";")[0][2].isdigit())  # does the first assignment hold a digit? both happen
+        avoid = letters
+    assert firsts == {True, False}
+    with pytest.raises(ValueError, match="depth"):
+        prep.pointer_problem(rng, 11, 10, 4)
+
+
+@pytest.mark.parametrize("digits", [1, 3, 8, 16])
+def test_addition_answers_and_digits_match(digits):
+    rng = random.Random(digits)
+    for _ in range(200):
+        prompt, answer = prep.addition_problem(rng, digits)
+        assert add(prompt) == (answer, digits)
+
+
+def decode_lines(path, chars):
+    text = "".join(chars[i] for i in np.fromfile(path, dtype=np.uint16))
+    assert text.endswith("\n")
+    return text[:-1].split("\n")
+
+
+@pytest.mark.parametrize("task,train_max,solver", [("pointer", 3, chase), ("addition", 4, add)])
+def test_prepare_splits_by_difficulty_and_writes_what_bench_reads(tmp_path, task, train_max, solver):
+    args = [sys.executable, PREPARE, f"--task={task}", f"--train_max={train_max}", "--train_problems=500",
+            "--val_problems=50", "--test_per=20", f"--out_dir={tmp_path}"]
+    subprocess.run(args, check=True, capture_output=True)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["vocab_size"] == len(meta["chars"]) and meta["train_max"] == train_max
+    for split, n in (("train", 500), ("val", 50)):
+        lines = decode_lines(tmp_path / f"{split}.bin", meta["chars"])
+        assert len(lines) == n
+        split_at = len(lines[0]) - (1 if task == "pointer" else len(lines[0].split("=")[1]))
+        difficulties = set()
+        for line in lines:
+            prompt, answer = (line[:-1], line[-1]) if task == "pointer" else line.split("=", 1)
+            prompt = prompt if task == "pointer" else prompt + "="
+            got, d = solver(prompt)
+            assert got == answer
+            difficulties.add(d)
+        assert difficulties == set(range(1, train_max + 1)), split  # every training difficulty, none harder
+        assert split_at > 0
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert [t["difficulty"] for t in test] == [d for d in range(1, 2 * train_max + 1) for _ in range(20)]
+    assert all(solver(t["prompt"]) == (t["answer"], t["difficulty"]) for t in test)
+    again = tmp_path / "again"  # seeded: the same files again
+    subprocess.run(args[:-1] + [f"--out_dir={again}"], check=True, capture_output=True)
+    for name in ("train.bin", "val.bin", "test.jsonl"):
+        assert (again / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_prepare_refuses_impossible_settings(tmp_path):
+    proc = subprocess.run([sys.executable, PREPARE, "--train_max=5", "--test_max=12", f"--out_dir={tmp_path}"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --statements=10")
+    assert not (tmp_path / "train.bin").exists()
+
+
+@pytest.fixture(scope="module")
+def reasoning_data(tmp_path_factory):
+    work = tmp_path_factory.mktemp("reasoning")
+    subprocess.run([sys.executable, PREPARE, "--train_max=2", "--statements=6", "--train_problems=3000",
+                    "--val_problems=100", "--test_per=6", f"--out_dir={work / 'data' / 'reasoning'}"],
+                   check=True, capture_output=True)
+    return work
+
+
+TINY = ["--dataset=reasoning", "--device=cpu", "--dtype=float32", "--n_layer=3", "--n_head=2", "--n_embd=16",
+        "--block_size=32", "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+        "--warmup_iters=1", "--lr_decay_iters=3", "--log_interval=1"]
+
+
+@pytest.mark.parametrize("dre", [True, False])
+def test_bench_reasoning_end_to_end(reasoning_data, dre):
+    out = reasoning_data / f"out-{dre}"
+    extra = ["--dre=True", "--max_reasoning_steps=3", "--dre_mean_steps=2", "--dre_exit=state",
+             "--dre_threshold=0.05"] if dre else []
+    run_train([*TINY, *extra, f"--out_dir={out}"], cwd=reasoning_data)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--reasoning", f"--out_dir={out}",
+                           "--device=cpu", "--rounds=1"], cwd=reasoning_data, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    for key in ("id_acc", "ood_acc", "ood_acc_train_steps", "exit_step_ratio", "exit_acc_drop", "exit_speedup"):
+        assert isinstance(summary[key], float), key
+    for key in ("id_acc", "ood_acc", "ood_acc_train_steps"):
+        assert 0 <= summary[key] <= 1
+    table = [line.split()[0] for line in lines if line[:1].isdigit() or line.startswith("exit")]
+    if dre:  # fixed 1 .. 4 x the mean of 2 steps, then exit, whose steps per answer are at most the largest count
+        assert table == ["1", "2", "3", "4", "5", "6", "7", "8", "exit"]
+        assert 0 < summary["exit_step_ratio"] <= 1 and "rho_steps_difficulty" in summary
+    else:  # a dense model: one row, nothing to exit
+        assert table == ["1"] and summary["exit_step_ratio"] == 1.0 and summary["rho_steps_difficulty"] is None
