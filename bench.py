@@ -387,6 +387,7 @@ def bench_dre():
 
 
 def bench_reasoning():
+    import chat
     import reasoning as dre_eval
     try:
         model, run_cfg = load_run(out_dir)
@@ -399,8 +400,12 @@ def bench_reasoning():
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
-        problems, stoi = dre_eval.load_problems(test_path), {c: i for i, c in enumerate(meta["chars"])}
-        train_max = meta["train_max"]
+        problems, tokenizer, train_max = dre_eval.load_problems(test_path), chat.Tokenizer(meta), meta["train_max"]
+        sft = run_cfg.get("mode") == "sft"  # trained on the chat template: the answer follows "Assistant:"
+        for p in problems:
+            p["ids"] = chat.encode_chat(tokenizer, p["prompt"])[0] if sft else tokenizer.encode(p["prompt"])
+            p["target"] = tokenizer.encode(f"{' ' * sft}{p['answer']}\n")
+            p["answer_at"] = (int(sft), int(sft) + len(tokenizer.encode(p["answer"])))
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: the reasoning test set ({test_path}, {data_dir}/meta.json): {type(e).__name__}: {e}; "
                  f"prepare it with python data/reasoning/prepare.py")
@@ -410,9 +415,7 @@ def bench_reasoning():
     threshold = reasoning_threshold if reasoning_threshold >= 0 else model.config.dre_threshold
     mean = model.config.dre_mean_steps if model.config.dre else 1
     counts = list(range(1, math.ceil(reasoning_max_factor * mean) + 1))
-    encode = lambda text: [stoi[c] for c in text]  # noqa: E731
-    rows, summary = dre_eval.benchmark(model, problems, encode, stoi["\n"], train_max, counts, threshold,
-                                       rounds=rounds)
+    rows, summary = dre_eval.benchmark(model, problems, train_max, counts, threshold, rounds=rounds)
     diffs = sorted({p["difficulty"] for p in problems})
     print(f"{out_dir}: {'DRE' if model.config.dre else 'dense'} model, {model.config.n_layer} blocks x "
           f"{model.config.n_embd}, trained on difficulty 1-{train_max}{f' at mean {mean:g} core steps' * (mean > 1)}; "

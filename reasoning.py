@@ -336,27 +336,29 @@ def set_depth(model, steps, threshold):
 
 
 @torch.no_grad()
-def solve(model, problems, encode, newline, batch_size=256):
-    """Greedy decoding of each problem's answer and a newline, a batch of equal-length prompts at a time, with the
-    model's KV cache (as generation runs). Returns per problem: right or not, and the mean core steps the answer's
-    tokens ran (tokens of a DRE model that were decided after its answer went wrong still count)."""
+def solve(model, problems, batch_size=256):
+    """Greedy decoding of each problem's "target" token ids after its "ids" (the prompt), a batch of equal-length
+    prompts at a time, with the model's KV cache (as generation runs). Returns per problem: whether every target
+    token came out, and the mean core steps of the forwards that produced the answer's tokens, target[lo:hi]
+    (the target may frame the answer: a leading space, a closing newline)."""
     right, steps = [None] * len(problems), [None] * len(problems)
     groups = {}
     for i, p in enumerate(problems):
-        groups.setdefault((len(p["prompt"]), len(p["answer"])), []).append(i)
+        groups.setdefault((len(p["ids"]), len(p["target"])), []).append(i)
     device = model.lm_head.weight.device
-    for (_, n_answer), members in groups.items():
-        for lo in range(0, len(members), batch_size):
-            ix = members[lo:lo + batch_size]
-            idx = torch.tensor([encode(problems[i]["prompt"]) for i in ix], device=device)
-            target = torch.tensor([encode(problems[i]["answer"]) + [newline] for i in ix], device=device)
-            taken = []
+    for (_, n), members in groups.items():
+        for start in range(0, len(members), batch_size):
+            ix = members[start:start + batch_size]
+            idx = torch.tensor([problems[i]["ids"] for i in ix], device=device)
+            target = torch.tensor([problems[i]["target"] for i in ix], device=device)
+            taken = []  # (B,) per generated token: the steps of the position that predicted it
             observe = (lambda logits, nxt: taken.append(model.depth.last_steps[:, -1])) if model.config.dre else None
-            out = model.generate(idx, n_answer + 1, temperature=0.0, observe=observe)[:, idx.size(1):]
+            out = model.generate(idx, n, temperature=0.0, observe=observe)[:, idx.size(1):]
             ok = (out == target).all(1).tolist()
-            mean = torch.stack(taken, 1).float().mean(1).tolist() if taken else [1.0] * len(ix)
+            taken = torch.stack(taken, 1).float() if taken else torch.ones(len(ix), n)
             for j, i in enumerate(ix):
-                right[i], steps[i] = ok[j], mean[j]
+                lo, hi = problems[i]["answer_at"]
+                right[i], steps[i] = ok[j], taken[j, lo:hi].mean().item()
     return right, steps
 
 
@@ -397,8 +399,8 @@ def forward_flops_per_token(model, mean_steps, seq_len):
     return outside + mean_steps * core.core_flops_per_step(seq_len)
 
 
-def benchmark(model, problems, encode, newline, train_max, step_counts, threshold, gen_prompts=24, rounds=3):
-    """Accuracy per difficulty at each fixed step count and with adaptive exit (up to the largest count), steps per
+def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=24, rounds=3):
+    """problems: test.jsonl's, each with solve()'s "ids", "target" and "answer_at" added. Accuracy per difficulty at each fixed step count and with adaptive exit (up to the largest count), steps per
     answer token against difficulty, FLOPs and generation speed. Returns (rows, summary): rows[setting] =
     {"acc": {difficulty: accuracy}, "steps": {difficulty: mean steps per answer token}}, summary the JSON line."""
     cfg = model.config
@@ -409,21 +411,21 @@ def benchmark(model, problems, encode, newline, train_max, step_counts, threshol
     rows, answer_steps = {}, {}
     for name, r, t in settings:
         set_depth(model, r, t)
-        right, steps = solve(model, problems, encode, newline)
+        right, steps = solve(model, problems)
         rows[name] = {"acc": by_difficulty(problems, right), "steps": by_difficulty(problems, steps),
                       "all": sum(right) / len(right)}
         answer_steps[name] = steps
     # generation speed at the largest count and with exit, on prompts drawn from every difficulty
     step = max(1, len(problems) // gen_prompts)
-    prompts = [torch.tensor([encode(p["prompt"])], device=model.lm_head.weight.device) for p in problems[::step]]
-    new = max(len(p["answer"]) for p in problems) + 1
+    prompts = [torch.tensor([p["ids"]], device=model.lm_head.weight.device) for p in problems[::step]]
+    new = max(len(p["target"]) for p in problems)
     top, ext = settings[-2] if cfg.dre else settings[0], settings[-1]
     speed = {}
     for name, r, t in dict.fromkeys([top, ext]):  # one setting for a dense model
         set_depth(model, r, t)
         speed[name] = generation_speed(model, prompts, new, rounds)
     cfg.max_reasoning_steps, cfg.dre_threshold = saved
-    seq = len(problems[0]["prompt"]) + new
+    seq = len(problems[0]["ids"]) + new
     flops = {name: forward_flops_per_token(model, s, seq) for name, (_, s) in speed.items()}
     for name in rows:
         rows[name]["flops"] = flops.get(name)

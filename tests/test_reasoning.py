@@ -49,9 +49,13 @@ def by_hand(model, idx, r):
                            blocks[cfg.n_layer - cfg.n_coda:])
     for block in prelude:
         x = block(x, cos, sin)
+    e = x
     for _ in range(r):
+        s = x
         for block in core:
             x = block(x, cos, sin)
+        if cfg.dre_inject:  # the step's update lands on the prelude's output
+            x = e + (x - s)
     for block in coda:
         x = block(x, cos, sin)
     return model.lm_head(t.ln_f(x))
@@ -62,7 +66,11 @@ SHAPES = {
     "core of 2 blocks": dict(n_layer=5, n_prelude=2, n_coda=1),
     "no prelude": dict(n_layer=2, n_prelude=0, n_coda=1),
     "MoE core": dict(n_expert=4, top_k=2, expert_hidden=32),
+    "input injection": dict(dre_inject=True),
+    "injection, core of 2 blocks": dict(n_layer=5, n_prelude=2, n_coda=1, dre_inject=True),
 }
+EXITS = {"kl": dict(dre_exit="kl", dre_threshold=0.05), "state": dict(dre_exit="state", dre_threshold=0.3),
+         "state, injected": dict(dre_exit="state", dre_threshold=0.4, dre_inject=True)}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -85,8 +93,10 @@ def test_core_weights_appear_once_in_the_parameters():
     assert len(names) == len(set(names)) and sum(".h.1.attn.c_q" in n for n in names) == 1
 
 
-def test_threshold_zero_runs_every_token_max_steps_and_equals_the_fixed_depth():
-    model = make_model()
+@pytest.mark.parametrize("exit", EXITS)
+def test_threshold_zero_runs_every_token_max_steps_and_equals_the_fixed_depth(exit):
+    model = make_model(**EXITS[exit])
+    threshold = model.config.dre_threshold
     idx = tokens(2, 20)
     with torch.no_grad():
         model.config.dre_threshold = 0.0
@@ -96,14 +106,15 @@ def test_threshold_zero_runs_every_token_max_steps_and_equals_the_fixed_depth():
         fixed = model(idx, steps=6)[0]  # the training path: 6 steps for everyone, no exit machinery
         model.eval()
         torch.testing.assert_close(adaptive, fixed)
-        model.config.dre_threshold = 0.05  # and a positive threshold does stop some tokens early
+        model.config.dre_threshold = threshold  # and a positive threshold does stop some tokens early
         model(idx)
         assert model.depth.last_steps.min() < 6
 
 
+@pytest.mark.parametrize("exit", EXITS)
 @pytest.mark.parametrize("B", [1, 2])
-def test_generation_with_early_exit_equals_the_full_forward_with_the_same_steps(B, monkeypatch):
-    model = make_model(dre_threshold=0.05)
+def test_generation_with_early_exit_equals_the_full_forward_with_the_same_steps(B, exit, monkeypatch):
+    model = make_model(**EXITS[exit])
     recur = model.depth
     prompt = tokens(B, 5)
     steps, logits = [], []
@@ -148,6 +159,51 @@ def test_a_token_stops_at_the_first_step_whose_prediction_moved_less_than_the_th
         model(idx)
     assert len(set(expected)) > 1
     assert model.depth.last_steps[:, 0].tolist() == expected
+
+
+def test_the_state_test_stops_at_the_first_step_whose_state_moved_less_than_the_threshold():
+    # one-token sequences again; the states s_1..s_6 written out with by_hand's loop (prelude, then the core)
+    for inject in (False, True):
+        model = make_model(dre_exit="state", dre_threshold=0.3, dre_inject=inject)
+        idx = tokens(32, 1)
+        t, cos, sin = model.transformer, model.rope_cos[:1], model.rope_sin[:1]
+        with torch.no_grad():
+            e = t.h[0](t.wte(idx), cos, sin)
+            states = [e]
+            for _ in range(6):
+                s = t.h[1](states[-1], cos, sin)
+                states.append(e + s - states[-1] if inject else s)
+            moved = [(b - a).norm(dim=-1)[:, 0] / b.norm(dim=-1)[:, 0] for a, b in zip(states, states[1:])]
+            expected = [next((i + 1 for i in range(6) if moved[i][b] < 0.3), 6) for b in range(32)]
+            model(idx)
+        assert len(set(expected)) > 1
+        assert model.depth.last_steps[:, 0].tolist() == expected
+
+
+def test_the_state_test_runs_the_coda_and_head_once_per_token_and_the_kl_test_every_step():
+    for exit, per_token in (("state", lambda steps: 1), ("kl", lambda steps: steps)):
+        model = make_model(**EXITS[exit])
+        coda, calls, steps = model.transformer.h[2], [], []
+        coda.register_forward_hook(lambda m, i, o: calls.append(1))
+        model.depth.register_forward_hook(lambda m, i, o: steps.append(m.last_steps.clone()))
+        model.generate(tokens(1, 1), 20, temperature=0.0)
+        runs = torch.cat(steps, dim=1)[0]  # at batch 1, the KL test's coda runs as many steps as the token ran
+        assert runs.min() < runs.max()
+        assert len(calls) == sum(per_token(int(r)) for r in runs)
+
+
+def test_dpo_of_a_dre_policy_against_itself_is_ln2_in_training_mode_too():
+    # the policy draws r in training; the frozen reference (eval mode) must run the same r, not its threshold's
+    import chat
+    model = make_model(dre_threshold=0.05)
+    ref = chat.reference_model(model, "cpu")
+    x, y = tokens(4, 12), tokens(4, 12, seed=2)
+    for train in (True, False):
+        for _ in range(3):
+            loss, stats = chat.dpo_forward(model.train(train), ref, x, y, torch.ones(2), beta=0.5)
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and stats["margin"].abs().item() < 1e-6
+    loss, _ = chat.dpo_forward(model.train(), make_model(seed=3), x, y, torch.ones(2), beta=0.5)
+    assert abs(loss.item() - math.log(2)) > 1e-3  # another reference does move it
 
 
 def test_backprop_depth_cuts_the_gradient_before_the_last_k_steps():

@@ -17,8 +17,10 @@ number of digits of the larger operand.
     407+95=205                     (407 + 95 = 502, written backwards; difficulty 3)
 
 Writes, next to this file or to --out_dir: train.bin / val.bin (one problem a line, characters as tokens, difficulties
-1..train_max), meta.json, and test.jsonl: {"prompt", "answer", "difficulty"} lines, --test_per difficulty at each of
-1..test_max. A model is right when greedy decoding after the prompt gives the answer and then a newline.
+1..train_max), the same problems as train.jsonl / val.jsonl for train.py's mode='sft' (chat.py's template, the loss
+on the answers only: what config/reasoning_*.py train with), meta.json, and test.jsonl: {"prompt", "answer",
+"difficulty"} lines, --test_per at each difficulty 1..test_max. A model is right when greedy decoding after the prompt
+(in the template, for an sft run) gives the answer and then a newline.
 """
 
 import argparse
@@ -28,7 +30,8 @@ import random
 
 here = os.path.dirname(os.path.abspath(__file__))
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-CHARS = "\n+;=?" + "0123456789" + LETTERS  # the vocabulary of both tasks, fixed so that one meta.json serves both
+# the vocabulary of both tasks and of chat.py's template ("Human: ...\n\nAssistant: ...\nEND"), fixed
+CHARS = "\n +:;=?" + "0123456789" + "ADEHN" + LETTERS
 
 
 def pointer_problem(rng, depth, statements, distractor_max, avoid=""):
@@ -75,6 +78,11 @@ def make_problems(task, rng, difficulties, n, statements=10, distractor_max=4):
     return out
 
 
+def write_jsonl(path, problems):  # for train.py's mode='sft', whose loss is on the answers only
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": p, "response": a}) + "\n" for p, a, _ in problems)
+
+
 def write_tokens(path, problems):
     import numpy as np
     stoi = {c: i for i, c in enumerate(CHARS)}
@@ -89,7 +97,7 @@ def main():
     parser.add_argument("--train_max", type=int, default=None, help="hardest training problem (pointer 4, addition 8)")
     parser.add_argument("--test_max", type=int, default=None, help="hardest test problem (default 2 x train_max)")
     parser.add_argument("--statements", type=int, default=10, help="pointer: assignments per problem")
-    parser.add_argument("--train_problems", type=int, default=200_000)
+    parser.add_argument("--train_problems", type=int, default=100_000)
     parser.add_argument("--val_problems", type=int, default=5_000)
     parser.add_argument("--test_per", type=int, default=200, help="test problems per difficulty")
     parser.add_argument("--seed", type=int, default=1337)
@@ -109,9 +117,11 @@ def main():
     rngs = {split: random.Random(f"{args.seed}-{args.task}-{split}") for split in ("train", "val", "test")}
     make = lambda split, ds, n: make_problems(args.task, rngs[split], ds, n, args.statements)  # noqa: E731
     train = make("train", list(range(1, train_max + 1)), args.train_problems)
-    sizes = {"train": write_tokens(os.path.join(args.out_dir, "train.bin"), train),
-             "val": write_tokens(os.path.join(args.out_dir, "val.bin"),
-                                 make("val", list(range(1, train_max + 1)), args.val_problems))}
+    val = make("val", list(range(1, train_max + 1)), args.val_problems)
+    sizes = {split: write_tokens(os.path.join(args.out_dir, f"{split}.bin"), problems)
+             for split, problems in (("train", train), ("val", val))}
+    write_jsonl(os.path.join(args.out_dir, "train.jsonl"), train)
+    write_jsonl(os.path.join(args.out_dir, "val.jsonl"), val)
     seen = {p for p, _, _ in train}
     with open(os.path.join(args.out_dir, "test.jsonl"), "w") as f:
         for d in range(1, test_max + 1):
