@@ -401,11 +401,9 @@ def bench_reasoning():
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
         problems, tokenizer, train_max = dre_eval.load_problems(test_path), chat.Tokenizer(meta), meta["train_max"]
-        sft = run_cfg.get("mode") == "sft"  # trained on the chat template: the answer follows "Assistant:"
-        for p in problems:
-            p["ids"] = chat.encode_chat(tokenizer, p["prompt"])[0] if sft else tokenizer.encode(p["prompt"])
-            p["target"] = tokenizer.encode(f"{' ' * sft}{p['answer']}\n")
-            p["answer_at"] = (int(sft), int(sft) + len(tokenizer.encode(p["answer"])))
+        for p in problems:  # the answer, then what must follow it (addition: a newline)
+            p["ids"], p["target"] = tokenizer.encode(p["prompt"]), tokenizer.encode(p["answer"] + meta["answer_end"])
+            p["answer_at"] = (0, len(tokenizer.encode(p["answer"])))
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: the reasoning test set ({test_path}, {data_dir}/meta.json): {type(e).__name__}: {e}; "
                  f"prepare it with python data/reasoning/prepare.py")

@@ -7,15 +7,12 @@
 # their state stops moving (dre_exit='state'): README, "Reasoning benchmark".
 out_dir = "out-reasoning-dense"
 dataset = "reasoning"
-mode = "sft"  # the loss on the answers only (chat.py's template)
-train_jsonl = "data/reasoning/train.jsonl"
-val_jsonl = "data/reasoning/val.jsonl"
 eval_interval = 200
 eval_iters = 10
 log_interval = 25
 always_save_checkpoint = True
 batch_size = 32
-block_size = 80
+block_size = 128
 n_layer = 3
 n_head = 4
 n_embd = 128

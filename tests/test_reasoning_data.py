@@ -20,19 +20,27 @@ prep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prep)
 
 
-def chase(prompt):
-    """An independent solver: (answer, hops) by following the query's assignments to a digit."""
-    body, query = prompt[:-1].rsplit(";", 1)
+def parse(assignments):
     table = {}
-    for statement in body.split(";"):
+    for statement in assignments.rstrip(";").split(";"):
         name, value = statement.split("=")
-        assert len(name) == 1 and name not in table, f"{name} assigned twice in {prompt}"
+        assert len(name) == 1 and len(value) == 1 and name not in table, f"{statement} in {assignments}"
         table[name] = value
-    hops, x = 0, query
+    return table
+
+
+def chase(table, x):
+    """An independent solver: (digit, hops) by following x's assignments to a digit."""
+    hops = 0
     while not x.isdigit():
         x, hops = table[x], hops + 1
-        assert hops <= len(table), f"a cycle in {prompt}"
+        assert hops <= len(table), "a cycle"
     return x, hops
+
+
+def solve_pointer(prompt):  # a test prompt: assignments, '|', the letter asked
+    body, query = prompt.split("|")
+    return chase(parse(body), query)
 
 
 def add(prompt):
@@ -44,18 +52,22 @@ def add(prompt):
 def test_pointer_answers_and_depths_match_an_independent_solver(depth):
     rng = random.Random(depth)
     for _ in range(200):
-        prompt, answer, letters = prep.pointer_problem(rng, depth, statements=10, distractor_max=4)
-        assert chase(prompt) == (answer, depth)
-        assert len(prompt) == 10 * 4 + 2  # the same length at every depth: only the depth is out of distribution
-        assert sorted(letters) == sorted(s[0] for s in prompt.split(";")[:-1])
+        text, heads, letters = prep.pointer_problem(rng, depth, statements=10, distractor_max=4)
+        table = parse(text[:-1])
+        assert len(text) == 10 * 4 + 1  # the same length at every depth: only the depth is out of distribution
+        assert sorted(letters) == sorted(table)
+        assert chase(table, heads[0][0]) == heads[0][1:] == (heads[0][1], depth)
+        # the heads are exactly the letters no assignment refers to, and each is its chain's far end
+        assert {h for h, _, _ in heads} == set(table) - set(table.values())
+        assert all(chase(table, h) == (v, d) and d <= max(depth, 4) for h, v, d in heads)
 
 
 def test_pointer_chains_are_shuffled_and_letters_differ_from_the_previous_problem():
     rng, avoid, firsts = random.Random(0), "", set()
     for _ in range(300):
-        prompt, _, letters = prep.pointer_problem(rng, 4, 10, 4, avoid)
+        text, _, letters = prep.pointer_problem(rng, 4, 10, 4, avoid)
         assert not set(letters) & set(avoid)
-        firsts.add(prompt.split(";")[0][2].isdigit())  # does the first assignment hold a digit? both happen
+        firsts.add(text[2].isdigit())  # does the first assignment hold a digit? both happen
         avoid = letters
     assert firsts == {True, False}
     with pytest.raises(ValueError, match="depth"):
@@ -76,7 +88,25 @@ def decode_lines(path, chars):
     return text[:-1].split("\n")
 
 
-@pytest.mark.parametrize("task,train_max,solver", [("pointer", 3, chase), ("addition", 4, add)])
+def check_line(task, line):
+    """The difficulties of a training line's answers, each checked against the solvers."""
+    if task == "addition":
+        prompt, answer = line.split("=")
+        got, d = add(prompt + "=")
+        assert got == answer
+        return [d]
+    body, asked = line.split("|")
+    table = parse(body)
+    assert sorted(asked[::2]) == sorted(set(table) - set(table.values()))  # every head, once
+    depths = []
+    for h, v in zip(asked[::2], asked[1::2]):
+        got, d = chase(table, h)
+        assert got == v
+        depths.append(d)
+    return depths
+
+
+@pytest.mark.parametrize("task,train_max,solver", [("pointer", 3, solve_pointer), ("addition", 4, add)])
 def test_prepare_splits_by_difficulty_and_writes_what_bench_reads(tmp_path, task, train_max, solver):
     args = [sys.executable, PREPARE, f"--task={task}", f"--train_max={train_max}", "--train_problems=500",
             "--val_problems=50", "--test_per=20", f"--out_dir={tmp_path}"]
@@ -86,16 +116,8 @@ def test_prepare_splits_by_difficulty_and_writes_what_bench_reads(tmp_path, task
     for split, n in (("train", 500), ("val", 50)):
         lines = decode_lines(tmp_path / f"{split}.bin", meta["chars"])
         assert len(lines) == n
-        split_at = len(lines[0]) - (1 if task == "pointer" else len(lines[0].split("=")[1]))
-        difficulties = set()
-        for line in lines:
-            prompt, answer = (line[:-1], line[-1]) if task == "pointer" else line.split("=", 1)
-            prompt = prompt if task == "pointer" else prompt + "="
-            got, d = solver(prompt)
-            assert got == answer
-            difficulties.add(d)
+        difficulties = {d for line in lines for d in check_line(task, line)}
         assert difficulties == set(range(1, train_max + 1)), split  # every training difficulty, none harder
-        assert split_at > 0
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert [t["difficulty"] for t in test] == [d for d in range(1, 2 * train_max + 1) for _ in range(20)]
     assert all(solver(t["prompt"]) == (t["answer"], t["difficulty"]) for t in test)
