@@ -70,6 +70,7 @@ dre_new_tokens = 200        # tokens generated per timed round
 reasoning = False
 reasoning_test = ""         # default: data/<the run's dataset>/test.jsonl
 reasoning_max_factor = 4
+reasoning_per = 100         # test problems per difficulty (the first of each in the file)
 reasoning_threshold = -1.0  # < 0: the checkpoint's dre_threshold
 reasoning_exit = ""         # '', 'kl' or 'state': the checkpoint's dre_exit unless set
 reasoning_plot = ""         # default: out_dir/reasoning.png
@@ -89,7 +90,7 @@ if dataset and vocab_size == settings["vocab_size"] and os.path.exists(meta_path
 
 # every setting checked before anything is measured: one line naming it
 for name in ("batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "gpus", "tp_size",
-             "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor"):
+             "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor", "reasoning_per"):
     if globals()[name] < 1:
         sys.exit(f"error: {name} must be at least 1, got {globals()[name]}")
 try:
@@ -400,7 +401,8 @@ def bench_reasoning():
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
-        problems, tokenizer, train_max = dre_eval.load_problems(test_path), chat.Tokenizer(meta), meta["train_max"]
+        problems, tokenizer = dre_eval.load_problems(test_path, reasoning_per), chat.Tokenizer(meta)
+        train_max = meta["train_max"]
         for p in problems:  # the answer, then what must follow it (addition: a newline)
             p["ids"], p["target"] = tokenizer.encode(p["prompt"]), tokenizer.encode(p["answer"] + meta["answer_end"])
             p["answer_at"] = (0, len(tokenizer.encode(p["answer"])))
@@ -412,7 +414,9 @@ def bench_reasoning():
         model.config.dre_exit = reasoning_exit
     threshold = reasoning_threshold if reasoning_threshold >= 0 else model.config.dre_threshold
     mean = model.config.dre_mean_steps if model.config.dre else 1
-    counts = list(range(1, math.ceil(reasoning_max_factor * mean) + 1))
+    top = math.ceil(reasoning_max_factor * mean)  # every count up to the training maximum, then every other one
+    limit = model.config.max_reasoning_steps if model.config.dre else 1
+    counts = sorted({*range(1, min(limit, top) + 1), *range(limit, top + 1, 2), top})
     rows, summary = dre_eval.benchmark(model, problems, train_max, counts, threshold, rounds=rounds)
     diffs = sorted({p["difficulty"] for p in problems})
     print(f"{out_dir}: {'DRE' if model.config.dre else 'dense'} model, {model.config.n_layer} blocks x "

@@ -311,10 +311,10 @@ def describe_drawn(steps, drawn=True):
 # The reasoning benchmark (bench.py --reasoning): problems with a difficulty, from data/reasoning/prepare.py
 
 
-def load_problems(path):
-    """The {"prompt", "answer", "difficulty"} lines of a test.jsonl, checked."""
+def load_problems(path, per=None):
+    """The {"prompt", "answer", "difficulty"} lines of a test.jsonl, checked; the first `per` of each difficulty."""
     import json
-    problems = []
+    problems, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
@@ -323,7 +323,9 @@ def load_problems(path):
                         and isinstance(p.get("difficulty"), int)):
                     raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": str, \"answer\": str, "
                                      f"\"difficulty\": int}}")
-                problems.append(p)
+                seen[p["difficulty"]] = seen.get(p["difficulty"], 0) + 1
+                if per is None or seen[p["difficulty"]] <= per:
+                    problems.append(p)
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems

@@ -165,8 +165,8 @@ def test_bench_reasoning_end_to_end(reasoning_data, dre):
     for key in ("id_acc", "ood_acc", "ood_acc_train_steps"):
         assert 0 <= summary[key] <= 1
     table = [line.split()[0] for line in lines if line[:1].isdigit() or line.startswith("exit")]
-    if dre:  # fixed 1 .. 4 x the mean of 2 steps, then exit, whose steps per answer are at most the largest count
-        assert table == ["1", "2", "3", "4", "5", "6", "7", "8", "exit"]
+    if dre:  # fixed 1 .. the training maximum of 3, every other count to 4 x the mean of 2 steps, then exit
+        assert table == ["1", "2", "3", "5", "7", "8", "exit"]
         assert 0 < summary["exit_step_ratio"] <= 1 and "rho_steps_difficulty" in summary
     else:  # a dense model: one row, nothing to exit
         assert table == ["1"] and summary["exit_step_ratio"] == 1.0 and summary["rho_steps_difficulty"] is None
