@@ -3,12 +3,19 @@ The Dynamic Reasoning Engine (DRE): a recurrent-depth transformer that gives eac
 shared core as it needs (after Geiping et al. 2025):
 
     e   = prelude(embed(tokens))      the first n_prelude blocks of transformer.h, run once
-    s_0 = e,  s_i = core(s_{i-1})     the middle blocks, run r times
+    s_0 = e,  s_i = core(s_{i-1})     the middle blocks, run r times (dre_inject: s_i = e + core(s_{i-1}) - s_{i-1})
     out = head(coda(s_r))             the last n_coda blocks, run once
 
-At r = 1 it is exactly the plain GPT of the same blocks, and it has that model's parameters. Training draws r per
-optimizer step and backpropagates through the last dre_backprop_steps; at inference a token stops once its
-next-token distribution moves less than dre_threshold (KL, nats). The README's DRE section explains the choices.
+At r = 1 it is exactly the plain GPT of the same blocks, and it has that model's parameters (with or without
+injection). Training draws r per optimizer step and backpropagates through the last dre_backprop_steps; at inference
+a token stops once its exit test falls below dre_threshold: 'kl', how far its next-token distribution moved (runs the
+coda and head every step), or 'state', how far its state moved, |s_i - s_{i-1}| / |s_i| (O(n_embd) a step).
+
+The recipe, for running more steps than training did (Bansal et al. 2022): r drawn per step, so that every depth has
+to predict and extra steps must leave a settled answer alone; input injection without parameters, so that a step's
+update replaces the last one's instead of piling onto it (the state stays the size it was trained at); no progressive
+loss (it needs a second forward in train.py). The README's DRE and reasoning-benchmark sections give the figures. The
+end of this file is that benchmark's evaluation (bench.py --reasoning).
 """
 
 import functools
@@ -374,21 +381,18 @@ def by_difficulty(problems, values):
 
 @torch.no_grad()
 def generation_speed(model, prompts, new_tokens, rounds=3):
-    """Tokens (prompt and generated) per second and the mean core steps they ran, generating `new_tokens` after
-    each prompt at batch 1, median over rounds. Steps are counted with a full forward of the same tokens, which
-    decides every token's steps as cached generation does."""
+    """Generated tokens per second at batch 1, `new_tokens` after each prompt (the answer and whatever the model
+    writes next), median over rounds, and the mean core steps those tokens ran."""
     import time
-    times = []
+    times, steps = [], []
+    observe = (lambda logits, nxt: steps.append(model.depth.last_steps[0, -1].item())) if model.config.dre else None
     for _ in range(rounds):
+        steps.clear()
         t0 = time.perf_counter()
-        outs = [model.generate(p, new_tokens, temperature=0.0) for p in prompts]
+        for p in prompts:
+            model.generate(p, new_tokens, temperature=0.0, observe=observe)
         times.append(time.perf_counter() - t0)
-    steps = []
-    for out in outs:
-        model(out[:, :-1])  # the tokens generation ran through the model, each deciding its own steps
-        steps.append(model.depth.last_steps.float().flatten() if model.config.dre else torch.ones(out.size(1) - 1))
-    tokens = sum(out.size(1) - 1 for out in outs)
-    return tokens / sorted(times)[len(times) // 2], torch.cat(steps).mean().item()
+    return new_tokens * len(prompts) / sorted(times)[len(times) // 2], sum(steps) / len(steps) if steps else 1.0
 
 
 def forward_flops_per_token(model, mean_steps, seq_len):
@@ -401,13 +405,15 @@ def forward_flops_per_token(model, mean_steps, seq_len):
     return outside + mean_steps * core.core_flops_per_step(seq_len)
 
 
-def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=24, rounds=3):
-    """problems: test.jsonl's, each with solve()'s "ids", "target" and "answer_at" added. Accuracy per difficulty at each fixed step count and with adaptive exit (up to the largest count), steps per
-    answer token against difficulty, FLOPs and generation speed. Returns (rows, summary): rows[setting] =
-    {"acc": {difficulty: accuracy}, "steps": {difficulty: mean steps per answer token}}, summary the JSON line."""
+def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=16, gen_tokens=48, rounds=3):
+    """problems: test.jsonl's, each with solve()'s "ids", "target" and "answer_at" added. Accuracy per difficulty
+    at each fixed step count and with adaptive exit (up to the largest count), steps per answer token against
+    difficulty, FLOPs and generation speed (the largest count against exit). Returns (rows, summary): rows[setting]
+    = {"acc": {difficulty: accuracy}, "steps": {difficulty: mean steps per answer token}, "all", "flops", "tok_s"},
+    summary the JSON line's values."""
     cfg = model.config
     saved = (cfg.max_reasoning_steps, cfg.dre_threshold)
-    settings = [(f"{r} steps", r, 0.0) for r in (step_counts if cfg.dre else [1])]
+    settings = [(f"{r} steps", r, 0.0) for r in (step_counts if cfg.dre else [1])]  # (name, steps, threshold)
     if cfg.dre:
         settings.append((f"exit {cfg.dre_exit} < {threshold:g}", max(step_counts), threshold))
     rows, answer_steps = {}, {}
@@ -420,14 +426,13 @@ def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=24
     # generation speed at the largest count and with exit, on prompts drawn from every difficulty
     step = max(1, len(problems) // gen_prompts)
     prompts = [torch.tensor([p["ids"]], device=model.lm_head.weight.device) for p in problems[::step]]
-    new = max(len(p["target"]) for p in problems)
     top, ext = settings[-2] if cfg.dre else settings[0], settings[-1]
     speed = {}
     for name, r, t in dict.fromkeys([top, ext]):  # one setting for a dense model
         set_depth(model, r, t)
-        speed[name] = generation_speed(model, prompts, new, rounds)
+        speed[name] = generation_speed(model, prompts, gen_tokens, rounds)
     cfg.max_reasoning_steps, cfg.dre_threshold = saved
-    seq = len(problems[0]["ids"]) + new
+    seq = len(problems[0]["ids"]) + gen_tokens // 2  # the mean number of keys a generated token attends to
     flops = {name: forward_flops_per_token(model, s, seq) for name, (_, s) in speed.items()}
     for name in rows:
         rows[name]["flops"] = flops.get(name)
