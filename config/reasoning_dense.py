@@ -1,10 +1,7 @@
-# The DRE on pointer chasing (data/reasoning/prepare.py): trained on chains of depth 1-4, it is meant to follow
-# deeper ones (up to 8) by running more core steps at test time. About 8 minutes on 2 CPU cores:
-#   python data/reasoning/prepare.py && python train.py config/reasoning_dre.py
-#   python bench.py --reasoning --out_dir=out-reasoning-dre     # accuracy per depth at 1..4x the training steps
-# 1 prelude + 1 core + 1 coda block, so it has exactly the parameters of config/reasoning_dense.py. The core's
-# updates land on the prelude's output (dre_inject), r is drawn per step (mean 4, at most 8) and tokens exit when
-# their state stops moving (dre_exit='state'): README, "Reasoning benchmark".
+# The dense baseline of config/reasoning_dre.py: the same 3 blocks of 128 (the same parameters), each run once, on
+# the same pointer-chasing data. About 6 minutes on 2 CPU cores (25 when they are shared):
+#   python data/reasoning/prepare.py && python train.py config/reasoning_dense.py
+#   python bench.py --reasoning --out_dir=out-reasoning-dense   # accuracy per depth (at 1 step: there is no core)
 out_dir = "out-reasoning-dense"
 dataset = "reasoning"
 eval_interval = 200
