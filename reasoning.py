@@ -19,6 +19,7 @@ end of this file is that benchmark's evaluation (bench.py --reasoning).
 """
 
 import functools
+import math
 import random
 
 import torch
@@ -454,8 +455,9 @@ def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=16
     if cfg.dre:
         e, m = rows[ext[0]], rows[top[0]]
         steps = torch.tensor(answer_steps[ext[0]])
+        rho = spearman(steps, torch.tensor([float(p["difficulty"]) for p in problems]))
         summary.update(exit_step_ratio=steps.mean().item() / max(step_counts), exit_acc_drop=m["all"] - e["all"],
-                       rho_steps_difficulty=spearman(steps, torch.tensor([float(p["difficulty"]) for p in problems])),
+                       rho_steps_difficulty=rho if math.isfinite(rho) else None,  # None: every answer ran alike
                        exit_speedup=speed[ext[0]][0] / speed[top[0]][0], flop_ratio=flops[top[0]] / flops[ext[0]],
                        ood_acc_exit=ood(e), id_acc_exit=iid(e))
     return rows, summary
