@@ -1,6 +1,6 @@
 # The DRE on pointer chasing (data/reasoning/prepare.py): trained on chains of depth 1-4, it is meant to follow
-# deeper ones (up to 8) by running more core steps at test time. About 15 minutes on 2 CPU cores
-# (25 when they are shared):
+# deeper ones (up to 8) by running more core steps at test time. About 14 minutes alone on 2 CPU cores
+# (0.8 s an iteration; 39 minutes on a machine shared with other work):
 #   python data/reasoning/prepare.py && python train.py config/reasoning_dre.py
 #   python bench.py --reasoning --out_dir=out-reasoning-dre     # accuracy per depth at 1..4x the training steps
 # 1 prelude + 1 core + 1 coda block, so it has exactly the parameters of config/reasoning_dense.py. The core's
