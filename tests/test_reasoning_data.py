@@ -171,3 +171,15 @@ def test_bench_reasoning_end_to_end(reasoning_data, dre):
         assert 0 < summary["exit_step_ratio"] <= 1 and (rho is None or -1 <= rho <= 1)
     else:  # a dense model: one row, nothing to exit
         assert table == ["1"] and summary["exit_step_ratio"] == 1.0 and summary["rho_steps_difficulty"] is None
+
+
+def test_bench_reasoning_refuses_a_missing_test_set_and_a_bad_exit_test(reasoning_data):
+    out = reasoning_data / "out-True"
+    if not (out / "ckpt.pt").exists():
+        run_train([*TINY, "--dre=True", "--max_reasoning_steps=3", "--dre_mean_steps=2", f"--out_dir={out}"],
+                  cwd=reasoning_data)
+    for arg, message in (("--reasoning_test=nowhere.jsonl", "error: the reasoning test set (nowhere.jsonl"),
+                         ("--reasoning_exit=halt", "error: reasoning_exit must be '', 'kl' or 'state'")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--reasoning", f"--out_dir={out}",
+                               "--device=cpu", arg], cwd=reasoning_data, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-500:]
