@@ -344,7 +344,7 @@ def save_checkpoint():
     state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
              "scaler": scaler.state_dict()}
     try:
-        path = save(out_dir, state, raw_model, optimizers, data_gen, sharded, ckpt_group, keep_last)
+        path = save(out_dir, state, raw_model, optimizers, data_state, sharded, ckpt_group, keep_last)
     except OSError as e:
         stop(f"error: {e}; the previous checkpoint is kept. Free some disk space or point out_dir elsewhere")
     saved_iter = iter_num
@@ -471,16 +471,19 @@ peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
 t_start = t_log
+data_state, batch = data_gen.get_state(), get_batch("train", data_gen)  # the first micro-batch
 while True:
     lr = get_lr(iter_num)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
     evaluate = iter_num % eval_interval == 0 or iter_num == max_iters or eval_only
-    stop_requested = signalled.is_set()
-    if distributed or evaluate or stop_requested or iter_num % log_interval == 0:  # (a host sync)
-        stop_requested, bad = agree(stop_requested, nonfinite, device)
-        if bad and (evaluate or stop_requested or iter_num % log_interval == 0):
+    # ranks agree on stopping (a signal, a non-finite loss) at log and eval intervals only: agree() is a host sync.
+    # One process acts on a signal at once, after reading the flag all the same (no non-finite weights are saved).
+    stop_requested = signalled.is_set() and not distributed
+    if evaluate or stop_requested or iter_num % log_interval == 0:
+        stop_requested, bad = agree(signalled.is_set(), nonfinite, device)
+        if bad:
             stop(f"error: non-finite loss before iter {iter_num}; stopping before any checkpoint is overwritten "
                  f"(the last good one is in {out_dir}). Try a lower learning_rate, grad_clip > 0 or "
                  f"dtype='float32'.")
@@ -518,11 +521,13 @@ while True:
         raw_model.depth.iteration = iter_num
     for micro_step in range(gradient_accumulation_steps):
         no_sync(model, parallel, sync=micro_step == gradient_accumulation_steps - 1)
-        batch = get_batch("train", data_gen)
         with autocast:
             loss, stats = forward(batch)
             loss = loss / gradient_accumulation_steps
             moe_loss = raw_model.moe_loss() / gradient_accumulation_steps  # MoE balancing losses; 0 if dense
+        # the next micro-batch, read and copied while the device runs this one (nanoGPT's prefetch); a checkpoint
+        # keeps the generator's state from before it, so that a resumed run draws it again
+        data_state, batch = data_gen.get_state(), get_batch("train", data_gen)
         scaler.scale(loss + moe_loss).backward()
         loss_sum += loss.detach()
         moe_loss_sum += moe_loss.detach()
