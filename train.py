@@ -30,7 +30,7 @@ from checkpoint import (CheckpointError, checkpoint_group, find_sharded, load_sh
 from model import GPT, GPTConfig
 from parallel import (agree, check_layout, clip_grad_norm_, exit_process, fail_fast, hardware_peak_flops,
                       init_distributed, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, pick_device,
-                      sync_expert_grads, watch_signals)
+                      pick_dtype, sync_expert_grads, watch_signals)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -122,17 +122,10 @@ except (RuntimeError, ValueError) as e:
 distributed, master = world_size > 1, rank == 0
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
-if dtype == "auto":
-    if device_type == "cuda":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    else:  # bf16 autocast pays on the CPU from 256 wide; below, the casts cost what the matmuls save (README)
-        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 256 else "float32"
-dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-if dtype not in dtypes:
-    sys.exit(f"error: dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")
-if dtype == "float16" and device_type == "cpu":
-    sys.exit("error: dtype='float16' autocast is not supported on the CPU; use bfloat16 or float32")
-ptdtype = dtypes[dtype]
+try:
+    dtype, ptdtype = pick_dtype(dtype, device_type, n_embd)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 config["device"], config["dtype"] = device, dtype
 
