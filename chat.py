@@ -1,4 +1,5 @@
-"""The chat template, fine-tuning data and DPO loss of train.py's mode='sft' and mode='dpo'. A turn is
+"""The data train.py reads: token files for pretraining (with the tokenizer that wrote them), and the chat template,
+fine-tuning data and DPO loss of mode='sft' and mode='dpo'. A turn is
 "Human: {prompt}\\n\\nAssistant: {response}\\nEND", and turns are joined by a blank line. The markers are text, not
 special ids (a character vocabulary has none to spare; a pretrained model knows text), so no text may hold one."""
 
@@ -7,10 +8,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import load_run
+from checkpoint import load_run
 from reasoning import RecurrentDepth
 
 HUMAN, ASSISTANT, END, TURN_SEP = "Human: ", "\n\nAssistant:", "\nEND", "\n\n"
@@ -65,6 +67,67 @@ class Tokenizer:
         if self.name.startswith("hf:"):
             return self.hf.decode([i for i in ids if i < self.vocab_size])
         return self.enc.decode([i for i in ids if i < self.enc.n_vocab])  # padded ids are not text
+
+
+# -----------------------------------------------------------------------------
+# pretraining: data/<dataset>/{train,val}.bin (token ids) and meta.json (vocab_size, dtype, tokenizer)
+
+
+def read_meta(data_dir):
+    """A prepared dataset's meta.json, or {} without one (GPT-2 tokens as uint16, as nanoGPT's openwebtext)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); prepare the data again (data/*/prepare.py)") from None
+    if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in ("uint16", "uint32") or \
+            not isinstance(meta.get("vocab_size", 1), int) or meta.get("vocab_size", 1) < 1:
+        raise ValueError(f"{path} needs a positive int vocab_size and dtype 'uint16' or 'uint32'; prepare the data "
+                         f"again (data/*/prepare.py)")
+    return meta
+
+
+def check_token_file(path, dtype, block_size):
+    """ValueError, saying how to fix it, unless path holds a whole number of tokens and more than a block of them."""
+    if not os.path.exists(path):
+        data_dir = os.path.dirname(path)
+        script = os.path.join(data_dir, "prepare.py")
+        how = f"python {script}" if os.path.exists(script) else \
+            f"python data/text/prepare.py --out_dir {data_dir} YOUR_TEXT_FILES"
+        raise ValueError(f"{path} not found; prepare the data first: {how}")
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+        raise ValueError(f"{path} is {size:,} bytes, not a whole number of {dtype.name} tokens (meta.json's dtype): "
+                         f"truncated, or another dtype; prepare the data again")
+    if size // dtype.itemsize <= block_size:
+        fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if path.endswith("val.bin") else \
+            "use more text or "
+        raise ValueError(f"{path} holds fewer than block_size+1={block_size + 1} tokens; {fix}a smaller block_size")
+
+
+def check_token_range(tokens, vocab_size, path):
+    if tokens.size and tokens.max() >= vocab_size:
+        raise ValueError(f"token id {tokens.max()} in {os.path.basename(path)} is out of range for vocab_size="
+                         f"{vocab_size}; was {os.path.dirname(path)} prepared with another tokenizer?")
+
+
+def pretrain_batch(path, dtype, batch_size, block_size, generator, rank=0, world=1, vocab_size=None):
+    """X, Y (B, T) of random windows of a token file for data-parallel rank `rank` of `world` (all draw the same
+    world*batch_size windows, each keeps its slice). Ids past vocab_size are a ValueError."""
+    data = np.memmap(path, dtype=dtype, mode="r")  # anew each batch: a memmap keeps the pages it read (nanoGPT)
+    ix = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
+    tokens = np.stack([data[i:i + block_size + 1] for i in ix[rank * batch_size:(rank + 1) * batch_size].tolist()])
+    tokens = tokens.astype(np.int64)
+    if vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
+        check_token_range(tokens, vocab_size, path)
+    return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: the chat template and JSONL examples
 
 
 def _checked(tokenizer, what, text):
