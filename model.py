@@ -7,7 +7,6 @@ tensor parallelism can shard each by columns; GPT-2's fused weight is split when
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -480,67 +479,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-
-
-CHECKPOINT_VERSION = 1  # train.py's ckpt.pt layout; raise it when a change makes old checkpoints unreadable
-
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint this code can read; the message says which of the usual reasons it is."""
-
-
-def read_checkpoint(path):
-    """torch.load of a ckpt.pt, memory-mapped (the ranks of a node share one copy in the page cache, and nothing is
-    read before it is used), with the ways it goes wrong told apart: not a checkpoint, truncated, another version."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise
-    except Exception as e:
-        if head != b"PK\x03\x04":  # torch.save writes a zip file
-            what = "not a nanothink checkpoint (not a file torch.save wrote)"
-        elif "weights_only" in str(e):
-            what = "not a nanothink checkpoint (it holds Python objects, which weights_only loading refuses)"
-        else:
-            what = "truncated or damaged (an interrupted copy or write?); copy it again or use an older checkpoint"
-        raise CheckpointError(f"{path} is {what}") from None
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt:
-        raise CheckpointError(f"{path} is not a nanothink checkpoint (no model_args in it)")
-    version, unknown = ckpt.get("version", 1), set(ckpt["model_args"]) - set(GPTConfig.defaults())
-    if version > CHECKPOINT_VERSION or unknown:
-        why = f"version {version}, this code reads {CHECKPOINT_VERSION}" if version > CHECKPOINT_VERSION else \
-            f"model settings this code does not have: {', '.join(sorted(unknown))}"
-        raise CheckpointError(f"{path} is from an incompatible version of nanothink ({why}); use the code that "
-                              f"wrote it (git log) or retrain")
-    return ckpt
-
-
-def load_run(out_dir):
-    """The model a run saved in out_dir/ckpt.pt, ready for inference (no dropout), and the run's settings. A ckpt.pt
-    older than the run's distributed checkpoint (ckpt_dcp/, written by a later sharded run) is refused, not used.
-    FileNotFoundError when there is none, CheckpointError when it cannot be read."""
-    path, dcp_meta = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt_dcp", "meta.pt")
-    if os.path.exists(dcp_meta) and (not os.path.exists(path) or os.path.getmtime(dcp_meta) > os.path.getmtime(path)):
-        raise FileNotFoundError(f"{out_dir}'s newest checkpoint is the distributed one in ckpt_dcp/; turn it into "
-                                f"{path} first: python convert.py {out_dir} --ckpt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; train a model first (python train.py ...)")
-    ckpt = read_checkpoint(path)
-    if "model" not in ckpt:
-        raise CheckpointError(f"{path} holds no model weights")
-    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
-    load_weights(model, ckpt["model"], path)
-    return model.eval(), ckpt["config"]
-
-
-def load_weights(model, state_dict, path):
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:  # missing, unexpected or differently shaped weights
-        raise CheckpointError(f"{path} does not fit the model its own model_args describe (an incompatible version "
-                              f"of nanothink?): {str(e).strip().splitlines()[-1].strip()[:200]}") from None
 
 
 if __name__ == "__main__":
