@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moe import MoE, checkpoint
+from moe import MoE, checkpoint, local
 
 # imported where used: DTensor, FSDP and DCP take seconds to import, which a single-process run need not pay
 
@@ -325,12 +325,20 @@ def mesh_and_ranks(layout, tp_size, world_size, device_type, pp_size=1):
 
 
 def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_after_forward=True, cpu_offload=False,
-                ep_size=1):
+                ep_size=1, pipeline=None):
     """Wraps the model for the layout. param_dtype (GPU fsdp only): compute in it, reduce gradients in fp32.
-    ep_size > 1: the experts are split first (apply_expert_parallel), and the layout leaves them alone."""
-    if layout == "none":
+    ep_size > 1: the experts are split first (apply_expert_parallel), and the layout leaves them alone.
+    pipeline (pp_size > 1): Pipeline's settings; it returns a Pipeline, and trims `model` to this rank's share."""
+    if layout == "none" and not pipeline:
         return model
     experts = apply_expert_parallel(model, ep_size, device_type) if ep_size > 1 else {}
+    fsdp = {}
+    if "fsdp" in layout:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        fsdp = dict(reshard_after_forward=reshard_after_forward, offload_policy=CPUOffloadPolicy() if cpu_offload
+                    else OffloadPolicy(), mp_policy=MixedPrecisionPolicy(param_dtype, reduce_dtype=torch.float32))
+    if pipeline:
+        return Pipeline(model, mesh, layout, device_type, fsdp, **pipeline)
     if layout == "ddp":
         # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
         # every rank from all-reduced loads (while their load counters are each rank's own)
@@ -339,12 +347,8 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
                    broadcast_buffers=False)
     if "tp" in layout:
         apply_tensor_parallel(model, mesh["tp"])
-    if "fsdp" in layout:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-        kw = dict(mesh=mesh["dp"], reshard_after_forward=reshard_after_forward,
-                  mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
-                  ignored_params=set(experts.values()))
+    if fsdp:
+        kw = dict(mesh=mesh["dp"], ignored_params=set(experts.values()), **fsdp)
         for block in model.transformer.h:
             fully_shard(block, **kw)
         if model.config.dre:  # adaptive exit runs the core until every rank's tokens have stopped (reasoning.py)
@@ -527,7 +531,10 @@ def agree(stop_requested, nonfinite, device):
 
 
 def no_sync(model, layout, sync):
-    """Gradient accumulation: reduce gradients across data-parallel ranks on the last micro-step only."""
+    """Gradient accumulation: reduce gradients across data-parallel ranks on the last micro-step only. (A Pipeline's
+    stages reduce theirs after each micro-step's schedule: its micro-batches are the accumulation there.)"""
+    if isinstance(model, Pipeline):
+        return
     if layout == "ddp":
         model.require_backward_grad_sync = sync
     elif "fsdp" in layout:
@@ -556,9 +563,9 @@ PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
 
 class PipelinePart(nn.Module):
     """One pipeline stage of a GPT: consecutive blocks, with the embedding on the first stage and the final norm and
-    head on the last. Its modules are the GPT's own, under the GPT's names (transformer.h.5 stays h.5), so state
-    dicts and distributed checkpoints are those of the whole model. forward: token ids or the residual stream in,
-    the residual stream (this rank's slice of the sequence under tensor parallelism) or logits out."""
+    head on the last. Its modules are the GPT's own under the GPT's names (block 5 stays transformer.h.5), so state
+    dicts and distributed checkpoints are the whole model's. Token ids or the residual stream (under tensor
+    parallelism this rank's slice of the sequence) in; the residual stream or logits out."""
 
     def __init__(self, gpt, layers, first, last, seq_len):
         super().__init__()
@@ -566,11 +573,10 @@ class PipelinePart(nn.Module):
         keep = ("wte", "wpe", "drop") * first + ("ln_f",) * last
         self.transformer = nn.ModuleDict({k: m for k, m in gpt.transformer.items() if k in keep})
         self.transformer["h"] = nn.ModuleDict({str(i): gpt.transformer.h[i] for i in layers})
-        if last:
-            self.lm_head = gpt.lm_head
+        self.lm_head = gpt.lm_head if last else None
         self.register_buffer("rope_cos", gpt.rope_cos, persistent=False)
         self.register_buffer("rope_sin", gpt.rope_sin, persistent=False)
-        self.moe_loss = torch.zeros(())  # this stage's balancing losses in the last step, weighted (for the log)
+        self.moe_loss = 0.0  # the balancing losses of this stage's layers since Pipeline.forward began, weighted
 
     def forward(self, x):
         t = self.transformer
@@ -579,17 +585,17 @@ class PipelinePart(nn.Module):
         cos, sin = self.rope_cos[:self.seq_len], self.rope_sin[:self.seq_len]
         for block in t.h.values():
             x = checkpoint(block, x, cos, sin) if self.config.grad_checkpoint and self.training else block(x, cos, sin)
-        x = self.lm_head(t.ln_f(x)) if "ln_f" in t else x
-        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        x = self.lm_head(t.ln_f(x)) if self.lm_head is not None else x
+        aux = [m.aux_loss for m in t.h.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         if aux and self.training and torch.is_grad_enabled():
             aux = sum(aux) * self.weight
-            self.moe_loss = self.moe_loss.to(aux.device) + aux.detach()
+            self.moe_loss += aux.detach()
             x = _CarryLoss.apply(x, aux)
         return x
 
 
 class _CarryLoss(torch.autograd.Function):
-    """The identity on a stage's output that also starts, in backward, the backward of `loss`: the MoE balancing
+    """The identity on a stage's output that, in backward, also starts the backward of `loss`: the MoE balancing
     losses, which never reach the pipeline's loss function (Megatron's MoEAuxLossAutoScaler does the same)."""
 
     @staticmethod
@@ -603,98 +609,99 @@ class _CarryLoss(torch.autograd.Function):
 
 
 class Pipeline(nn.Module):
-    """This rank's pipeline stages, run by a torch.distributed.pipelining schedule over mesh['pp']. Rank r holds
-    stages r, r+pp, ... (virtual stages: Interleaved1F1B). Called as model(x, y): in training one gradient
-    accumulation micro-step, forward and backward of its `microbatches` pieces; in eval mode forward only. Returns
-    (None, mean loss) on the last stage's ranks and (None, 0) elsewhere. `model` is trimmed in place to this rank's
-    share: it is what the optimizer steps and what checkpoints save, under the whole model's names."""
+    """This rank's stages, run by a torch.distributed.pipelining schedule over mesh['pp']: rank r holds stages r,
+    r+pp, ... (Interleaved1F1B's virtual stages), each wrapped by the layout over mesh['dp'] (and mesh['tp']).
+    model(x, y) is one gradient-accumulation micro-step cut into `microbatches` pieces: forward and backward in
+    training, forward only in eval mode; it returns (None, mean loss) on the last stage's ranks, (None, 0) elsewhere.
+    `model` is trimmed in place to this rank's share: what the optimizer steps and checkpoints save."""
 
-    def __init__(self, model, mesh, layout, device, schedule, microbatches, virtual, accumulation, batch, seq_len,
-                 **fsdp):
+    def __init__(self, model, mesh, layout, device_type, fsdp, schedule, microbatches, virtual, accumulation, batch,
+                 seq_len, compile=False):
         from torch.distributed import pipelining
         super().__init__()
-        config, pp, rank = model.config, mesh["pp"].size(), mesh["pp"].get_local_rank()
-        n, tp = pp * virtual, mesh["tp"].size()
+        config, pp, rank, tp, dp = model.config, mesh["pp"].size(), mesh["pp"].get_local_rank(), mesh["tp"].size(), \
+            mesh["dp"]
+        n = pp * virtual
         ids, per = range(rank, n, pp), config.n_layer // n
+        device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
         parts = [PipelinePart(model, range(s * per, (s + 1) * per), s == 0, s == n - 1, seq_len) for s in ids]
         model.transformer.h = nn.ModuleDict({k: m for p in parts for k, m in p.transformer.h.items()})
-        for name in ("wte", "wpe") if 0 not in ids else ():
+        for name in ("wte", "wpe") * (0 not in ids) + ("ln_f",) * (n - 1 not in ids):
             if name in model.transformer:
                 del model.transformer[name]
         if n - 1 not in ids:
-            del model.lm_head, model.transformer["ln_f"]
+            del model.lm_head
         self.weight = 1.0 / (microbatches * accumulation)  # each piece's share of the step's mean loss
-        self.tied = config.tie_embeddings and (0 in ids or n - 1 in ids)
-        self.last, self.group, self.layout = n - 1 in ids, mesh["pp"].get_group(), layout
-        # the embedding and the head are one matrix when tied, on the first and the last stage: their gradients are
-        # summed over each such pair of ranks
-        pairs = mesh.mesh[[0, -1]].reshape(2, -1).T.tolist()
-        self.tied_group = dist.new_subgroups_by_enumeration(pairs)[0] if config.tie_embeddings else None
-        stage_group = dist.new_subgroups_by_enumeration(mesh.mesh.reshape(pp, -1).tolist())[0]
-        for moe in model.moe_layers():  # routing biases move with the load of this stage's tokens, all of them
+        tied = config.tie_embeddings
+        self.ends = [m for m in (parts[0].transformer["wte"] if 0 in ids and tied else None,
+                                 parts[-1].lm_head if n - 1 in ids and tied else None) if m is not None]
+        self.group = mesh["pp"].get_group()
+        # a tied embedding and head are one matrix on the first and the last stage: its gradient is summed over
+        # each such pair of ranks. Routing biases follow the load of all of a stage's tokens, on all its ranks
+        groups = [mesh.mesh[[0, -1]].reshape(2, -1).T.tolist(), mesh.mesh.reshape(pp, -1).tolist()]
+        self.tied_group, stage_group = (dist.new_subgroups_by_enumeration(g)[0] for g in groups)
+        for moe in model.moe_layers():
             moe.load_group = stage_group
-        b, dp_group = batch // microbatches, mesh["dp"].get_group()
         for part in parts:
             part.weight = self.weight
             if tp > 1:
                 apply_tensor_parallel(part, mesh["tp"])
-        if "fsdp" in layout:
-            from torch.distributed.fsdp import fully_shard
-            for part in parts:
-                for block in part.transformer.h.values():
-                    fully_shard(block, mesh=mesh["dp"], **fsdp)
-                fully_shard(part, mesh=mesh["dp"], **fsdp)
-        elif mesh["dp"].size() > 1:
-            parts = [DDP(p, process_group=dp_group, broadcast_buffers=False,
-                         device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
-                     for p in parts]
+            for block in part.transformer.h.values():
+                if compile:
+                    block.compile()
+                if fsdp:
+                    from torch.distributed.fsdp import fully_shard
+                    fully_shard(block, mesh=dp, **fsdp)
+            if fsdp:
+                fully_shard(part, mesh=dp, **fsdp)  # the rest: embedding, final norm, head
+        if not fsdp and dp.size() > 1:
+            parts = [DDP(p, process_group=dp.get_group(), broadcast_buffers=False,
+                         device_ids=[device.index] if device_type == "cuda" else None) for p in parts]
         self.parts = nn.ModuleList(parts)
-        meta = lambda *shape, dtype=torch.float32: torch.empty(  # noqa: E731
+        # the messages between stages, for one piece of the micro-batch: the residual stream (in FSDP's compute
+        # dtype), ids into the first stage, logits out of the last
+        b, act = batch // microbatches, fsdp["mp_policy"].param_dtype if fsdp else None
+        meta = lambda *shape, dtype=act or torch.float32: torch.empty(  # noqa: E731
             shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
         hidden = meta(b, seq_len // tp, config.n_embd)
         stages = [pipelining.PipelineStage(
-            part, s, n, torch.device(device), group=self.group,
-            input_args=meta(b, seq_len, dtype=torch.long) if s == 0 else hidden,
+            part, s, n, device, group=self.group, input_args=meta(b, seq_len, dtype=torch.long) if s == 0 else hidden,
             output_args=meta(b, seq_len, config.vocab_size) if s == n - 1 else hidden) for s, part in zip(ids, parts)]
         kind = getattr(pipelining, f"Schedule{schedule}")
-        self.schedule = kind(stages if schedule.startswith("Interleaved") else stages[0], microbatches,
-                             loss_fn=self.loss_fn, scale_grads=False)
+        self.schedule = kind(stages if virtual > 1 else stages[0], microbatches, loss_fn=self.loss_fn,
+                             scale_grads=False)
 
     def loss_fn(self, logits, targets):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1) * self.weight
 
     def forward(self, x, y):
-        losses = []
-        for part in self.raw_parts():
+        parts, losses = [getattr(p, "module", p) for p in self.parts], []  # (DDP holds the part as .module)
+        for part in parts:
             part.moe_loss = torch.zeros((), device=x.device)
-        if self.training:
-            self.schedule.step(x, target=y, losses=losses, return_outputs=False)
-        else:
-            self.schedule.eval(x, target=y, losses=losses)
+        run = self.schedule.step if self.training else self.schedule.eval
+        run(x, target=y, losses=losses, **{"return_outputs": False} if self.training else {})
         loss = torch.stack(losses).sum() / (self.weight * len(losses)) if losses else torch.zeros((), device=x.device)
+        self.last_moe_loss = sum(p.moe_loss for p in parts) / (self.weight * self.schedule._n_microbatches)
         return None, loss.detach()
 
-    def raw_parts(self):
-        return [getattr(p, "module", p) for p in self.parts]
+    def moe_loss(self):
+        """The balancing losses of this rank's stages in the last micro-step, the mean over its pieces."""
+        return self.last_moe_loss
 
-    def moe_loss(self):  # this rank's stages' balancing losses in the last micro-step, summed over its pieces
-        return sum(p.moe_loss for p in self.raw_parts()) / (self.weight * self.schedule._n_microbatches)
+    def finish_backward(self):
+        """After a step's last backward: the tied embedding's gradient summed over its two stages."""
+        for end in self.ends:
+            dist.all_reduce(local(end.weight.grad), group=self.tied_group)
 
-    def finish_backward(self, model):
-        """After the step's last backward: the tied embedding's gradient summed over its two stages."""
-        if self.tied:
-            w = model.lm_head.weight if self.last else model.transformer.wte.weight
-            dist.all_reduce(w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad, group=self.tied_group)
-
-    def clip_grad_norm_(self, model, max_norm):
-        """The global gradient norm, over all stages (the tied matrix counted once), clipped to max_norm."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        skip = model.lm_head.weight.grad if self.tied and self.last and "wte" not in model.transformer else None
-        sq = [torch.linalg.vector_norm(g) ** 2 for g in grads if g is not skip]
+    def clip_grad_norm_(self, max_norm):
+        """The gradient norm over all stages (a tied embedding counted once) clipped to max_norm, as one process."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        head = [m.weight for m in self.ends if isinstance(m, nn.Linear)]  # the tied matrix's second copy
+        sq = [torch.linalg.vector_norm(p.grad) ** 2 for p in self.parameters() if p.grad is not None and
+              not any(p is h for h in head)]
         total = torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in sq]).sum()
         dist.all_reduce(total, group=self.group)
         coef = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef)
         return total.sqrt()
-
