@@ -282,11 +282,14 @@ def check_pipeline(config, world_size, ep_size, dtype, pp_size, schedule, microb
     for name, value in (("pp_size", pp_size), ("pp_microbatches", microbatches), ("pp_virtual_stages", virtual)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    if config.dre:
+        raise ValueError("dre is not supported with pipeline parallelism: its core blocks run a number of times "
+                         "decided per token (and per step), which fixed stages with fixed messages cannot follow")
     if schedule not in PP_SCHEDULES:
         raise ValueError(f"pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {schedule!r}")
-    if (virtual > 1) != (schedule == "Interleaved1F1B"):
+    if (virtual > 1) != (schedule == "Interleaved1F1B") or pp_size == 1:
         raise ValueError(f"pp_virtual_stages={virtual} with pp_schedule={schedule!r}: Interleaved1F1B runs 2 or "
-                         f"more virtual stages per rank, 1F1B and GPipe one")
+                         f"more virtual stages per rank, 1F1B and GPipe one" + " (with pp_size > 1)" * (pp_size == 1))
     if config.n_layer % (pp_size * virtual):
         raise ValueError(f"pipeline parallelism splits n_layer={config.n_layer} into pp_size x pp_virtual_stages = "
                          f"{pp_size * virtual} stages of equal depth: n_layer must be divisible by {pp_size * virtual}")
@@ -299,9 +302,6 @@ def check_pipeline(config, world_size, ep_size, dtype, pp_size, schedule, microb
     if pp_size > 1 and not dist.is_initialized() or world_size % pp_size:
         raise ValueError(f"pp_size={pp_size} needs a multiple of {pp_size} processes: launch with torchrun "
                          f"--nproc_per_node=N")
-    if config.dre:
-        raise ValueError("dre is not supported with pipeline parallelism: its core blocks run a number of times "
-                         "decided per token (and per step), which fixed stages with fixed messages cannot follow")
     if ep_size > 1:
         raise ValueError("ep_size > 1 with pp_size > 1 is not supported yet: use one of the two")
     if dtype == "float16":
@@ -625,16 +625,18 @@ class Pipeline(nn.Module):
         ids, per = range(rank, n, pp), config.n_layer // n
         device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
         parts = [PipelinePart(model, range(s * per, (s + 1) * per), s == 0, s == n - 1, seq_len) for s in ids]
+        # what this rank keeps; a tied embedding and head stay together (one matrix under both names, as in one
+        # process, so that checkpoints name it and its optimizer state alike), on the first and the last stage
+        first, last, tied = 0 in ids, n - 1 in ids, config.tie_embeddings
         model.transformer.h = nn.ModuleDict({k: m for p in parts for k, m in p.transformer.h.items()})
-        for name in ("wte", "wpe") * (0 not in ids) + ("ln_f",) * (n - 1 not in ids):
+        for name in ("wte",) * (not first and not (last and tied)) + ("wpe",) * (not first) + ("ln_f",) * (not last):
             if name in model.transformer:
                 del model.transformer[name]
-        if n - 1 not in ids:
+        if not last and not (first and tied):
             del model.lm_head
         self.weight = 1.0 / (microbatches * accumulation)  # each piece's share of the step's mean loss
-        tied = config.tie_embeddings
-        self.ends = [m for m in (parts[0].transformer["wte"] if 0 in ids and tied else None,
-                                 parts[-1].lm_head if n - 1 in ids and tied else None) if m is not None]
+        self.ends = [m for m in (parts[0].transformer["wte"] if first and tied else None,
+                                 parts[-1].lm_head if last and tied else None) if m is not None]
         self.group = mesh["pp"].get_group()
         # a tied embedding and head are one matrix on the first and the last stage: its gradient is summed over
         # each such pair of ranks. Routing biases follow the load of all of a stage's tokens, on all its ranks
@@ -654,6 +656,10 @@ class Pipeline(nn.Module):
                     fully_shard(block, mesh=dp, **fsdp)
             if fsdp:
                 fully_shard(part, mesh=dp, **fsdp)  # the rest: embedding, final norm, head
+        if fsdp and tied and first:  # fully_shard gave the part's copy a new (sharded) parameter: tie it again
+            model.lm_head.weight = model.transformer.wte.weight
+        elif fsdp and tied and last:
+            model.transformer.wte.weight = model.lm_head.weight
         if not fsdp and dp.size() > 1:
             parts = [DDP(p, process_group=dp.get_group(), broadcast_buffers=False,
                          device_ids=[device.index] if device_type == "cuda" else None) for p in parts]
