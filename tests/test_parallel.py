@@ -75,9 +75,12 @@ def reference(char_data, tmp_path_factory):
     ("fsdp", 2, "dre", []),
     ("ddp", 2, "dense", ["--gradient_accumulation_steps=1", "--batch_size=4"]),
     # pipeline: two stages by each schedule; with fsdp or tp over the two ranks of each stage; MoE blocks
-    ("none", 2, "dense", [*PP, "--pp_schedule=1F1B"]), ("none", 2, "dense", [*PP, "--pp_schedule=GPipe"]),
-    ("none", 2, "dense4", [*PP, "--pp_schedule=Interleaved1F1B", "--pp_virtual_stages=2"]),
-    ("fsdp", 4, "dense", PP), ("tp", 4, "dense", PP), ("none", 2, "moe_pieces", [*PP, "--batch_size=2", "--gradient_accumulation_steps=2"]),
+    *(pytest.param(layout, nproc, model, extra, id=f"pp-{name}") for name, layout, nproc, model, extra in (
+        ("1F1B", "none", 2, "dense", [*PP, "--pp_schedule=1F1B"]),
+        ("GPipe", "none", 2, "dense", [*PP, "--pp_schedule=GPipe"]),
+        ("Interleaved1F1B", "none", 2, "dense4", [*PP, "--pp_schedule=Interleaved1F1B", "--pp_virtual_stages=2"]),
+        ("fsdp", "fsdp", 4, "dense", PP), ("tp", "tp", 4, "dense", PP),
+        ("moe", "none", 2, "moe_pieces", [*PP, "--batch_size=2", "--gradient_accumulation_steps=2"]))),
     # expert parallelism: 2 experts a rank, or 1; on 4 ranks with ep_size=2, two copies of each expert
     *(pytest.param(layout, nproc, model, [f"--ep_size={ep}"], id=f"{layout}-{nproc}-{model}-ep{ep}")
       for layout, nproc, model, ep in (("ddp", 2, "moe", 2), ("fsdp", 2, "moe", 2), ("ddp", 4, "moe4", 4),
@@ -93,7 +96,7 @@ def test_layout_matches_single_process(char_data, reference, tmp_path, layout, n
 
 
 @pytest.mark.parametrize("model,layout", [("dense", ["--parallel=fsdp"]), ("moe", ["--parallel=ddp", "--ep_size=2"]),
-                                          ("dense", PP)])
+                                          pytest.param("dense", PP, id="pp-dense")])
 def test_sharded_checkpoint_resumes_on_one_process(char_data, reference, tmp_path, model, layout):
     torchrun(2, [*TINY, *MODELS[model], f"--out_dir={tmp_path}", *layout], char_data)
     assert os.path.exists(tmp_path / "ckpt_dcp" / "meta.pt") and not os.path.exists(tmp_path / "ckpt.pt")
