@@ -111,14 +111,15 @@ def write_checkpoint(out_dir, state, keep_last=1):
         os.remove(os.path.join(out_dir, name))
 
 
-def rng_states(data_gen):
-    """This process's random streams: dropout (torch, cuda), numpy, python, and the data order (data_gen)."""
+def rng_states(data_state):
+    """This process's random streams: dropout (torch, cuda), numpy, python, and the data order (the state of the
+    data generator before its next, perhaps already prefetched, batch)."""
     np_state, py_state = np.random.get_state(), random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
             "numpy": [np_state[1].tolist(), *np_state[2:]],  # as plain lists: weights_only loading takes no arrays
             "python": [py_state[0], list(py_state[1]), py_state[2]],
-            "data": data_gen.get_state()}
+            "data": data_state}
 
 
 def set_rng_states(rng, data_gen):  # the inverse of rng_states
@@ -150,15 +151,15 @@ def read_start(init_from, out_dir, sharded=False):
     return ckpt, path
 
 
-def save(out_dir, state, model, optimizers, data_gen, sharded=False, group=None, keep_last=1):
+def save(out_dir, state, model, optimizers, data_state, sharded=False, group=None, keep_last=1):
     """A run's checkpoint, called on every rank: `state` (the run's settings and position) plus every rank's random
     streams. Sharded layouts write a distributed checkpoint, every rank its own shards; otherwise rank 0 writes
     ckpt.pt while the others wait on `group` (checkpoint_group: a timeout sized for a write, not a step) and learn
     from it whether that worked. Returns the path; OSError on every rank when the write failed."""
-    rngs = [rng_states(data_gen)]
+    rngs = [rng_states(data_state)]
     if dist.is_initialized():
         rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng_states(data_gen))
+        dist.all_gather_object(rngs, rng_states(data_state))
     state = {"version": CHECKPOINT_VERSION, **state, "rng": rngs}
     if sharded:
         return save_sharded(out_dir, model, optimizers, state, group, keep_last)

@@ -54,6 +54,21 @@ def pick_device(device):
     return device
 
 
+def pick_dtype(dtype, device_type, n_embd):
+    """(name, torch dtype) of the autocast dtype; 'auto': bf16 on GPUs that have it (else fp16), and on the CPU bf16
+    from 256 wide (below, the casts cost what the matmuls save: README) and fp32 otherwise."""
+    if dtype == "auto" and device_type == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif dtype == "auto":
+        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 256 else "float32"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")
+    if dtype == "float16" and device_type == "cpu":
+        raise ValueError("dtype='float16' autocast is not supported on the CPU; use bfloat16 or float32")
+    return dtype, dtypes[dtype]
+
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, matched against torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A6000", 155e12), ("L40S", 362e12),
                   ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),

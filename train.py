@@ -30,7 +30,7 @@ from checkpoint import (CheckpointError, checkpoint_group, find_sharded, load_sh
 from model import GPT, GPTConfig
 from parallel import (agree, check_layout, clip_grad_norm_, exit_process, fail_fast, hardware_peak_flops,
                       init_distributed, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, pick_device,
-                      sync_expert_grads, watch_signals)
+                      pick_dtype, sync_expert_grads, watch_signals)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -126,17 +126,10 @@ except (RuntimeError, ValueError) as e:
 distributed, master = world_size > 1, rank == 0
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
-if dtype == "auto":
-    if device_type == "cuda":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    else:  # bf16 autocast pays on the CPU from 256 wide; below, the casts cost what the matmuls save (README)
-        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 256 else "float32"
-dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-if dtype not in dtypes:
-    sys.exit(f"error: dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")
-if dtype == "float16" and device_type == "cpu":
-    sys.exit("error: dtype='float16' autocast is not supported on the CPU; use bfloat16 or float32")
-ptdtype = dtypes[dtype]
+try:
+    dtype, ptdtype = pick_dtype(dtype, device_type, n_embd)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 config["device"], config["dtype"] = device, dtype
 
@@ -207,29 +200,20 @@ if mode == "pretrain":
             print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")
 
 
-def check_token_range(tokens, where):
-    if tokens.size and tokens.max() >= vocab_size:
-        sys.exit(f"error: token id {tokens.max()} in {where} is out of range for vocab_size={vocab_size}; "
-                 f"was data/{dataset} prepared with another tokenizer?")
-
-
 def get_batch(split, generator):
     """This data-parallel rank's share of the next global batch: every rank draws the same dp_size*batch_size
-    windows from the same generator and keeps its own slice, so a step sees the same data in every layout."""
-    lo, hi = dp_rank * batch_size, (dp_rank + 1) * batch_size
-    if mode != "pretrain":  # (X, Y) for sft, (X, Y, p) for dpo; Y is -1 outside the responses
-        # the rank's slice is taken of the examples: a dpo batch has two rows (chosen, rejected) per example
-        batch = chat.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size)
-        return [t.to(device) for t in batch]
-    # a new memmap per batch: np.memmap holds on to the pages it has read (nanoGPT's leak workaround)
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
-    ix = torch.randint(len(data) - block_size, (dp_size * batch_size,), generator=generator)[lo:hi].tolist()
-    tokens = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
-    check_token_range(tokens, f"{split}.bin")  # cheap per batch, catches what the startup scan skipped
-    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    windows (or examples) from the same generator and keeps its own slice, so a step sees the same data in every
+    layout. (X, Y) of token windows, (X, Y) for sft and (X, Y, p) for dpo, Y -1 outside the responses."""
+    try:
+        batch = chat.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size) \
+            if mode != "pretrain" else chat.pretrain_batch(os.path.join(data_dir, f"{split}.bin"), token_dtype,
+                                                           batch_size, block_size, generator, dp_rank, dp_size,
+                                                           vocab_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if device_type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return [t.pin_memory().to(device, non_blocking=True) for t in batch]
+    return [t.to(device) for t in batch]
 
 
 # the data position is this generator's state: it is saved in the checkpoint and restored on resume
@@ -300,7 +284,10 @@ if meta.get("vocab_size", 0) > vocab_size:
 for split in bin_splits:  # scan whole files up to ~128M tokens up front (a second or so); larger ones per batch
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
     if len(data) <= 2**27:
-        check_token_range(data, f"{split}.bin")
+        try:
+            chat.check_token_range(data, vocab_size, os.path.join(data_dir, f"{split}.bin"))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
 model.to(device)
 ref_model = None
 if mode == "dpo":  # DPO's frozen reference: ref_from's weights, by default those this run started from
@@ -358,7 +345,7 @@ def save_checkpoint():
     state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
              "scaler": scaler.state_dict()}
     try:
-        path = save(out_dir, state, raw_model, optimizers, data_gen, sharded, ckpt_group, keep_last)
+        path = save(out_dir, state, raw_model, optimizers, data_state, sharded, ckpt_group, keep_last)
     except OSError as e:
         stop(f"error: {e}; the previous checkpoint is kept. Free some disk space or point out_dir elsewhere")
     saved_iter = iter_num
@@ -485,16 +472,19 @@ peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
 t_start = t_log
+data_state, batch = data_gen.get_state(), get_batch("train", data_gen)  # the first micro-batch
 while True:
     lr = get_lr(iter_num)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
     evaluate = iter_num % eval_interval == 0 or iter_num == max_iters or eval_only
-    stop_requested = signalled.is_set()
-    if distributed or evaluate or stop_requested or iter_num % log_interval == 0:  # (a host sync)
-        stop_requested, bad = agree(stop_requested, nonfinite, device)
-        if bad and (evaluate or stop_requested or iter_num % log_interval == 0):
+    # ranks agree on stopping (a signal, a non-finite loss) at log and eval intervals only: agree() is a host sync.
+    # One process acts on a signal at once, after reading the flag all the same (no non-finite weights are saved).
+    stop_requested = signalled.is_set() and not distributed
+    if evaluate or stop_requested or iter_num % log_interval == 0:
+        stop_requested, bad = agree(signalled.is_set(), nonfinite, device)
+        if bad:
             stop(f"error: non-finite loss before iter {iter_num}; stopping before any checkpoint is overwritten "
                  f"(the last good one is in {out_dir}). Try a lower learning_rate, grad_clip > 0 or "
                  f"dtype='float32'.")
@@ -532,12 +522,14 @@ while True:
         raw_model.depth.iteration = iter_num
     for micro_step in range(gradient_accumulation_steps):
         no_sync(model, parallel, sync=micro_step == gradient_accumulation_steps - 1)
-        batch = get_batch("train", data_gen)
         with autocast:
             loss, stats = forward(batch)
             loss = loss / gradient_accumulation_steps
             moe_loss = (model if pipeline else raw_model).moe_loss() / gradient_accumulation_steps  # 0 if dense
-        if not pipeline:  # (a pipeline runs backward piece by piece, inside its forward)
+        # the next micro-batch, read and copied while the device runs this one (nanoGPT's prefetch); a checkpoint
+        # keeps the generator's state from before it, so that a resumed run draws it again
+        data_state, batch = data_gen.get_state(), get_batch("train", data_gen)
+        if not pipeline:  # (a pipeline ran backward piece by piece, inside its forward)
             scaler.scale(loss + moe_loss).backward()
         loss_sum += loss.detach()
         moe_loss_sum += moe_loss.detach()
