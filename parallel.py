@@ -634,10 +634,9 @@ class Pipeline(nn.Module):
                  seq_len, compile=False):
         from torch.distributed import pipelining
         super().__init__()
-        config, pp, rank, tp, dp = model.config, mesh["pp"].size(), mesh["pp"].get_local_rank(), mesh["tp"].size(), \
-            mesh["dp"]
+        config, pp, tp, dp = model.config, mesh["pp"].size(), mesh["tp"].size(), mesh["dp"]
         n = pp * virtual
-        ids, per = range(rank, n, pp), config.n_layer // n
+        ids, per = range(mesh["pp"].get_local_rank(), n, pp), config.n_layer // n
         device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
         parts = [PipelinePart(model, range(s * per, (s + 1) * per), s == 0, s == n - 1, seq_len) for s in ids]
         # what this rank keeps; a tied embedding and head stay together (one matrix under both names, as in one
@@ -675,6 +674,7 @@ class Pipeline(nn.Module):
             model.lm_head.weight = model.transformer.wte.weight
         elif fsdp and tied and last:
             model.transformer.wte.weight = model.lm_head.weight
+        self.pieces, self.stage_parts = microbatches, parts  # (plain list: the parts are registered below)
         if not fsdp and dp.size() > 1:
             parts = [DDP(p, process_group=dp.get_group(), broadcast_buffers=False,
                          device_ids=[device.index] if device_type == "cuda" else None) for p in parts]
@@ -696,18 +696,17 @@ class Pipeline(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1) * self.weight
 
     def forward(self, x, y):
-        parts, losses = [getattr(p, "module", p) for p in self.parts], []  # (DDP holds the part as .module)
-        for part in parts:
+        losses = []
+        for part in self.stage_parts:
             part.moe_loss = torch.zeros((), device=x.device)
         run = self.schedule.step if self.training else self.schedule.eval
         run(x, target=y, losses=losses, **{"return_outputs": False} if self.training else {})
-        loss = torch.stack(losses).sum() / (self.weight * len(losses)) if losses else torch.zeros((), device=x.device)
-        self.last_moe_loss = sum(p.moe_loss for p in parts) / (self.weight * self.schedule._n_microbatches)
+        loss = torch.stack(losses).sum() / (self.weight * self.pieces) if losses else torch.zeros((), device=x.device)
         return None, loss.detach()
 
     def moe_loss(self):
         """The balancing losses of this rank's stages in the last micro-step, the mean over its pieces."""
-        return self.last_moe_loss
+        return sum(p.moe_loss for p in self.stage_parts) / (self.weight * self.pieces)
 
     def finish_backward(self):
         """After a step's last backward: the tied embedding's gradient summed over its two stages."""
