@@ -285,15 +285,14 @@ def memory_worker():
     mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu", pp_size)
     T = min(block_size, 64)
     x = torch.randint(vocab_size, (pp_size, T + 1))  # pipeline: one sequence per micro-batch, one per stage
-    if pp_size > 1:
-        pipe = parallel.Pipeline(model, mesh, memory_layout, "cpu", "1F1B", pp_size, 1, 1, pp_size, T)
-    else:
-        wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu", ep_size=ep_size)
+    pipeline = dict(schedule="1F1B", microbatches=pp_size, virtual=1, accumulation=1, batch=pp_size, seq_len=T)
+    wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu", ep_size=ep_size,
+                                   pipeline=pipeline if pp_size > 1 else None)
     opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw",
                                      parallel.optimizer_kwargs(model, "cpu"))[0]
     if pp_size > 1:
-        pipe(x[:, :-1], x[:, 1:])  # forward and backward
-        pipe.finish_backward(model)
+        wrapped(x[:, :-1], x[:, 1:])  # forward and backward
+        wrapped.finish_backward()
     else:
         _, loss = wrapped(x[:, :-1], x[:, 1:])
         (loss + model.moe_loss()).backward()
