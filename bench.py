@@ -106,10 +106,6 @@ for bad, message in [
     (moe and not 1 <= top_k <= (n_expert or 8), f"--moe: top_k={top_k} must be between 1 and n_expert={n_expert or 8}"),
     (memory and estimate and gpus % tp_size, f"--estimate: gpus={gpus} is not divisible by tp_size={tp_size}"),
     (memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
-    (memory and n_layer % (pp_size * pp_virtual_stages), f"n_layer={n_layer} is not divisible by pp_size x "
-                                                         f"pp_virtual_stages={pp_size * pp_virtual_stages}"),
-    (memory and estimate and gpus % (tp_size * pp_size), f"--estimate: gpus={gpus} is not divisible by tp_size x "
-                                                         f"pp_size={tp_size * pp_size}"),
     (pp_schedule not in parallel.PP_SCHEDULES, f"pp_schedule must be one of {parallel.PP_SCHEDULES}"),
 ]:
     if bad:
@@ -263,7 +259,8 @@ def bench_memory():  # one torchrun per layout, rank 0 reporting the largest ran
     if n_expert:  # expert parallelism on ep_size ranks: the experts split between them, the rest as the layout says
         rows += [(f"{name}, ep {ep_size}", name, ep_size, ep_size, 1) for name in ("ddp", "fsdp")]
     # pipeline: pp_size stages, alone and with fsdp over 2 ranks a stage (the largest stage is what has to fit)
-    rows += [(f"pp {pp_size}", "none", pp_size, 1, pp_size), (f"fsdp, pp {pp_size}", "fsdp", 2 * pp_size, 1, pp_size)]
+    if pp_size > 1 and n_layer % pp_size == 0:
+        rows += [(f"pp {pp_size}", "none", pp_size, 1, pp_size), (f"fsdp, pp {pp_size}", "fsdp", 2 * pp_size, 1, pp_size)]
     for name, layout, ranks, ep, pp in rows:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
                *sys.argv[1:], f"--memory_layout={layout}", f"--ep_size={ep}", f"--pp_size={pp}"]
@@ -334,6 +331,7 @@ def estimate_memory():
     if n_expert:
         layouts += [(f"ddp, ep {ep_size}", 1, 1, ep_size, 1), (f"fsdp, ep {ep_size}", gpus, 1, ep_size, 1)]
     p, m, v = pp_size, pp_microbatches, pp_virtual_stages
+    p = p if p > 1 and L % (p * v) == 0 and gpus % (tp_size * p) == 0 else 1  # else no pipeline rows
     if p > 1:  # per stage: the dp ranks left over replicate (ddp) or shard (fsdp) it
         layouts += [(f"ddp, pp {p}", 1, 1, 1, p), (f"fsdp, pp {p}", gpus // p, 1, 1, p),
                     (f"fsdp+tp+pp ({tp_size},{p})", gpus // tp_size // p, tp_size, 1, p)]
@@ -350,6 +348,9 @@ def estimate_memory():
         weights = ((total - blocks if pp == 1 else ends) + (blocks - split) / tp / pp) / shards + split / ep
         gib = [x / 2**30 for x in (4 * weights, 4 * weights, 8 * weights, (act if pp == 1 else act_pp) / tp)]
         print(f"{name:<16}", *(f"{x:>{w}.2f}" for x, w in zip(gib + [sum(gib)], (8, 8, 10, 12, 8))))
+    if pp_size > 1 and p == 1:
+        print(f"(no pipeline rows: pp_size={pp_size} x pp_virtual_stages={v} must divide n_layer={L}, and "
+              f"tp_size x pp_size the {gpus} GPUs)")
     if p > 1:  # the fill and drain of each pipeline step, in micro-batch times: (p - 1) / v of them (Megatron-LM)
         idle = (p - 1) / v
         print(f"pipeline: {pp_schedule}, p={p} stages{f' x v={v} virtual' * (v > 1)}, m={m} micro-batches of "
