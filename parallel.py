@@ -9,6 +9,9 @@ checked against one process by tests/test_parallel.py:
 - ep_size > 1 (with 'ddp' or 'fsdp'): expert parallelism. Each group of ep_size consecutive ranks splits every MoE
   layer's experts between them, and the routed tokens travel to their experts' ranks and back (all_to_all); the
   rest of the model is data parallel over all ranks as the layout says.
+- pp_size > 1 (with any layout): pipeline parallelism on torch.distributed.pipelining, a (pp, dp, tp) mesh. The
+  blocks are split into stages, each rank runs its stages on pieces of each micro-batch under a schedule (1F1B,
+  GPipe, Interleaved1F1B), and the layout applies among the ranks of a stage (Pipeline, at the end of this file).
 Also here: everything else that only layouts need (device choice, the stop agreement between ranks, Megatron's f/g,
 the experts' all_to_all, clipping over DTensors). Distributed checkpoints are checkpoint.py's.
 """
