@@ -260,7 +260,8 @@ def bench_memory():  # one torchrun per layout, rank 0 reporting the largest ran
         rows += [(f"{name}, ep {ep_size}", name, ep_size, ep_size, 1) for name in ("ddp", "fsdp")]
     # pipeline: pp_size stages, alone and with fsdp over 2 ranks a stage (the largest stage is what has to fit)
     if pp_size > 1 and n_layer % pp_size == 0:
-        rows += [(f"pp {pp_size}", "none", pp_size, 1, pp_size), (f"fsdp, pp {pp_size}", "fsdp", 2 * pp_size, 1, pp_size)]
+        rows += [(f"pp {pp_size}", "none", pp_size, 1, pp_size),
+                 (f"fsdp, pp {pp_size}", "fsdp", 2 * pp_size, 1, pp_size)]
     for name, layout, ranks, ep, pp in rows:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
                *sys.argv[1:], f"--memory_layout={layout}", f"--ep_size={ep}", f"--pp_size={pp}"]

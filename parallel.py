@@ -640,7 +640,7 @@ class Pipeline(nn.Module):
         config, pp, tp, dp = model.config, mesh["pp"].size(), mesh["tp"].size(), mesh["dp"]
         n = pp * virtual
         ids, per = range(mesh["pp"].get_local_rank(), n, pp), config.n_layer // n
-        device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+        device = torch.device(device_type, torch.cuda.current_device() if device_type == "cuda" else None)
         parts = [PipelinePart(model, range(s * per, (s + 1) * per), s == 0, s == n - 1, seq_len) for s in ids]
         # what this rank keeps; a tied embedding and head stay together (one matrix under both names, as in one
         # process, so that checkpoints name it and its optimizer state alike), on the first and the last stage
