@@ -106,6 +106,15 @@ def test_sharded_checkpoint_resumes_on_one_process(char_data, reference, tmp_pat
         assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
 
 
+def test_pipeline_checkpoint_resumes_as_a_pipeline(char_data, reference, tmp_path):
+    # each stage saves only its own blocks and param groups; resumed as the same pipeline, every stage gets its own back
+    torchrun(2, [*TINY, f"--out_dir={tmp_path}", *PP], char_data)
+    torchrun(2, [*TINY, f"--out_dir={tmp_path}", *PP, "--max_iters=12", "--init_from=resume"], char_data)
+    got, want = losses(tmp_path), losses(reference / "dense_more")
+    for it in (11, 12):
+        assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--parallel=tp", "--tp_size=3"], "not divisible by tp_size=3"),
     (["--parallel=tp", "--tp_size=2", "--n_head=3", "--n_kv_head=3", "--n_embd=48"], "n_head=3"),
