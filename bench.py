@@ -60,6 +60,10 @@ estimate = False
 gpus = 8
 tp_size = 2
 ep_size = 2                 # the expert-parallel rows' group size (MoE models): ddp or fsdp with ep_size ranks a group
+pp_size = 2                 # the pipeline rows' stages; --estimate: also its schedule, micro-batches, virtual stages
+pp_schedule = "1F1B"
+pp_microbatches = 8
+pp_virtual_stages = 1
 # --dre: out_dir's DRE checkpoint at core steps 1..max_reasoning_steps and at each of dre_thresholds
 dre = False
 out_dir = "out"
@@ -91,7 +95,8 @@ if dataset and vocab_size == settings["vocab_size"] and os.path.exists(meta_path
 
 # every setting checked before anything is measured: one line naming it
 for name in ("batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "gpus", "tp_size",
-             "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor", "reasoning_per"):
+             "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor", "reasoning_per", "pp_size",
+             "pp_microbatches", "pp_virtual_stages"):
     if globals()[name] < 1:
         sys.exit(f"error: {name} must be at least 1, got {globals()[name]}")
 try:
@@ -113,6 +118,7 @@ for bad, message in [
     (moe and not 1 <= top_k <= (n_expert or 8), f"--moe: top_k={top_k} must be between 1 and n_expert={n_expert or 8}"),
     (memory and estimate and gpus % tp_size, f"--estimate: gpus={gpus} is not divisible by tp_size={tp_size}"),
     (memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
+    (pp_schedule not in parallel.PP_SCHEDULES, f"pp_schedule must be one of {parallel.PP_SCHEDULES}"),
 ]:
     if bad:
         sys.exit(f"error: {message}")
@@ -260,12 +266,17 @@ def bench_memory():  # one torchrun per layout, rank 0 reporting the largest ran
           f"fp32 + AdamW; MiB per rank, measured on the CPU (gloo)")
     print(f"{'layout':<10} {'ranks':>5} {'params':>9} {'grads':>9} {'optimizer':>10} {'total':>9} {'vs none':>8}")
     base = None
-    rows = [(name, name, ranks, 1) for name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("fsdp+tp", 4))]
+    rows = [(name, name, ranks, 1, 1) for name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2),
+                                                          ("fsdp+tp", 4))]
     if n_expert:  # expert parallelism on ep_size ranks: the experts split between them, the rest as the layout says
-        rows += [(f"{name}, ep {ep_size}", name, ep_size, ep_size) for name in ("ddp", "fsdp")]
-    for name, layout, ranks, ep in rows:
+        rows += [(f"{name}, ep {ep_size}", name, ep_size, ep_size, 1) for name in ("ddp", "fsdp")]
+    # pipeline: pp_size stages, alone and with fsdp over 2 ranks a stage (the largest stage is what has to fit)
+    if pp_size > 1 and n_layer % pp_size == 0:
+        rows += [(f"pp {pp_size}", "none", pp_size, 1, pp_size),
+                 (f"fsdp, pp {pp_size}", "fsdp", 2 * pp_size, 1, pp_size)]
+    for name, layout, ranks, ep, pp in rows:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-               *sys.argv[1:], f"--memory_layout={layout}", f"--ep_size={ep}"]
+               *sys.argv[1:], f"--memory_layout={layout}", f"--ep_size={ep}", f"--pp_size={pp}"]
         print(f"  {name} on {ranks} process{'es' * (ranks > 1)}...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode:
@@ -281,14 +292,21 @@ def bench_memory():  # one torchrun per layout, rank 0 reporting the largest ran
 def memory_worker():
     rank, _, world, _ = parallel.init_distributed("cpu")
     model = GPT(config)  # the same seeded weights on every rank
-    mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu")
-    wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu", ep_size=ep_size)
+    mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu", pp_size)
+    T = min(block_size, 64)
+    x = torch.randint(vocab_size, (pp_size, T + 1))  # pipeline: one sequence per micro-batch, one per stage
+    pipeline = dict(schedule="1F1B", microbatches=pp_size, virtual=1, accumulation=1, batch=pp_size, seq_len=T)
+    wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu", ep_size=ep_size,
+                                   pipeline=pipeline if pp_size > 1 else None)
     opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw",
                                      parallel.optimizer_kwargs(model, "cpu"))[0]
-    x = torch.randint(vocab_size, (1, min(block_size, 64) + 1))
-    _, loss = wrapped(x[:, :-1], x[:, 1:])
-    (loss + model.moe_loss()).backward()
-    parallel.sync_expert_grads(model)
+    if pp_size > 1:
+        wrapped(x[:, :-1], x[:, 1:])  # forward and backward
+        wrapped.finish_backward()
+    else:
+        _, loss = wrapped(x[:, :-1], x[:, 1:])
+        (loss + model.moe_loss()).backward()
+        parallel.sync_expert_grads(model)
     opt.step()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
@@ -321,15 +339,35 @@ def estimate_memory():
           f"parameters; {gpus} GPUs, micro-batch {b} x {s}, fp32 weights + AdamW, bf16 activations"
           f"{', grad_checkpoint' if grad_checkpoint else ''}; GiB per GPU")
     print(f"{'layout':<16} {'params':>8} {'grads':>8} {'optimizer':>10} {'activations':>12} {'total':>8}")
-    layouts = [("ddp", 1, 1, 1), ("fsdp", gpus, 1, 1), (f"tp ({gpus})", 1, gpus, 1),
-               (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size, 1)]
+    layouts = [("ddp", 1, 1, 1, 1), ("fsdp", gpus, 1, 1, 1), (f"tp ({gpus})", 1, gpus, 1, 1),
+               (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size, 1, 1)]
     if n_expert:
-        layouts += [(f"ddp, ep {ep_size}", 1, 1, ep_size), (f"fsdp, ep {ep_size}", gpus, 1, ep_size)]
-    for name, shards, tp, ep in layouts:
+        layouts += [(f"ddp, ep {ep_size}", 1, 1, ep_size, 1), (f"fsdp, ep {ep_size}", gpus, 1, ep_size, 1)]
+    p, m, v = pp_size, pp_microbatches, pp_virtual_stages
+    p = p if p > 1 and L % (p * v) == 0 and gpus % (tp_size * p) == 0 else 1  # else no pipeline rows
+    if p > 1:  # per stage: the dp ranks left over replicate (ddp) or shard (fsdp) it
+        layouts += [(f"ddp, pp {p}", 1, 1, 1, p), (f"fsdp, pp {p}", gpus // p, 1, 1, p),
+                    (f"fsdp+tp+pp ({tp_size},{p})", gpus // tp_size // p, tp_size, 1, p)]
+    # pipeline: the largest stage holds its blocks and the embedding (or the head, the same size); stage 0 holds the
+    # activations of the micro-batches in flight (of b/m sequences, on L/p layers): all m under GPipe, p under 1F1B,
+    # and Interleaved1F1B's p(1 + (p-1)/(p v)) (Korthikanti et al. 2022, section 4.2.3)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    ends = max(sum(w.numel() for n, w in named.items() if n.startswith(k))
+               for k in (("transformer.wte", "transformer.wpe"), ("lm_head", "transformer.ln_f")))
+    flight = {"GPipe": m, "1F1B": min(m, p), "Interleaved1F1B": min(m, p) * (1 + (p - 1) / (p * v))}[pp_schedule]
+    act_pp = flight * L / p * (2 * s * b * h if grad_checkpoint else per_layer) / m + per_layer / m * grad_checkpoint
+    for name, shards, tp, ep, pp in layouts:
         split = experts if ep > 1 else 0  # split ep ways by expert parallelism, and not sharded further
-        weights = (total - blocks + (blocks - split) / tp) / shards + split / ep
-        gib = [v / 2**30 for v in (4 * weights, 4 * weights, 8 * weights, act / tp)]
-        print(f"{name:<16}", *(f"{v:>{w}.2f}" for v, w in zip(gib + [sum(gib)], (8, 8, 10, 12, 8))))
+        weights = ((total - blocks if pp == 1 else ends) + (blocks - split) / tp / pp) / shards + split / ep
+        gib = [x / 2**30 for x in (4 * weights, 4 * weights, 8 * weights, (act if pp == 1 else act_pp) / tp)]
+        print(f"{name:<16}", *(f"{x:>{w}.2f}" for x, w in zip(gib + [sum(gib)], (8, 8, 10, 12, 8))))
+    if pp_size > 1 and p == 1:
+        print(f"(no pipeline rows: pp_size={pp_size} x pp_virtual_stages={v} must divide n_layer={L}, and "
+              f"tp_size x pp_size the {gpus} GPUs)")
+    if p > 1:  # the fill and drain of each pipeline step, in micro-batch times: (p - 1) / v of them (Megatron-LM)
+        idle = (p - 1) / v
+        print(f"pipeline: {pp_schedule}, p={p} stages{f' x v={v} virtual' * (v > 1)}, m={m} micro-batches of "
+              f"{b / m:g} sequences: bubble {idle:g} / ({m} + {idle:g}) = {idle / (m + idle):.1%} of each step idle")
 
 
 def bench_dre():

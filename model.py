@@ -343,7 +343,7 @@ class GPT(nn.Module):
         return n
 
     def moe_layers(self):
-        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+        return [m for m in self.transformer.h.modules() if isinstance(m, MoE)]  # h: a pipeline stage's share too
 
     def moe_loss(self):
         """The MoE layers' balancing losses (aux + z) from the last forward, for train.py to add; 0 if dense."""

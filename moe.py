@@ -88,6 +88,7 @@ class MoE(nn.Module):
         # expert parallelism (parallel.ExpertsEP): this rank holds n_expert/ep_size of the experts, and the sorted
         # rows travel to the ranks holding theirs and back: expert_parallel(x_sorted, counts, self.experts)
         self.expert_parallel = None
+        self.load_group = None  # the ranks whose loads update_bias sums: all, or under pipeline parallelism a stage's
 
     def route(self, x):
         """x: (N, d) -> expert ids (N, k), combine weights (N, k) fp32, the router scores of those choices (N, k),
@@ -185,7 +186,7 @@ class MoE(nn.Module):
         `rate`, using the load routed since the last call (summed over ranks under torch.distributed)."""
         load = self.load.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
+            torch.distributed.all_reduce(load, group=self.load_group)
         self.expert_bias += rate * torch.sign(load.mean() - load)
         self.load.zero_()
 

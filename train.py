@@ -89,6 +89,10 @@ backend = "auto"                 # torch.distributed backend: 'nccl', 'gloo'; au
 parallel = "auto"                # 'ddp', 'fsdp', 'tp', 'fsdp+tp' under torchrun (parallel.py); auto: ddp if several
 tp_size = 1                      # tensor-parallel group size ('tp', 'fsdp+tp')
 ep_size = 1                      # expert-parallel group size (with 'ddp' or 'fsdp'): each rank n_expert/ep_size experts
+pp_size = 1                      # pipeline stages, the blocks split evenly between them: ranks = pp x dp x tp
+pp_schedule = "1F1B"             # '1F1B', 'GPipe' or 'Interleaved1F1B' (torch.distributed.pipelining)
+pp_microbatches = 0              # pieces each micro-batch is cut into for the pipeline (m); 0: pp_size
+pp_virtual_stages = 1            # Interleaved1F1B: stages per rank (v), which divides the bubble by v
 fsdp_reshard_after_forward = True  # False: keep parameters gathered from forward to backward (ZeRO-2-like)
 fsdp_cpu_offload = False         # keep sharded parameters, gradients and optimizer state in CPU memory
 seed = 1337
@@ -130,17 +134,24 @@ autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=d
 config["device"], config["dtype"] = device, dtype
 
 if parallel == "auto":
-    parallel = "ddp" if world_size > 1 else "none"
+    parallel = "ddp" if world_size > pp_size else "none"
+pp_microbatches = pp_microbatches or pp_size
 try:
+    if pp_size > 1 and mode != "pretrain":
+        raise ValueError(f"pp_size > 1 trains mode='pretrain' only (not {mode!r}): its loss is per token of "
+                         f"fixed-length sequences")
     check_layout(parallel, tp_size, world_size, GPTConfig.from_settings(config), batch_size, block_size,
-                 gradient_accumulation_steps, optimizer, dtype, ep_size)
+                 gradient_accumulation_steps, optimizer, dtype, ep_size, pp_size, pp_schedule, pp_microbatches,
+                 pp_virtual_stages)
 except ValueError as e:
     if master:
         print(f"error: {e}")
     exit_process(1)
-sharded = parallel in ("fsdp", "tp", "fsdp+tp") or ep_size > 1  # checkpoints through torch.distributed.checkpoint
-# data-parallel ranks read different slices of each global batch; tensor-parallel ranks of a group the same one
-mesh, dp_rank, dp_size = mesh_and_ranks(parallel, tp_size, world_size, device_type)
+# checkpoints through torch.distributed.checkpoint
+sharded = parallel in ("fsdp", "tp", "fsdp+tp") or ep_size > 1 or pp_size > 1
+# data-parallel ranks read different slices of each global batch; tensor-parallel and pipeline ranks the same one
+mesh, dp_rank, dp_size = mesh_and_ranks(parallel, tp_size, world_size, device_type, pp_size)
+loss_ranks = world_size // pp_size  # the ranks a step's loss is on (a pipeline's last stage: the others add 0)
 if gradient_accumulation_steps % dp_size == 0:  # the step's micro-batches are shared out among the ranks...
     gradient_accumulation_steps //= dp_size
 else:  # ...or, when there are too few, each micro-batch is (check_layout made sure one of the two divides)
@@ -294,15 +305,18 @@ if master:
 
 torch.manual_seed(seed + dp_rank)  # dropout: tp ranks of a group draw the same masks on replicated activations
 raw_model = model
+flops_per_token = model.flops_per_token(block_size)  # (a pipeline stage holds part of the model)
 if compile and not sharded:
     if master:
         print("compiling the model...")
     model = torch.compile(model)
 # GPU fsdp: bf16 (or fp16) compute with fp32 gradient reduction; elsewhere autocast does the casting
 param_dtype = ptdtype if device_type == "cuda" and "fsdp" in parallel and dtype != "float32" else None
+pipeline = dict(schedule=pp_schedule, microbatches=pp_microbatches, virtual=pp_virtual_stages, compile=compile,
+                accumulation=gradient_accumulation_steps, batch=batch_size, seq_len=block_size) if pp_size > 1 else None
 model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload,
-                    ep_size)
-if compile and sharded:
+                    ep_size, pipeline)  # pp_size > 1: a parallel.Pipeline, and raw_model this rank's stages
+if compile and sharded and not pipeline:
     model = torch.compile(model)
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -375,7 +389,7 @@ def estimate_loss():
         keys = sorted(out)
         values = torch.tensor([out[k] for k in keys], device=device)
         dist.all_reduce(values)
-        out = dict(zip(keys, (values / world_size).tolist()))
+        out = dict(zip(keys, (values / loss_ranks).tolist()))
     if val_bytes_per_token:
         out["val_bpb"] = out["val"] / math.log(2) / val_bytes_per_token
     return out, dre_metrics.get("val")
@@ -453,7 +467,7 @@ def log(record):
 
 # -----------------------------------------------------------------------------
 # the loop
-flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size
+flops_per_iter = flops_per_token * tokens_per_iter / world_size
 peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
@@ -511,21 +525,24 @@ while True:
         with autocast:
             loss, stats = forward(batch)
             loss = loss / gradient_accumulation_steps
-            moe_loss = raw_model.moe_loss() / gradient_accumulation_steps  # MoE balancing losses; 0 if dense
+            moe_loss = (model if pipeline else raw_model).moe_loss() / gradient_accumulation_steps  # 0 if dense
         # the next micro-batch, read and copied while the device runs this one (nanoGPT's prefetch); a checkpoint
         # keeps the generator's state from before it, so that a resumed run draws it again
         data_state, batch = data_gen.get_state(), get_batch("train", data_gen)
-        scaler.scale(loss + moe_loss).backward()
+        if not pipeline:  # (a pipeline ran backward piece by piece, inside its forward)
+            scaler.scale(loss + moe_loss).backward()
         loss_sum += loss.detach()
         moe_loss_sum += moe_loss.detach()
         for name, value in stats.items():
             stats_sum[name] = stats_sum.get(name, 0.0) + value / gradient_accumulation_steps
     sync_expert_grads(raw_model)  # expert parallelism: each expert's gradient over the ranks holding it
+    if pipeline:
+        model.finish_backward()  # a tied embedding's gradient, summed over the first and last stages
     nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss_sum + moe_loss_sum)).float())
     if grad_clip != 0.0:
         for opt in optimizers:
             scaler.unscale_(opt)
-        clip_grad_norm_(list(model.parameters()), grad_clip)
+        model.clip_grad_norm_(grad_clip) if pipeline else clip_grad_norm_(list(model.parameters()), grad_clip)
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
@@ -541,7 +558,7 @@ while True:
         if distributed:  # log the global batch's loss, not rank 0's share
             losses = torch.stack([loss_sum, moe_loss_sum])
             dist.all_reduce(losses)
-            loss_sum, moe_loss_sum = losses / world_size
+            loss_sum, moe_loss_sum = losses / loss_ranks  # (a pipeline's MoE losses: each stage its own share)
         lines, features = feature_logs(stats_sum, moe_loss_sum)
         if master:
             lossf = loss_sum.item()  # host syncs (this and the flags above) happen only at log intervals

@@ -19,6 +19,10 @@ MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--n_shared_expert=1",
 DRE = ["--dre", "--n_layer=3", "--max_reasoning_steps=4", "--dre_mean_steps=2.5", "--dre_backprop_steps=2"]
 # 4 data-parallel ranks need 4 micro-batches to take one each, as one process does (the aux loss is per batch)
 MODELS = {"dense": [], "moe": MOE, "dre": DRE, "moe4": [*MOE, "--gradient_accumulation_steps=4"]}
+# a pipeline cuts each micro-batch into pp_microbatches pieces, here of one sequence: for MoE (whose balancing
+# losses and loads are per piece) that is one process accumulating 4 micro-batches of 1; 4 blocks for 2 x 2 stages
+MODELS.update({"moe_pieces": [*MOE, "--batch_size=1", "--gradient_accumulation_steps=4"], "dense4": ["--n_layer=4"]})
+PP = ["--pp_size=2", "--pp_microbatches=2"]
 
 
 def torchrun(nproc, args, cwd, check=True):
@@ -70,6 +74,13 @@ def reference(char_data, tmp_path_factory):
     ("fsdp", 2, "moe", []), ("tp", 2, "moe", []), ("fsdp+tp", 4, "dense", []), ("ddp", 2, "dre", []),
     ("fsdp", 2, "dre", []),
     ("ddp", 2, "dense", ["--gradient_accumulation_steps=1", "--batch_size=4"]),
+    # pipeline: two stages by each schedule; with fsdp or tp over the two ranks of each stage; MoE blocks
+    *(pytest.param(layout, nproc, model, extra, id=f"pp-{name}") for name, layout, nproc, model, extra in (
+        ("1F1B", "none", 2, "dense", [*PP, "--pp_schedule=1F1B"]),
+        ("GPipe", "none", 2, "dense", [*PP, "--pp_schedule=GPipe"]),
+        ("Interleaved1F1B", "none", 2, "dense4", [*PP, "--pp_schedule=Interleaved1F1B", "--pp_virtual_stages=2"]),
+        ("fsdp", "fsdp", 4, "dense", PP), ("tp", "tp", 4, "dense", PP),
+        ("moe", "none", 2, "moe_pieces", [*PP, "--batch_size=2", "--gradient_accumulation_steps=2"]))),
     # expert parallelism: 2 experts a rank, or 1; on 4 ranks with ep_size=2, two copies of each expert
     *(pytest.param(layout, nproc, model, [f"--ep_size={ep}"], id=f"{layout}-{nproc}-{model}-ep{ep}")
       for layout, nproc, model, ep in (("ddp", 2, "moe", 2), ("fsdp", 2, "moe", 2), ("ddp", 4, "moe4", 4),
@@ -84,13 +95,23 @@ def test_layout_matches_single_process(char_data, reference, tmp_path, layout, n
     assert_same_run(out, reference / model)
 
 
-@pytest.mark.parametrize("model,layout", [("dense", ["--parallel=fsdp"]), ("moe", ["--parallel=ddp", "--ep_size=2"])])
+@pytest.mark.parametrize("model,layout", [("dense", ["--parallel=fsdp"]), ("moe", ["--parallel=ddp", "--ep_size=2"]),
+                                          pytest.param("dense", PP, id="pp-dense")])
 def test_sharded_checkpoint_resumes_on_one_process(char_data, reference, tmp_path, model, layout):
     torchrun(2, [*TINY, *MODELS[model], f"--out_dir={tmp_path}", *layout], char_data)
     assert os.path.exists(tmp_path / "ckpt_dcp" / "meta.pt") and not os.path.exists(tmp_path / "ckpt.pt")
     run_train([*TINY, *MODELS[model], f"--out_dir={tmp_path}", "--max_iters=12", "--init_from=resume"], char_data)
     got, want = losses(tmp_path), losses(reference / f"{model}_more")
     for it in (11, 12):  # optimizer state, data position and RNG all came back, resharded from 2 ranks to 1
+        assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
+
+
+def test_pipeline_checkpoint_resumes_as_a_pipeline(char_data, reference, tmp_path):
+    # each stage saves only its own blocks and param groups; resumed as the same pipeline, every stage gets its own back
+    torchrun(2, [*TINY, f"--out_dir={tmp_path}", *PP], char_data)
+    torchrun(2, [*TINY, f"--out_dir={tmp_path}", *PP, "--max_iters=12", "--init_from=resume"], char_data)
+    got, want = losses(tmp_path), losses(reference / "dense_more")
+    for it in (11, 12):
         assert got[it] == pytest.approx(want[it], rel=1e-5), (it, got[it], want[it])
 
 
@@ -101,12 +122,30 @@ def test_sharded_checkpoint_resumes_on_one_process(char_data, reference, tmp_pat
     (["--parallel=none"], "unrelated models"),
     (["--parallel=tp", "--tp_size=2", *DRE], "dre is not supported with tensor parallelism"),
     ([*MOE, "--parallel=ddp", "--ep_size=3"], "n_expert=4 across ep_size=3"),
+    (["--pp_size=2", "--pp_microbatches=3"], "pp_microbatches=3 does not divide the 2 sequences"),
 ])
 def test_impossible_layout_fails_before_any_work(char_data, tmp_path, args, message):
     proc = torchrun(2, [*TINY, f"--out_dir={tmp_path}", *args], char_data, check=False)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr, proc.stdout[-2000:]
     assert not os.path.exists(tmp_path / "metrics.jsonl")  # it stopped before training
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(n_layer=3), "n_layer=3 into pp_size x pp_virtual_stages = 2 stages"),
+    (dict(pp_schedule="ZeroBubble"), "pp_schedule must be one of 1F1B, GPipe, Interleaved1F1B"),
+    (dict(pp_schedule="Interleaved1F1B", pp_virtual_stages=2, n_layer=6), "n_layer=6 into pp_size x"),
+    (dict(pp_virtual_stages=2), "Interleaved1F1B runs 2 or more virtual stages"),
+    (dict(pp_microbatches=1), "1F1B needs at least as many micro-batches as stages"),
+    (dict(dre=True, n_layer=4), "dre is not supported with pipeline parallelism"),
+])
+def test_impossible_pipeline_is_refused(settings, message):
+    from model import GPTConfig
+    from parallel import check_layout
+    pp = {k: settings.pop(k) for k in list(settings) if k.startswith("pp_")}
+    config = GPTConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 32, **settings})
+    with pytest.raises(ValueError, match=message):
+        check_layout("none", 1, 2, config, 2, 32, 2, **{"pp_size": 2, "pp_microbatches": 2, **pp})
 
 
 def test_half_set_torchrun_environment_is_a_clear_error(char_data, tmp_path):
