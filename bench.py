@@ -32,6 +32,7 @@ import parallel
 from checkpoint import CheckpointError, load_run
 from model import GPT, MLP, GPTConfig
 from moe import MoE, local
+from pipeline import PP_SCHEDULES
 
 # model and batch, as in train.py, whose config files work here (keys bench.py lacks are ignored)
 globals().update(GPTConfig.defaults())
@@ -118,7 +119,7 @@ for bad, message in [
     (moe and not 1 <= top_k <= (n_expert or 8), f"--moe: top_k={top_k} must be between 1 and n_expert={n_expert or 8}"),
     (memory and estimate and gpus % tp_size, f"--estimate: gpus={gpus} is not divisible by tp_size={tp_size}"),
     (memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
-    (pp_schedule not in parallel.PP_SCHEDULES, f"pp_schedule must be one of {parallel.PP_SCHEDULES}"),
+    (pp_schedule not in PP_SCHEDULES, f"pp_schedule must be one of {PP_SCHEDULES}"),
 ]:
     if bad:
         sys.exit(f"error: {message}")

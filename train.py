@@ -315,7 +315,7 @@ param_dtype = ptdtype if device_type == "cuda" and "fsdp" in parallel and dtype 
 pipeline = dict(schedule=pp_schedule, microbatches=pp_microbatches, virtual=pp_virtual_stages, compile=compile,
                 accumulation=gradient_accumulation_steps, batch=batch_size, seq_len=block_size) if pp_size > 1 else None
 model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload,
-                    ep_size, pipeline)  # pp_size > 1: a parallel.Pipeline, and raw_model this rank's stages
+                    ep_size, pipeline)  # pp_size > 1: a pipeline.Pipeline, and raw_model this rank's stages
 if compile and sharded and not pipeline:
     model = torch.compile(model)
 
