@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 import configurator
 import parallel
-from model import GPT, MLP, CheckpointError, GPTConfig, load_run
+from checkpoint import CheckpointError, load_run
+from model import GPT, MLP, GPTConfig
 from moe import MoE, local
 
 # model and batch, as in train.py, whose config files work here (keys bench.py lacks are ignored)

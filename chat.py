@@ -1,4 +1,5 @@
-"""The chat template, fine-tuning data and DPO loss of train.py's mode='sft' and mode='dpo'. A turn is
+"""The data train.py reads: token files for pretraining (with the tokenizer that wrote them), and the chat template,
+fine-tuning data and DPO loss of mode='sft' and mode='dpo'. A turn is
 "Human: {prompt}\\n\\nAssistant: {response}\\nEND", and turns are joined by a blank line. The markers are text, not
 special ids (a character vocabulary has none to spare; a pretrained model knows text), so no text may hold one."""
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import load_run
+from checkpoint import load_run
 
 HUMAN, ASSISTANT, END, TURN_SEP = "Human: ", "\n\nAssistant:", "\nEND", "\n\n"
 GPT2_BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiktoken")  # shipped BPE files
@@ -64,6 +65,49 @@ class Tokenizer:
         if self.name.startswith("hf:"):
             return self.hf.decode([i for i in ids if i < self.vocab_size])
         return self.enc.decode([i for i in ids if i < self.enc.n_vocab])  # padded ids are not text
+
+
+# -----------------------------------------------------------------------------
+# pretraining: data/<dataset>/{train,val}.bin (token ids) and meta.json (vocab_size, dtype, tokenizer)
+
+
+def read_meta(data_dir):
+    """A prepared dataset's meta.json, or {} without one (GPT-2 tokens as uint16, as nanoGPT's openwebtext)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); prepare the data again (data/*/prepare.py)") from None
+    if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in ("uint16", "uint32") or \
+            not isinstance(meta.get("vocab_size", 1), int) or meta.get("vocab_size", 1) < 1:
+        raise ValueError(f"{path} needs a positive int vocab_size and dtype 'uint16' or 'uint32'; prepare the data "
+                         f"again (data/*/prepare.py)")
+    return meta
+
+
+def check_token_file(path, dtype, block_size):
+    """ValueError, saying how to fix it, unless path holds a whole number of tokens and more than a block of them."""
+    if not os.path.exists(path):
+        data_dir = os.path.dirname(path)
+        script = os.path.join(data_dir, "prepare.py")
+        how = f"python {script}" if os.path.exists(script) else \
+            f"python data/text/prepare.py --out_dir {data_dir} YOUR_TEXT_FILES"
+        raise ValueError(f"{path} not found; prepare the data first: {how}")
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+        raise ValueError(f"{path} is {size:,} bytes, not a whole number of {dtype.name} tokens (meta.json's dtype): "
+                         f"truncated, or another dtype; prepare the data again")
+    if size // dtype.itemsize <= block_size:
+        fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if path.endswith("val.bin") else \
+            "use more text or "
+        raise ValueError(f"{path} holds fewer than block_size+1={block_size + 1} tokens; {fix}a smaller block_size")
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: the chat template and JSONL examples
 
 
 def _checked(tokenizer, what, text):

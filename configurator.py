@@ -10,6 +10,7 @@ one, and a value must have its default's type (an int passes for a float; a None
 
 import ast
 import difflib
+import os
 import traceback
 import types
 
@@ -88,3 +89,38 @@ def hyperparameters(namespace):
     """The names in a script's globals that are hyperparameters: plain values, not modules, functions or _private."""
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def check_training(config):
+    """ConfigError naming the first of train.py's settings that cannot work (the model's own: GPTConfig)."""
+    c = types.SimpleNamespace(**config)
+    for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                 "eval_iters", "keep_last", "tp_size"):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be at least 1, got {config[name]}")
+    for bad, message in [
+        (c.max_iters < 0, f"max_iters must be >= 0, got {c.max_iters}"),
+        (c.warmup_iters < 0, f"warmup_iters must be >= 0, got {c.warmup_iters}"),
+        (not c.learning_rate > 0, f"learning_rate must be > 0, got {c.learning_rate}"),
+        (c.min_lr < 0, f"min_lr must be >= 0, got {c.min_lr}"),
+        (c.weight_decay < 0, f"weight_decay must be >= 0, got {c.weight_decay}"),
+        (not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1), f"beta1 and beta2 must be in [0, 1), got {c.beta1}, {c.beta2}"),
+        (c.grad_clip < 0, f"grad_clip must be >= 0 (0 disables clipping), got {c.grad_clip}"),
+        (c.lr_schedule not in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {c.lr_schedule!r}"),
+        (c.decay_lr and c.lr_decay_iters < 1,
+         f"lr_decay_iters must be at least 1 (or decay_lr=False), got {c.lr_decay_iters}"),
+        (c.lr_schedule == "wsd" and not 0 < c.cooldown_frac <= 1,
+         f"cooldown_frac must be in (0, 1], got {c.cooldown_frac}"),
+        (c.optimizer not in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {c.optimizer!r}"),
+        (c.mode not in ("pretrain", "sft", "dpo"), f"mode must be 'pretrain', 'sft' or 'dpo', got {c.mode!r}"),
+        (c.dpo_beta <= 0, f"dpo_beta must be > 0, got {c.dpo_beta}"),
+        (c.moe_bias_rate < 0, f"moe_bias_rate must be >= 0, got {c.moe_bias_rate}"),
+        (c.backend not in ("auto", "nccl", "gloo"), f"backend must be 'auto', 'nccl' or 'gloo', got {c.backend!r}"),
+        (c.stop_grace <= 0, f"stop_grace must be > 0 seconds, got {c.stop_grace}"),
+        (c.save_timeout <= 0, f"save_timeout must be > 0 seconds, got {c.save_timeout}"),
+        (c.peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {c.peak_flops}"),
+        (c.fsdp_cpu_offload and "fsdp" not in c.parallel, "fsdp_cpu_offload=True needs parallel='fsdp' or 'fsdp+tp'"),
+        (os.path.isfile(c.out_dir), f"out_dir={c.out_dir!r} is a file; point out_dir at a directory (new, or a run's)"),
+    ]:
+        if bad:
+            raise ConfigError(message)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import chat
-from model import load_run
+from checkpoint import load_run
 from parallel import pick_device
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import chat
-from model import GPT, GPTConfig, read_checkpoint
-from parallel import find_sharded
+from checkpoint import dcp_to_ckpt, read_run
+from model import GPT, GPTConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel")
 
@@ -41,48 +41,6 @@ def need(package, why):
 
 # -----------------------------------------------------------------------------
 # reading a run
-
-
-def read_run(run_dir):
-    """(model_args, weights, run config, iter_num, best_val_loss) of the newer of a run's ckpt.pt and distributed
-    checkpoint, in one process and on the CPU."""
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir} does not exist; give the out_dir of a training run")
-    ckpt_path, dcp = os.path.join(run_dir, "ckpt.pt"), find_sharded(run_dir)
-    if dcp and not (os.path.exists(ckpt_path) and
-                    os.path.getmtime(ckpt_path) > os.path.getmtime(os.path.join(dcp, "meta.pt"))):
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
-            dcp_to_torch_save(dcp, os.path.join(tmp, "state.pt"))
-            weights = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)["model"]
-        ckpt = torch.load(os.path.join(dcp, "meta.pt"), map_location="cpu", weights_only=True)
-    elif os.path.exists(ckpt_path):
-        ckpt = read_checkpoint(ckpt_path)
-        weights = ckpt["model"]
-    else:
-        raise FileNotFoundError(f"{run_dir} is not a run: it holds neither ckpt.pt nor a distributed checkpoint "
-                                f"(ckpt_dcp/); train one first (python train.py ...)")
-    return ckpt["model_args"], weights, ckpt["config"], ckpt["iter_num"], ckpt["best_val_loss"]
-
-
-def dcp_to_ckpt(run_dir):
-    """A run's distributed checkpoint -> run_dir/ckpt.pt (model weights, model_args, config, iteration)."""
-    dcp = find_sharded(run_dir)
-    if dcp is None:
-        raise FileNotFoundError(f"no distributed checkpoint (ckpt_dcp/) in {run_dir}")
-    path, tmp = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "ckpt.pt.tmp")
-    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(dcp, "meta.pt")):
-        raise FileExistsError(f"{path} is newer than {dcp}; converting would replace it with an older checkpoint "
-                              f"(move it away first to convert anyway)")
-    args, weights, config, iter_num, best = read_run(run_dir)
-    torch.save({"model": weights, "model_args": args, "config": config, "iter_num": iter_num,
-                "best_val_loss": best}, tmp)
-    # dated like its source, so that init_from='resume' (which takes the newer of the two) still resumes the
-    # distributed checkpoint, optimizer state and all, rather than this weights-only copy
-    stamp = os.path.getmtime(os.path.join(dcp, "meta.pt"))
-    os.utime(tmp, (stamp, stamp))
-    os.replace(tmp, path)
-    return path
 
 
 def run_tokenizer_meta(run_config):
@@ -490,14 +448,10 @@ def evaluate(argv):
         raise ValueError("nothing to evaluate: give --bpb DATA_DIR and/or --choices FILE.jsonl")
     model, tokenizer = load_source(a.source, a.device)
     if a.bpb:
-        meta_path, val = os.path.join(a.bpb, "meta.json"), os.path.join(a.bpb, "val.bin")
+        val = os.path.join(a.bpb, "val.bin")
         if not os.path.exists(val):
             raise FileNotFoundError(f"{val} not found; --bpb takes a folder prepared by data/*/prepare.py")
-        dtype = "uint16"
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                dtype = json.load(f).get("dtype", dtype)
-        ids = np.fromfile(val, dtype=dtype)
+        ids = np.fromfile(val, dtype=chat.read_meta(a.bpb).get("dtype", "uint16"))
         print(f"val bits per byte: {bits_per_byte(model, tokenizer, ids, device=a.device):.4f} "
               f"({len(ids):,} tokens, {bytes_per_token(tokenizer, ids):.3f} bytes per token)")
     if a.choices:

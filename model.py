@@ -7,7 +7,6 @@ tensor parallelism can shard each by columns; GPT-2's fused weight is split when
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -483,12 +482,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan, 2024): SGD momentum whose update is orthogonalised by a Newton-Schulz iteration, with
-    decoupled weight decay. The same arguments, update and state as torch.optim.Muon, computed faster: the updates
-    of all matrices of one shape (a tall one counts as its transpose) are orthogonalised together, as one batched
-    Newton-Schulz, rather than one matrix at a time (modded-nanogpt does the same); on small models the per-matrix
-    calls cost more than their arithmetic. 'match_rms_adamw' (Liu et al., 2025) scales each matrix's lr by
-    0.2*sqrt(max(rows, cols)), which gives its update AdamW's RMS, so both can share one learning rate."""
+    """Muon (Keller Jordan, 2024): momentum orthogonalised by a Newton-Schulz iteration, and decoupled weight decay.
+    The arguments, update and state of torch.optim.Muon, faster: the matrices of one shape (a tall one as its
+    transpose) are orthogonalised together, in one batched Newton-Schulz, as modded-nanogpt does, rather than one at
+    a time. adjust_lr_fn='match_rms_adamw' (Liu et al., 2025) gives the update AdamW's RMS: they share one lr."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn="match_rms_adamw"):
@@ -513,25 +510,23 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_lerp_(bufs, grads, 1 - mu)  # b = mu*b + (1-mu)*g
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            shapes = {}  # (short side, long side, device, dtype) -> the matrices orthogonalised together
-            for i, p in enumerate(params):
-                shapes.setdefault((min(p.shape), max(p.shape), p.device, p.dtype), []).append(i)
-            for idx in shapes.values():
-                tall = [params[i].size(0) > params[i].size(1) for i in idx]
-                X = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(idx, tall)])
-                X = newton_schulz(X, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                for i, t, x in zip(idx, tall, X):
-                    rows, cols = params[i].shape  # torch.optim.Muon's lr adjustments; None is 'original'
-                    scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" \
-                        else math.sqrt(max(1, rows / cols))
-                    params[i].add_(x.mT if t else x, alpha=-lr * scale)
+            batches = {}  # (short side, long side, device, dtype) -> [(matrix, its update wide, transposed?)]
+            for p, u in zip(params, updates):
+                tall = p.size(0) > p.size(1)
+                batches.setdefault((*sorted(p.shape), p.device, p.dtype), []).append((p, u.mT if tall else u, tall))
+            for batch in batches.values():
+                X = newton_schulz(torch.stack([u for _, u, _ in batch]), group["ns_coefficients"], group["ns_steps"],
+                                  group["eps"])
+                for (p, _, tall), x in zip(batch, X):  # torch.optim.Muon's lr adjustments (None is 'original')
+                    scale = 0.2 * math.sqrt(max(p.shape)) if group["adjust_lr_fn"] == "match_rms_adamw" else \
+                        math.sqrt(max(1, p.size(0) / p.size(1)))
+                    p.add_(x.mT if tall else x, alpha=-lr * scale)
         return loss
 
 
 def newton_schulz(G, coefficients, steps, eps):
-    """An approximate U V^T of each matrix U S V^T of G (N, rows, cols), rows <= cols: Keller Jordan's quintic
-    iteration in bfloat16 (its singular values end near, not at, one, which trains as well). Iterating on the
-    rows x rows Gram matrix is why tall matrices are transposed first."""
+    """~U V^T of each U S V^T in G (N, rows, cols), rows <= cols (the Gram matrix is rows x rows): Keller Jordan's
+    quintic iteration in bfloat16, whose singular values end near one, not at it (which trains as well)."""
     a, b, c = coefficients
     X = G.bfloat16()
     X = X / X.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # Frobenius >= spectral norm: singular values <= 1
@@ -539,67 +534,6 @@ def newton_schulz(G, coefficients, steps, eps):
         A = X @ X.mT
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # (a + b A + c A^2) X
     return X
-
-
-CHECKPOINT_VERSION = 1  # train.py's ckpt.pt layout; raise it when a change makes old checkpoints unreadable
-
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint this code can read; the message says which of the usual reasons it is."""
-
-
-def read_checkpoint(path):
-    """torch.load of a ckpt.pt, memory-mapped (the ranks of a node share one copy in the page cache, and nothing is
-    read before it is used), with the ways it goes wrong told apart: not a checkpoint, truncated, another version."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise
-    except Exception as e:
-        if head != b"PK\x03\x04":  # torch.save writes a zip file
-            what = "not a nanothink checkpoint (not a file torch.save wrote)"
-        elif "weights_only" in str(e):
-            what = "not a nanothink checkpoint (it holds Python objects, which weights_only loading refuses)"
-        else:
-            what = "truncated or damaged (an interrupted copy or write?); copy it again or use an older checkpoint"
-        raise CheckpointError(f"{path} is {what}") from None
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt:
-        raise CheckpointError(f"{path} is not a nanothink checkpoint (no model_args in it)")
-    version, unknown = ckpt.get("version", 1), set(ckpt["model_args"]) - set(GPTConfig.defaults())
-    if version > CHECKPOINT_VERSION or unknown:
-        why = f"version {version}, this code reads {CHECKPOINT_VERSION}" if version > CHECKPOINT_VERSION else \
-            f"model settings this code does not have: {', '.join(sorted(unknown))}"
-        raise CheckpointError(f"{path} is from an incompatible version of nanothink ({why}); use the code that "
-                              f"wrote it (git log) or retrain")
-    return ckpt
-
-
-def load_run(out_dir):
-    """The model a run saved in out_dir/ckpt.pt, ready for inference (no dropout), and the run's settings. A ckpt.pt
-    older than the run's distributed checkpoint (ckpt_dcp/, written by a later sharded run) is refused, not used.
-    FileNotFoundError when there is none, CheckpointError when it cannot be read."""
-    path, dcp_meta = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt_dcp", "meta.pt")
-    if os.path.exists(dcp_meta) and (not os.path.exists(path) or os.path.getmtime(dcp_meta) > os.path.getmtime(path)):
-        raise FileNotFoundError(f"{out_dir}'s newest checkpoint is the distributed one in ckpt_dcp/; turn it into "
-                                f"{path} first: python convert.py {out_dir} --ckpt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; train a model first (python train.py ...)")
-    ckpt = read_checkpoint(path)
-    if "model" not in ckpt:
-        raise CheckpointError(f"{path} holds no model weights")
-    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
-    load_weights(model, ckpt["model"], path)
-    return model.eval(), ckpt["config"]
-
-
-def load_weights(model, state_dict, path):
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:  # missing, unexpected or differently shaped weights
-        raise CheckpointError(f"{path} does not fit the model its own model_args describe (an incompatible version "
-                              f"of nanothink?): {str(e).strip().splitlines()[-1].strip()[:200]}") from None
 
 
 if __name__ == "__main__":

@@ -10,15 +10,13 @@ checked against one process by tests/test_parallel.py:
   layer's experts between them, and the routed tokens travel to their experts' ranks and back (all_to_all); the
   rest of the model is data parallel over all ranks as the layout says.
 Also here: everything else that only layouts need (device choice, the stop agreement between ranks, Megatron's f/g,
-the experts' all_to_all, clipping over DTensors) and distributed checkpoints (DCP), which load on any world size and
-layout. `python convert.py OUT_DIR --ckpt` turns one into the single-file ckpt.pt that sample.py reads.
+the experts' all_to_all, clipping over DTensors). Distributed checkpoints are checkpoint.py's.
 """
 
 import functools
 import math
 import os
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -36,7 +34,6 @@ from moe import MoE
 # imported where used: DTensor, FSDP and DCP take seconds to import, which a single-process run need not pay
 
 LAYOUTS = ("none", "ddp", "fsdp", "tp", "fsdp+tp")
-DCP_DIR = "ckpt_dcp"  # inside out_dir
 
 
 def pick_device(device):
@@ -55,6 +52,21 @@ def pick_device(device):
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device='mps' but MPS (Apple GPU) is not available here; use device='cpu' or 'auto'")
     return device
+
+
+def pick_dtype(dtype, device_type, n_embd):
+    """(name, torch dtype) of the autocast dtype; 'auto': bf16 on GPUs that have it (else fp16), and on the CPU bf16
+    from 256 wide (below, the casts cost what the matmuls save: README) and fp32 otherwise."""
+    if dtype == "auto" and device_type == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif dtype == "auto":
+        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 256 else "float32"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")
+    if dtype == "float16" and device_type == "cpu":
+        raise ValueError("dtype='float16' autocast is not supported on the CPU; use bfloat16 or float32")
+    return dtype, dtypes[dtype]
 
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, matched against torch.cuda.get_device_name().
@@ -538,69 +550,3 @@ def sum_partial_grads(params):
                                         stride=p.grad.stride())
 
 
-# -----------------------------------------------------------------------------
-# distributed checkpoints
-
-
-def checkpoint_group(timeout_s):
-    """All ranks again, as a gloo group with a timeout of its own, for waiting on checkpoint writes: the default
-    group's timeout (NCCL's is 10 min) is sized for a step, and writing a 25 GB checkpoint to a slow disk can take
-    longer. Gloo waits on the CPU, so no GPU collective is pending (and timing out) meanwhile."""
-    from datetime import timedelta
-    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-
-
-def save_sharded(out_dir, model, optimizers, meta, group=None, keep=1):
-    """Every rank writes its shards of the model and optimizer state; rank 0 adds `meta` (iteration, config, RNG
-    states...). Written to a temporary directory, then swapped in: a crash mid-save leaves the previous one intact.
-    With keep > 1 the one it replaces stays on as ckpt_dcp-<iter>, and only the newest keep are kept. `group`
-    (checkpoint_group) carries the waits, so that a slow rank's write does not time the others out."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    final, tmp = os.path.join(out_dir, DCP_DIR), os.path.join(out_dir, DCP_DIR + ".tmp")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    if dist.is_initialized():
-        dist.barrier(group)
-    model_sd, optim_sd = get_state_dict(model, optimizers)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=group)
-    if rank == 0:
-        torch.save(meta, os.path.join(tmp, "meta.pt"))
-        old = final + ".old"
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if os.path.exists(old) and keep > 1:
-            iters = torch.load(os.path.join(old, "meta.pt"), map_location="cpu", weights_only=True)["iter_num"]
-            os.replace(old, os.path.join(out_dir, f"{DCP_DIR}-{iters}"))
-        elif os.path.exists(old):
-            shutil.rmtree(old)
-        n = len(DCP_DIR) + 1
-        older = sorted((d for d in os.listdir(out_dir) if d.startswith(DCP_DIR + "-") and d[n:].isdigit()),
-                       key=lambda d: int(d[n:]))
-        for name in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(out_dir, name))
-    if dist.is_initialized():
-        dist.barrier(group)
-    return final
-
-
-def find_sharded(out_dir):
-    """The DCP checkpoint directory in out_dir, or None. A crash between save's two renames leaves only `.old`."""
-    for path in (os.path.join(out_dir, DCP_DIR), os.path.join(out_dir, DCP_DIR + ".old")):
-        if os.path.exists(os.path.join(path, "meta.pt")):
-            return path
-    return None
-
-
-def load_sharded(path, model, optimizers, group=None):
-    """Loads a DCP checkpoint into an already parallelized (or plain) model and its optimizers, resharding as
-    needed: a checkpoint saved on 2 ranks loads on 1 or on 8. Returns the meta dict."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizers)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path, process_group=group)
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)

@@ -18,7 +18,8 @@ import chat
 import configurator
 import convert
 import reasoning
-from model import GPT, CheckpointError, load_run
+from checkpoint import CheckpointError, load_run
+from model import GPT
 from parallel import pick_device
 
 init_from = "resume"     # 'resume' (from out_dir), a GPT-2 variant ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')

@@ -28,7 +28,7 @@ import torch
 
 import chat
 import configurator
-from model import load_run
+from checkpoint import load_run
 from parallel import pick_device
 
 out_dir = "out"          # the run directory to load ckpt.pt from

@@ -11,7 +11,6 @@ them (configurator.py). The names follow nanoGPT's wherever the concept is the s
 import json
 import math
 import os
-import random
 import sys
 import textwrap
 import time
@@ -26,10 +25,12 @@ import configurator
 import convert
 import moe
 import reasoning
-from model import GPT, CheckpointError, GPTConfig, load_weights, read_checkpoint
-from parallel import (agree, check_layout, checkpoint_group, clip_grad_norm_, exit_process, fail_fast, find_sharded,
-                      hardware_peak_flops, init_distributed, load_sharded, mesh_and_ranks, no_sync, optimizer_kwargs,
-                      parallelize, pick_device, save_sharded, sync_expert_grads, watch_signals)
+from checkpoint import (CheckpointError, checkpoint_group, find_sharded, load_sharded, load_weights, read_start,
+                        save, set_rng_states)
+from model import GPT, GPTConfig
+from parallel import (agree, check_layout, clip_grad_norm_, exit_process, fail_fast, hardware_peak_flops,
+                      init_distributed, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, pick_device,
+                      pick_dtype, sync_expert_grads, watch_signals)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -101,36 +102,8 @@ except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 config = {k: globals()[k] for k in config_keys}
 
-# every setting is checked before any work: a bad one ends the run in one line naming it, with nothing touched
-for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
-             "eval_iters", "keep_last", "tp_size"):
-    if globals()[name] < 1:
-        sys.exit(f"error: {name} must be at least 1, got {globals()[name]}")
-for bad, message in [
-    (max_iters < 0, f"max_iters must be >= 0, got {max_iters}"),
-    (warmup_iters < 0, f"warmup_iters must be >= 0, got {warmup_iters}"),
-    (not learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}"),
-    (min_lr < 0, f"min_lr must be >= 0, got {min_lr}"),
-    (weight_decay < 0, f"weight_decay must be >= 0, got {weight_decay}"),
-    (not (0 <= beta1 < 1 and 0 <= beta2 < 1), f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}"),
-    (grad_clip < 0, f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}"),
-    (lr_schedule not in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}"),
-    (decay_lr and lr_decay_iters < 1, f"lr_decay_iters must be at least 1 (or decay_lr=False), got {lr_decay_iters}"),
-    (lr_schedule == "wsd" and not 0 < cooldown_frac <= 1, f"cooldown_frac must be in (0, 1], got {cooldown_frac}"),
-    (optimizer not in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {optimizer!r}"),
-    (mode not in ("pretrain", "sft", "dpo"), f"mode must be 'pretrain', 'sft' or 'dpo', got {mode!r}"),
-    (dpo_beta <= 0, f"dpo_beta must be > 0, got {dpo_beta}"),
-    (moe_bias_rate < 0, f"moe_bias_rate must be >= 0, got {moe_bias_rate}"),
-    (backend not in ("auto", "nccl", "gloo"), f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}"),
-    (stop_grace <= 0, f"stop_grace must be > 0 seconds, got {stop_grace}"),
-    (save_timeout <= 0, f"save_timeout must be > 0 seconds, got {save_timeout}"),
-    (peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
-    (fsdp_cpu_offload and "fsdp" not in parallel, "fsdp_cpu_offload=True needs parallel='fsdp' or 'fsdp+tp'"),
-    (os.path.isfile(out_dir), f"out_dir={out_dir!r} is a file; point out_dir at a directory (new, or a run's)"),
-]:
-    if bad:
-        sys.exit(f"error: {message}")
-try:
+try:  # every setting is checked before any work: a bad one ends the run in one line naming it, nothing touched
+    configurator.check_training(config)
     GPTConfig.from_settings(config)  # the model's own settings (sizes, dropout, MoE, DRE), checked by GPTConfig
 except ValueError as e:
     sys.exit(f"error: {e}")
@@ -149,17 +122,10 @@ except (RuntimeError, ValueError) as e:
 distributed, master = world_size > 1, rank == 0
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
-if dtype == "auto":
-    if device_type == "cuda":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    else:  # bf16 autocast pays on the CPU from 256 wide; below, the casts cost what the matmuls save (README)
-        dtype = "bfloat16" if device_type == "cpu" and n_embd >= 256 else "float32"
-dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-if dtype not in dtypes:
-    sys.exit(f"error: dtype must be one of {', '.join(dtypes)} or 'auto', got {dtype!r}")
-if dtype == "float16" and device_type == "cpu":
-    sys.exit("error: dtype='float16' autocast is not supported on the CPU; use bfloat16 or float32")
-ptdtype = dtypes[dtype]
+try:
+    dtype, ptdtype = pick_dtype(dtype, device_type, n_embd)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 config["device"], config["dtype"] = device, dtype
 
@@ -192,18 +158,10 @@ if device_type == "cuda":
 # -----------------------------------------------------------------------------
 # data: token ids in flat binary files, sampled as random windows
 data_dir = os.path.join("data", dataset)
-meta_path = os.path.join(data_dir, "meta.json")
-meta = {}
-if os.path.exists(meta_path):
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        sys.exit(f"error: {meta_path} is not valid JSON ({e}); prepare the data again (data/*/prepare.py)")
-    if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in ("uint16", "uint32") or \
-            not isinstance(meta.get("vocab_size", 1), int) or meta.get("vocab_size", 1) < 1:
-        sys.exit(f"error: {meta_path} needs a positive int vocab_size and dtype 'uint16' or 'uint32'; prepare the "
-                 f"data again (data/*/prepare.py)")
+try:
+    meta = chat.read_meta(data_dir)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 token_dtype = np.dtype(meta.get("dtype", "uint16"))
 bin_splits = ("train", "val") if mode == "pretrain" else ()  # sft and dpo read JSONL instead, tokenized once here
 if mode != "pretrain":
@@ -217,19 +175,10 @@ if mode != "pretrain":
     if master:
         print(f"{mode}: {len(chat_data['train'])} training and {len(chat_data['val'])} validation examples")
 for split in bin_splits:
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.exists(path):
-        script = f"data/{dataset}/prepare.py"
-        how = f"python {script}" if os.path.exists(script) else \
-            f"python data/text/prepare.py --out_dir {data_dir} YOUR_TEXT_FILES"
-        sys.exit(f"error: {path} not found; prepare the data first: {how}")
-    if os.path.getsize(path) % token_dtype.itemsize:
-        sys.exit(f"error: {path} is {os.path.getsize(path):,} bytes, not a whole number of {token_dtype.name} tokens "
-                 f"(meta.json's dtype): truncated, or another dtype; prepare the data again")
-    if os.path.getsize(path) // token_dtype.itemsize <= block_size:
-        fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if split == "val" else \
-            "use more text or "
-        sys.exit(f"error: {path} holds fewer than block_size+1={block_size + 1} tokens; {fix}a smaller block_size")
+    try:
+        chat.check_token_file(os.path.join(data_dir, f"{split}.bin"), token_dtype, block_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
 if mode == "pretrain":
     try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
@@ -279,7 +228,7 @@ RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "eval_capacity_
 def init_model():
     """The model init_from names, its settings, and what a resumed run continues from (None unless 'resume'):
     'scratch'; 'resume', from the newer of out_dir's ckpt.pt and distributed checkpoint; a run's out_dir, whose
-    weights start a fresh run (to fine-tune); or a GPT-2 name. Exits with a message when that cannot be had."""
+    weights start a fresh run (to fine-tune); or a GPT-2 name. ValueError when that cannot be had."""
     vocab = meta.get("vocab_size", 50304)
     if vocab > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
         vocab = 64 * math.ceil(vocab / 64)
@@ -296,25 +245,10 @@ def init_model():
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
         return model, dict(vars(model.config)), None
-    dcp = find_sharded(out_dir) if init_from == "resume" else None
-    if dcp and not (os.path.exists(ckpt_path) and
-                    os.path.getmtime(ckpt_path) > os.path.getmtime(os.path.join(dcp, "meta.pt"))):
-        # a sharded run's checkpoint: shapes now, contents once the model is parallelized (load_sharded)
-        ckpt = {**read_checkpoint(os.path.join(dcp, "meta.pt")), "dcp": dcp}
-    elif init_from == "resume" or os.path.isdir(init_from):
-        path = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
-        if not os.path.exists(path):
-            sys.exit(f"error: init_from={init_from!r} but {path} does not exist")
-        if init_from == "resume" and sharded:
-            sys.exit(f"error: {path} is a single-file checkpoint; resume it with parallel='none' or 'ddp' and "
-                     f"ep_size=1 (sharded layouts resume from the ckpt_dcp/ their own runs write)")
-        ckpt = read_checkpoint(path)  # memory-mapped: the ranks of a node share one copy (page cache)
-        if init_from == "resume" and not {"optimizers", "rng", "scaler"} <= set(ckpt):
-            sys.exit(f"error: {path} holds weights only (an export), not a run to resume; start a new run from it "
-                     f"with init_from={out_dir!r} and another out_dir")
-    else:
-        sys.exit(f"error: init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding a "
-                 f"ckpt.pt, got {init_from!r}")
+    if init_from != "resume" and not os.path.isdir(init_from):
+        raise ValueError(f"init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding a "
+                         f"ckpt.pt, got {init_from!r}")
+    ckpt, path = read_start(init_from, out_dir, sharded)
     # the architecture comes from the checkpoint; everything else from this run's config
     args.update({k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS})
     with torch.device(device):  # built where it trains: on a GPU node no rank holds the weights in host memory
@@ -334,6 +268,8 @@ try:
     model, model_args, resume = init_model()
 except CheckpointError as e:
     sys.exit(f"error: init_from={init_from!r}: {e}")
+except ValueError as e:
+    sys.exit(f"error: {e}")
 if block_size > model.config.block_size:
     sys.exit(f"error: block_size={block_size} exceeds the model's {model.config.block_size} ({init_from}); "
              f"set block_size <= {model.config.block_size}")
@@ -380,25 +316,6 @@ optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1,
                                             optimizer_kwargs(raw_model, device_type))
 
 
-def rng_states():
-    """This rank's random streams: dropout (torch, cuda), numpy, python, and the data order (data_gen)."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
-            "numpy": [np_state[1].tolist(), *np_state[2:]],  # as plain lists: weights_only loading takes no arrays
-            "python": [py_state[0], list(py_state[1]), py_state[2]],
-            "data": data_gen.get_state()}
-
-
-def set_rng_states(rng):  # the inverse of rng_states
-    torch.set_rng_state(rng["torch"])
-    if device_type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), *rng["numpy"][1:]))
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    data_gen.set_state(rng["data"])
-
-
 # rank 0's checkpoint writes are waited for on a group of their own, with a timeout sized for them (save_timeout)
 ckpt_group = checkpoint_group(save_timeout) if distributed else None
 saved_iter = iter_num if resume else None  # the iteration of the checkpoint on disk, for the messages
@@ -409,59 +326,24 @@ if resume:
         for opt, state in zip(optimizers, resume["optimizers"]):
             opt.load_state_dict(state)
     scaler.load_state_dict(resume["scaler"])
-    set_rng_states(resume["rng"][rank % len(resume["rng"])])  # each rank's own streams (dropout, data order)
+    set_rng_states(resume["rng"][rank % len(resume["rng"])], data_gen)  # each rank's own (dropout, data order)
     resume = None  # free memory
 
 
 def save_checkpoint():
-    """Called on every rank (it gathers each rank's RNG states). Rank 0 writes ckpt.pt (write_checkpoint) while
-    the others wait on ckpt_group, whose timeout (save_timeout) is sized for the write rather than for a step, and
-    learn from it whether the write worked. Sharded layouts write a distributed checkpoint instead, every rank its
-    own shards (parallel.save_sharded)."""
+    """Called on every rank: checkpoint.save gathers each rank's random streams, and all learn whether it worked."""
     global saved_iter
-    from model import CHECKPOINT_VERSION  # here: a module-level int would become a setting
-    rngs = [rng_states()]
-    if distributed:
-        rngs = [None] * world_size
-        dist.all_gather_object(rngs, rng_states())
-    state = {"version": CHECKPOINT_VERSION, "model_args": model_args, "iter_num": iter_num,
-             "best_val_loss": best_val_loss, "config": config, "rng": rngs, "scaler": scaler.state_dict()}
-    t0, failed = time.perf_counter(), [None]
-    if sharded:
-        path = save_sharded(out_dir, raw_model, optimizers, state, ckpt_group, keep_last)
-    elif master:
-        path = ckpt_path
-        state.update(model=raw_model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers])
-        try:
-            write_checkpoint(state)
-        except OSError as e:
-            failed = [f"could not write {ckpt_path}: {e}"]
-    if distributed and not sharded:
-        dist.broadcast_object_list(failed, src=0, group=ckpt_group)
-    if failed[0]:
-        stop(f"error: {failed[0]}; the previous checkpoint is kept. Free some disk space or point out_dir elsewhere")
+    t0 = time.perf_counter()
+    state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+             "scaler": scaler.state_dict()}
+    try:
+        path = save(out_dir, state, raw_model, optimizers, data_state, sharded, ckpt_group, keep_last)
+    except OSError as e:
+        stop(f"error: {e}; the previous checkpoint is kept. Free some disk space or point out_dir elsewhere")
     saved_iter = iter_num
     if master:
         print(f"saved {'distributed ' * sharded}checkpoint to {path} (iter {iter_num}, "
               f"{time.perf_counter() - t0:.1f} s)")
-
-
-def write_checkpoint(state):
-    """ckpt.pt, atomically: written to a temporary file and renamed over the old one once complete, so a crash or
-    a second Ctrl-C mid-write leaves the last one intact. With keep_last > 1 the one it replaces stays on as
-    ckpt-<iter>.pt (a second name for the same file, not a copy), and only the newest keep_last are kept."""
-    torch.save(state, ckpt_path + ".tmp")
-    with open(ckpt_path + ".tmp", "rb") as f:
-        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-    if keep_last > 1 and os.path.exists(ckpt_path):
-        previous = os.path.join(out_dir, f"ckpt-{read_checkpoint(ckpt_path)['iter_num']}.pt")
-        if not os.path.exists(previous):
-            os.link(ckpt_path, previous)
-    os.replace(ckpt_path + ".tmp", ckpt_path)
-    older = sorted((f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt")),
-                   key=lambda f: int(f[5:-3]) if f[5:-3].isdigit() else -1)
-    for name in older[:max(0, len(older) - (keep_last - 1))]:
-        os.remove(os.path.join(out_dir, name))
 
 
 def forward(batch):
@@ -582,16 +464,19 @@ peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
 t_start = t_log
+data_state, batch = data_gen.get_state(), get_batch("train", data_gen)  # the first micro-batch
 while True:
     lr = get_lr(iter_num)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
     evaluate = iter_num % eval_interval == 0 or iter_num == max_iters or eval_only
-    stop_requested = signalled.is_set()
-    if distributed or evaluate or stop_requested or iter_num % log_interval == 0:  # (a host sync)
-        stop_requested, bad = agree(stop_requested, nonfinite, device)
-        if bad and (evaluate or stop_requested or iter_num % log_interval == 0):
+    # ranks agree on stopping (a signal, a non-finite loss) at log and eval intervals only: agree() is a host sync.
+    # One process acts on a signal at once, after reading the flag all the same (no non-finite weights are saved).
+    stop_requested = signalled.is_set() and not distributed
+    if evaluate or stop_requested or iter_num % log_interval == 0:
+        stop_requested, bad = agree(signalled.is_set(), nonfinite, device)
+        if bad:
             stop(f"error: non-finite loss before iter {iter_num}; stopping before any checkpoint is overwritten "
                  f"(the last good one is in {out_dir}). Try a lower learning_rate, grad_clip > 0 or "
                  f"dtype='float32'.")
@@ -629,11 +514,13 @@ while True:
         raw_model.depth.iteration = iter_num
     for micro_step in range(gradient_accumulation_steps):
         no_sync(model, parallel, sync=micro_step == gradient_accumulation_steps - 1)
-        batch = get_batch("train", data_gen)
         with autocast:
             loss, stats = forward(batch)
             loss = loss / gradient_accumulation_steps
             moe_loss = raw_model.moe_loss() / gradient_accumulation_steps  # MoE balancing losses; 0 if dense
+        # the next micro-batch, read and copied while the device runs this one (nanoGPT's prefetch); a checkpoint
+        # keeps the generator's state from before it, so that a resumed run draws it again
+        data_state, batch = data_gen.get_state(), get_batch("train", data_gen)
         scaler.scale(loss + moe_loss).backward()
         loss_sum += loss.detach()
         moe_loss_sum += moe_loss.detach()

@@ -15,7 +15,8 @@ import torch.nn as nn
 import chat
 import constitution as C
 from conftest import ROOT, run_train
-from model import GPT, GPTConfig, load_run
+from checkpoint import load_run
+from model import GPT, GPTConfig
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 CHAR_META = {"vocab_size": 65, "dtype": "uint16", "tokenizer": "char", "chars": SHAKESPEARE_CHARS, "eot_id": None}

@@ -107,7 +107,7 @@ def test_options_with_no_hugging_face_equivalent_are_refused_by_name(option, val
 
 
 def test_a_distributed_checkpoint_exports_and_becomes_a_ckpt_pt(workdir):
-    from parallel import save_sharded
+    from checkpoint import save_sharded
     model = make_run("run", **MODELS["qwen3"])
     os.remove("run/ckpt.pt")
     opt = torch.optim.AdamW(model.parameters())

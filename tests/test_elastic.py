@@ -14,7 +14,7 @@ import time
 import torch
 
 from conftest import ROOT
-from model import read_checkpoint
+from checkpoint import read_checkpoint
 
 TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2",
         "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--log_interval=1",

@@ -14,7 +14,8 @@ import torch
 import convert
 import parallel
 from conftest import ROOT, SHAKESPEARE, run_train
-from model import GPT, GPTConfig, load_run
+from checkpoint import load_run
+from model import GPT, GPTConfig
 
 TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2",
         "--n_embd=16", "--block_size=16", "--batch_size=2", "--eval_iters=1", "--log_interval=1",

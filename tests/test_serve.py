@@ -16,7 +16,8 @@ import torch
 
 import chat
 from conftest import ROOT
-from model import GPT, GPTConfig, load_run
+from checkpoint import load_run
+from model import GPT, GPTConfig
 
 CHARS = "\n !,.:?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(CHARS))
