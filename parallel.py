@@ -322,6 +322,16 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
     return model
 
 
+def compile_blocks(model, **compile_kwargs):
+    """torch.compile block by block, as torchtitan does, rather than the whole model: the blocks are alike, so one
+    compilation serves them all (two with MoE every other block) and compile time does not grow with depth. Each
+    block's forward is compiled, not the module: parameter names stay as they are, and the hooks that layouts put
+    around a block (FSDP's gathers) stay outside the graph. Compiling happens at the first call, after the layout."""
+    for block in model.transformer.h:
+        block.forward = torch.compile(block.forward, **compile_kwargs)
+    return model
+
+
 def apply_tensor_parallel(model, tp_mesh):
     """The Megatron plan, declared per module. Between blocks the residual stream is a (B, T/tp, C) slice of the
     sequence; attention and MLPs gather it, work on their share of heads / hidden units, and reduce-scatter back."""

@@ -188,6 +188,33 @@ def test_expert_parallel_layer_matches_one_process(tmp_path, nproc, ep_size, cap
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_compile_blocks_traces_one_graph_for_all_blocks_and_changes_nothing():
+    """Three alike blocks, one graph (dynamo's capture, run as captured: inductor's code generation is torch's to
+    test); the same loss, gradients and parameter names as the eager model."""
+    import copy
+    import parallel
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = parallel.compile_blocks(copy.deepcopy(eager), backend=backend)
+    idx = torch.randint(20, (2, 9), generator=torch.Generator().manual_seed(1))
+    losses = [m(idx[:, :-1], idx[:, 1:])[1] for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert len(graphs) == 1
+    torch.testing.assert_close(losses[1], losses[0])
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 CLIP_CASES = [("fsdp", 1, 1, 1), ("tp", 4, 1, 2), ("fsdp+tp", 2, 1, 3), ("ddp", 1, 2, 2)]  # layout, tp, ep, reductions
 
 
