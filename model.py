@@ -504,23 +504,23 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
             mu, lr = group["momentum"], group["lr"]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)  # b = mu*b + (1-mu)*g
-            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+            torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - mu)  # b = mu*b + (1-mu)*g
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            batches = {}  # (short side, long side, device, dtype) -> [(matrix, its update wide, transposed?)]
-            for p, u in zip(params, updates):
-                tall = p.size(0) > p.size(1)
-                batches.setdefault((*sorted(p.shape), p.device, p.dtype), []).append((p, u.mT if tall else u, tall))
-            for batch in batches.values():
-                X = newton_schulz(torch.stack([u for _, u, _ in batch]), group["ns_coefficients"], group["ns_steps"],
-                                  group["eps"])
-                for (p, _, tall), x in zip(batch, X):  # torch.optim.Muon's lr adjustments (None is 'original')
+            batches = {}  # (short side, long side, device) -> [(matrix, its momentum)]
+            for p, b in zip(params, bufs):
+                batches.setdefault((*sorted(p.shape), p.device), []).append((p, b))
+            for (rows, cols, device), batch in batches.items():
+                X = torch.empty(len(batch), rows, cols, dtype=torch.bfloat16, device=device)  # the updates, wide
+                for (p, b), x in zip(batch, X):  # written straight into the batch, a tall one transposed
+                    x = x.mT if p.size(0) > p.size(1) else x
+                    torch.lerp(p.grad, b, mu, out=x) if group["nesterov"] else x.copy_(b)
+                X = newton_schulz(X, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                for (p, _), x in zip(batch, X):  # torch.optim.Muon's lr adjustments (None is 'original')
                     scale = 0.2 * math.sqrt(max(p.shape)) if group["adjust_lr_fn"] == "match_rms_adamw" else \
                         math.sqrt(max(1, p.size(0) / p.size(1)))
-                    p.add_(x.mT if tall else x, alpha=-lr * scale)
+                    p.add_(x.mT if p.size(0) > p.size(1) else x, alpha=-lr * scale)
         return loss
 
 
