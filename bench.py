@@ -152,7 +152,7 @@ def bench_throughput():
         opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, opt)
         name = f"{dt}{' compiled' if comp else ''}{f' {opt}' if len(optimizers) > 1 else ''}"
         runs.append(dict(name=name, model=model, opts=opts, ctx=autocast(dt),
-                         fwd=torch.compile(model) if comp else model, dtype=getattr(torch, dt)))
+                         fwd=parallel.compile_blocks(model) if comp else model, dtype=getattr(torch, dt)))
 
     def step(run):
         with run["ctx"]:
