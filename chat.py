@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,6 +105,24 @@ def check_token_file(path, dtype, block_size):
         fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if path.endswith("val.bin") else \
             "use more text or "
         raise ValueError(f"{path} holds fewer than block_size+1={block_size + 1} tokens; {fix}a smaller block_size")
+
+
+def check_token_range(tokens, vocab_size, path):
+    if tokens.size and tokens.max() >= vocab_size:
+        raise ValueError(f"token id {tokens.max()} in {os.path.basename(path)} is out of range for vocab_size="
+                         f"{vocab_size}; was {os.path.dirname(path)} prepared with another tokenizer?")
+
+
+def pretrain_batch(path, dtype, batch_size, block_size, generator, rank=0, world=1, vocab_size=None):
+    """X, Y (B, T) of random windows of a token file for data-parallel rank `rank` of `world` (all draw the same
+    world*batch_size windows, each keeps its slice). Ids past vocab_size are a ValueError."""
+    data = np.memmap(path, dtype=dtype, mode="r")  # anew each batch: a memmap keeps the pages it read (nanoGPT)
+    ix = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
+    tokens = np.stack([data[i:i + block_size + 1] for i in ix[rank * batch_size:(rank + 1) * batch_size].tolist()])
+    tokens = tokens.astype(np.int64)
+    if vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
+        check_token_range(tokens, vocab_size, path)
+    return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
 
 
 # -----------------------------------------------------------------------------

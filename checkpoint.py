@@ -23,6 +23,13 @@ CHECKPOINT_VERSION = 1  # ckpt.pt's layout; raise it when a change makes old che
 DCP_DIR = "ckpt_dcp"  # inside out_dir
 
 
+def _flat():
+    """Optimizer state keyed by parameter name, param groups too: pipeline stages' groups of the same index hold
+    different parameters, and group-indexed keys would collide (torchtitan saves it this way for the same reason)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 class CheckpointError(ValueError):
     """A file that is not a checkpoint this code can read; the message says which of the usual reasons it is."""
 
@@ -202,7 +209,7 @@ def save_sharded(out_dir, model, optimizers, meta, group=None, keep=1):
         shutil.rmtree(tmp)
     if dist.is_initialized():
         dist.barrier(group)
-    model_sd, optim_sd = get_state_dict(model, optimizers)
+    model_sd, optim_sd = get_state_dict(model, optimizers, options=_flat())
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=group)
     if rank == 0:
         torch.save(meta, os.path.join(tmp, "meta.pt"))
@@ -238,10 +245,10 @@ def load_sharded(path, model, optimizers, group=None):
     needed: a checkpoint saved on 2 ranks loads on 1 or on 8. Returns the meta dict."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizers)
+    model_sd, optim_sd = get_state_dict(model, optimizers, options=_flat())
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path, process_group=group)
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_flat())
     return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
 
 

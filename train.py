@@ -189,29 +189,20 @@ if mode == "pretrain":
             print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")
 
 
-def check_token_range(tokens, where):
-    if tokens.size and tokens.max() >= vocab_size:
-        sys.exit(f"error: token id {tokens.max()} in {where} is out of range for vocab_size={vocab_size}; "
-                 f"was data/{dataset} prepared with another tokenizer?")
-
-
 def get_batch(split, generator):
     """This data-parallel rank's share of the next global batch: every rank draws the same dp_size*batch_size
-    windows from the same generator and keeps its own slice, so a step sees the same data in every layout."""
-    lo, hi = dp_rank * batch_size, (dp_rank + 1) * batch_size
-    if mode != "pretrain":  # (X, Y) for sft, (X, Y, p) for dpo; Y is -1 outside the responses
-        # the rank's slice is taken of the examples: a dpo batch has two rows (chosen, rejected) per example
-        batch = chat.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size)
-        return [t.to(device) for t in batch]
-    # a new memmap per batch: np.memmap holds on to the pages it has read (nanoGPT's leak workaround)
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
-    ix = torch.randint(len(data) - block_size, (dp_size * batch_size,), generator=generator)[lo:hi].tolist()
-    tokens = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
-    check_token_range(tokens, f"{split}.bin")  # cheap per batch, catches what the startup scan skipped
-    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    windows (or examples) from the same generator and keeps its own slice, so a step sees the same data in every
+    layout. (X, Y) of token windows, (X, Y) for sft and (X, Y, p) for dpo, Y -1 outside the responses."""
+    try:
+        batch = chat.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size) \
+            if mode != "pretrain" else chat.pretrain_batch(os.path.join(data_dir, f"{split}.bin"), token_dtype,
+                                                           batch_size, block_size, generator, dp_rank, dp_size,
+                                                           vocab_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if device_type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return [t.pin_memory().to(device, non_blocking=True) for t in batch]
+    return [t.to(device) for t in batch]
 
 
 # the data position is this generator's state: it is saved in the checkpoint and restored on resume
@@ -282,7 +273,10 @@ if meta.get("vocab_size", 0) > vocab_size:
 for split in bin_splits:  # scan whole files up to ~128M tokens up front (a second or so); larger ones per batch
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
     if len(data) <= 2**27:
-        check_token_range(data, f"{split}.bin")
+        try:
+            chat.check_token_range(data, vocab_size, os.path.join(data_dir, f"{split}.bin"))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
 model.to(device)
 ref_model = None
 if mode == "dpo":  # DPO's frozen reference: ref_from's weights, by default those this run started from
