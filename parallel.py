@@ -323,10 +323,10 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
 
 
 def compile_blocks(model, **compile_kwargs):
-    """torch.compile block by block, as torchtitan does, rather than the whole model: the blocks are alike, so one
-    compilation serves them all (two with MoE every other block) and compile time does not grow with depth. Each
-    block's forward is compiled, not the module: parameter names stay as they are, and the hooks that layouts put
-    around a block (FSDP's gathers) stay outside the graph. Compiling happens at the first call, after the layout."""
+    """torch.compile block by block, as torchtitan does, rather than the whole model: alike blocks share one
+    compilation, so compile time does not grow with depth. Each block's forward is compiled, not the module:
+    parameter names stay as they are, and the hooks that layouts put around a block (FSDP's gathers) stay outside
+    the graph. Compiling happens at the first call, after the layout is applied."""
     for block in model.transformer.h:
         block.forward = torch.compile(block.forward, **compile_kwargs)
     return model
@@ -525,7 +525,7 @@ def clip_grad_norm_(params, max_norm):
     for g in (p.grad for p in params):
         if isinstance(g, DTensor):
             mesh, local = g.device_mesh, torch.linalg.vector_norm(g.to_local(), dtype=torch.float32) ** 2
-            copies = math.prod(mesh.size(d) for d, p in enumerate(g.placements) if p.is_replicate())
+            copies = math.prod(mesh.size(d) for d, q in enumerate(g.placements) if q.is_replicate())
             per_mesh.setdefault(mesh, []).append(local / copies)
         else:
             whole.append(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2)
