@@ -11,7 +11,8 @@ Measures training speed: forward + backward + optimizer step of a model on rando
     python bench.py --memory config/shakespeare_char_moe.py   # MoE models add expert-parallel (ep_size) rows
     python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
 
-`dtype` and `compile` take comma-separated lists: every combination is measured in the same run.
+`dtype`, `compile` and `optimizer` take comma-separated lists: every combination is measured in the same run
+(`--optimizer=adamw,muon`: what Muon's step costs).
 """
 
 import itertools
@@ -38,7 +39,7 @@ from pipeline import PP_SCHEDULES
 globals().update(GPTConfig.defaults())
 dataset = ""                # as in train.py: vocab_size from data/<dataset>/meta.json when it exists
 batch_size = 12
-optimizer = "adamw"
+optimizer = "adamw"         # or muon, or adamw,muon for both
 learning_rate = 6e-4
 weight_decay = 0.1
 device = "auto"
@@ -110,7 +111,8 @@ for bad, message in [
      f"dtype must be a comma-separated list of float32, bfloat16, float16 (or 'auto'), got {dtype!r}"),
     (not all(type(c) is bool for c in (compile if isinstance(compile, tuple) else (bool(compile),))),
      f"compile must be True, False or a list of them (False,True), got {compile!r}"),
-    (optimizer not in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {optimizer!r}"),
+    (not set(optimizer.split(",")) <= {"adamw", "muon"}, f"optimizer must be 'adamw', 'muon' or both "
+                                                         f"('adamw,muon'), got {optimizer!r}"),
     (not learning_rate > 0 or weight_decay < 0, f"learning_rate must be > 0 and weight_decay >= 0, got "
                                                  f"{learning_rate}, {weight_decay}"),
     (peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
@@ -162,11 +164,13 @@ def bench_throughput():
     compile_modes = compile if isinstance(compile, tuple) else (bool(compile),)  # --compile=False,True is a tuple
     x = torch.randint(vocab_size, (batch_size, block_size + 1), device=device)  # every variant's batch
     runs = []
-    for dt, comp in itertools.product(dtype.split(","), compile_modes):
+    optimizers = optimizer.split(",")
+    for dt, comp, opt in itertools.product(dtype.split(","), compile_modes, optimizers):
         model = GPT(config).to(device)
-        opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, optimizer)
-        runs.append(dict(name=f"{dt}{' compiled' if comp else ''}", model=model, opts=opts, ctx=autocast(dt),
-                         fwd=torch.compile(model) if comp else model, dtype=getattr(torch, dt)))
+        opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, opt)
+        name = f"{dt}{' compiled' if comp else ''}{f' {opt}' if len(optimizers) > 1 else ''}"
+        runs.append(dict(name=name, model=model, opts=opts, ctx=autocast(dt),
+                         fwd=parallel.compile_blocks(model) if comp else model, dtype=getattr(torch, dt)))
 
     def step(run):
         with run["ctx"]:

@@ -170,16 +170,6 @@ class MoE(nn.Module):
             out = out + self.shared(x.view(B, T, d))
         return out
 
-    def experts(self, x, counts):
-        """The SwiGLU experts on rows sorted by expert, counts[e] of them for expert e (under expert parallelism,
-        this rank's experts on the rows its group sent them)."""
-        offsets = F.pad(counts.cumsum(0), (1, 0))
-        w1, w3, w2 = local(self.w1), local(self.w3), local(self.w2)
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, w1, w3, w2 = x.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        return grouped_mm(F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets), w2, offsets)
-
     @torch.no_grad()
     def update_bias(self, rate):
         """Aux-loss-free balancing: raise the bias of underloaded experts and lower that of overloaded ones by

@@ -17,6 +17,7 @@ the experts' all_to_all, clipping over DTensors). Distributed checkpoints are ch
 """
 
 import functools
+import math
 import os
 import select
 import signal
@@ -344,6 +345,16 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
     return model
 
 
+def compile_blocks(model, **compile_kwargs):
+    """torch.compile block by block, as torchtitan does, rather than the whole model: alike blocks share one
+    compilation, so compile time does not grow with depth. Each block's forward is compiled, not the module:
+    parameter names stay as they are, and the hooks that layouts put around a block (FSDP's gathers) stay outside
+    the graph. Compiling happens at the first call, after the layout is applied."""
+    for block in model.transformer.h:
+        block.forward = torch.compile(block.forward, **compile_kwargs)
+    return model
+
+
 def apply_tensor_parallel(model, tp_mesh):
     """The Megatron plan, declared per module. Between blocks the residual stream is a (B, T/tp, C) slice of the
     sequence; attention and MLPs gather it, work on their share of heads / hidden units, and reduce-scatter back."""
@@ -530,13 +541,50 @@ def no_sync(model, layout, sync):
 
 def clip_grad_norm_(params, max_norm):
     """torch.nn.utils.clip_grad_norm_, also when gradients are DTensors on different meshes (fsdp+tp: the blocks'
-    on (dp, tp), embeddings on dp): each parameter's norm is completed over its own mesh first."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not any(hasattr(g, "full_tensor") for g in grads):
+    on (dp, tp), embeddings on dp). Each rank sums the squares of its own shards, mesh by mesh (a shard held by
+    several ranks counted once), and one all-reduce per mesh dimension completes each mesh's sum: a few scalar
+    collectives per step, not one per parameter."""
+    params = [p for p in params if p.grad is not None]
+    if not any(hasattr(p.grad, "device_mesh") for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    sq = [torch.linalg.vector_norm(g) ** 2 for g in grads]
-    total = torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in sq]).sum().sqrt()
+    from torch.distributed.tensor import DTensor, Partial
+    sum_partial_grads(params)
+    whole, per_mesh = [], {}  # plain tensors are whole (and the same) on every rank
+    for g in (p.grad for p in params):
+        if isinstance(g, DTensor):
+            mesh, local = g.device_mesh, torch.linalg.vector_norm(g.to_local(), dtype=torch.float32) ** 2
+            copies = math.prod(mesh.size(d) for d, q in enumerate(g.placements) if q.is_replicate())
+            per_mesh.setdefault(mesh, []).append(local / copies)
+        else:
+            whole.append(torch.linalg.vector_norm(g, dtype=torch.float32) ** 2)
+    total = sum(whole) + sum(DTensor.from_local(torch.stack(sq).sum(), mesh, [Partial()] * mesh.ndim).full_tensor()
+                             for mesh, sq in per_mesh.items())
+    total = total.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef)
+    for p in params:
+        p.grad.mul_(coef)
     return total
+
+
+def sum_partial_grads(params):
+    """Tensor parallelism leaves the gradients of weights that every rank holds whole (the sequence-parallel
+    norms') as partial sums over the group. Sums them, those of each mesh and placement in one all-reduce, and
+    keeps the sums as the gradients: a norm cannot be taken of partial sums, and the optimizer would otherwise
+    reduce each again at every use."""
+    from torch.distributed._functional_collectives import all_reduce
+    from torch.distributed.tensor import DTensor, Replicate
+    groups = {}
+    for p in params:
+        if isinstance(p.grad, DTensor) and any(q.is_partial() for q in p.grad.placements):
+            groups.setdefault((p.grad.device_mesh, tuple(p.grad.placements)), []).append(p)
+    for (mesh, placements), group in groups.items():
+        flat = torch.cat([p.grad.to_local().flatten() for p in group])
+        for dim, q in enumerate(placements):
+            if q.is_partial():
+                flat = all_reduce(flat, q.reduce_op, (mesh, dim))
+        summed = [Replicate() if q.is_partial() else q for q in placements]
+        for p, piece in zip(group, flat.split([p.grad.to_local().numel() for p in group])):
+            p.grad = DTensor.from_local(piece.view_as(p.grad.to_local()), mesh, summed, shape=p.grad.shape,
+                                        stride=p.grad.stride())
+
+

@@ -104,7 +104,7 @@ class Pipeline(nn.Module):
     fully_shard's arguments, or {}; tensor_parallel: parallel.apply_tensor_parallel, for a part (tp > 1)."""
 
     def __init__(self, model, mesh, device_type, fsdp, tensor_parallel, schedule, microbatches, virtual, accumulation,
-                 batch, seq_len, compile=False):
+                 batch, seq_len):
         from torch.distributed import pipelining
         super().__init__()
         config, pp, tp, dp = model.config, mesh["pp"].size(), mesh["tp"].size(), mesh["dp"]
@@ -136,8 +136,6 @@ class Pipeline(nn.Module):
             if tp > 1:
                 tensor_parallel(part, mesh["tp"])
             for block in part.transformer.h.values():
-                if compile:
-                    block.compile()
                 if fsdp:
                     from torch.distributed.fsdp import fully_shard
                     fully_shard(block, mesh=dp, **fsdp)

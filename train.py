@@ -28,9 +28,9 @@ import reasoning
 from checkpoint import (CheckpointError, checkpoint_group, find_sharded, load_sharded, load_weights, read_start,
                         save, set_rng_states)
 from model import GPT, GPTConfig
-from parallel import (agree, check_layout, clip_grad_norm_, exit_process, fail_fast, hardware_peak_flops,
-                      init_distributed, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, pick_device,
-                      pick_dtype, sync_expert_grads, watch_signals)
+from parallel import (agree, check_layout, clip_grad_norm_, compile_blocks, exit_process, fail_fast,
+                      hardware_peak_flops, init_distributed, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
+                      pick_device, pick_dtype, sync_expert_grads, watch_signals)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -306,18 +306,14 @@ if master:
 torch.manual_seed(seed + dp_rank)  # dropout: tp ranks of a group draw the same masks on replicated activations
 raw_model = model
 flops_per_token = model.flops_per_token(block_size)  # (a pipeline stage holds part of the model)
-if compile and not sharded:
-    if master:
-        print("compiling the model...")
-    model = torch.compile(model)
+if compile:  # block by block, at the first step: compile time does not grow with depth (parallel.compile_blocks)
+    compile_blocks(model)
 # GPU fsdp: bf16 (or fp16) compute with fp32 gradient reduction; elsewhere autocast does the casting
 param_dtype = ptdtype if device_type == "cuda" and "fsdp" in parallel and dtype != "float32" else None
-pipeline = dict(schedule=pp_schedule, microbatches=pp_microbatches, virtual=pp_virtual_stages, compile=compile,
+pipeline = dict(schedule=pp_schedule, microbatches=pp_microbatches, virtual=pp_virtual_stages,
                 accumulation=gradient_accumulation_steps, batch=batch_size, seq_len=block_size) if pp_size > 1 else None
 model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload,
                     ep_size, pipeline)  # pp_size > 1: a pipeline.Pipeline, and raw_model this rank's stages
-if compile and sharded and not pipeline:
-    model = torch.compile(model)
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,

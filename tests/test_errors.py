@@ -112,6 +112,7 @@ CASES = [
     ("bench.py", ["--batch_size=0"], "batch_size"),
     ("bench.py", ["--rounds=0"], "rounds"),
     ("bench.py", ["--dtype=float8"], "dtype"),
+    ("bench.py", ["--optimizer=adamw,sgd"], "optimizer"),
     ("bench.py", ["--n_head=0"], "n_head"),
     ("bench.py", ["--moe", "--top_k=9"], "top_k"),
     ("bench.py", ["--device=tpu9"], "device"),

@@ -1,12 +1,14 @@
 """model.py: attention is causal, the KV cache changes nothing, GPT-2 weights reproduce Hugging Face's logits,
 the optimizers see the right parameters, and Muon is the published algorithm."""
 
+import copy
 import math
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
+import model as model_py
+from model import GPT, GPTConfig, KVCache, Muon, sample_next
 
 VOCAB, BLOCK = 50, 16
 
@@ -231,7 +233,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(layout):
     model = make_model(**LAYOUTS[layout])
     muon, adamw = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
                                              device_type="cpu", optimizer="muon")
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     assert muon.defaults["adjust_lr_fn"] == "match_rms_adamw"  # one learning_rate serves both optimizers
     named = dict(model.named_parameters())
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
@@ -320,6 +322,60 @@ def test_configured_muon_steps_a_block_matrix_as_the_published_algorithm(name):
         got.append(W.detach().double().clone())
     want = reference_muon(W0, grads, lr=1e-2, weight_decay=0.5, momentum=0.95, nesterov=True)
     assert_steps_match(W0, got, want)
+
+
+@pytest.mark.parametrize("nesterov,adjust_lr_fn", [(True, "match_rms_adamw"), (False, None)])
+def test_batched_muon_steps_as_torch_muon_on_ragged_shapes(nesterov, adjust_lr_fn):
+    """model.Muon, which orthogonalises same-shape matrices together, against torch.optim.Muon (one at a time):
+    square, wide and tall matrices, repeated shapes, a tall one that batches with a wide one, a matrix without a
+    gradient; four steps, then torch's state loaded into a fresh model.Muon (old checkpoints resume) and one more."""
+    torch.manual_seed(0)
+    shapes = [(48, 48), (48, 48), (40, 96), (96, 40), (96, 40), (7, 33), (33, 7), (1, 20), (24, 64)]
+    theirs = [torch.nn.Parameter(torch.randn(s) / s[1] ** 0.5) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    kw = dict(lr=2e-2, weight_decay=0.3, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    opt_theirs, opt_ours = torch.optim.Muon(theirs, **kw), Muon(ours, **kw)
+
+    def step():
+        before = [p.detach().clone() for p in theirs]
+        for i, (a, b) in enumerate(zip(theirs, ours)):
+            a.grad = b.grad = None if i == 8 else torch.randn_like(a)
+        opt_theirs.step()
+        opt_ours.step()
+        for i, (a, b, w0) in enumerate(zip(theirs, ours, before)):
+            if i == 8:
+                assert torch.equal(a, w0) and torch.equal(b, w0)
+            else:  # to the bf16 Newton-Schulz's rounding, relative to the step (exact on this machine)
+                assert (a - b).norm() <= 2e-3 * (a - w0).norm(), f"matrix {i} {tuple(a.shape)}"
+
+    for _ in range(4):
+        step()
+    for a, b in zip(theirs[:8], ours):
+        assert torch.allclose(opt_theirs.state[a]["momentum_buffer"], opt_ours.state[b]["momentum_buffer"])
+    opt_ours = Muon(ours, **kw)
+    opt_ours.load_state_dict(copy.deepcopy(opt_theirs.state_dict()))  # a copy, as a checkpoint holds
+    step()
+
+
+def test_muon_runs_one_newton_schulz_per_shape(monkeypatch):
+    """The recipe's layout: per step one batched Newton-Schulz per distinct matrix shape, a tall matrix with its
+    transpose (modern: q/k/v/proj 32x32 together, and the MLP's 32x64 down-projection with its 64x32 up-projections)."""
+    calls = []
+
+    def counted(G, *args):
+        calls.append(tuple(G.shape))
+        return newton_schulz(G, *args)
+
+    newton_schulz = model_py.newton_schulz
+    monkeypatch.setattr(model_py, "newton_schulz", counted)
+    model = make_model(**LAYOUTS["modern"], mlp_hidden=64)
+    muon, _ = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                                         device_type="cpu", optimizer="muon")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    muon.step()
+    L = model.config.n_layer
+    assert sorted(calls) == sorted([(4 * L, 32, 32), (3 * L, 32, 64)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -227,5 +227,77 @@ def test_expert_parallel_layer_matches_one_process(tmp_path, nproc, ep_size, cap
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-if __name__ == "__main__":
+def test_compile_blocks_traces_one_graph_for_all_blocks_and_changes_nothing():
+    """Three alike blocks, one graph (dynamo's capture, run as captured: inductor's code generation is torch's to
+    test); the same loss, gradients and parameter names as the eager model."""
+    import copy
+    import parallel
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = parallel.compile_blocks(copy.deepcopy(eager), backend=backend)
+    idx = torch.randint(20, (2, 9), generator=torch.Generator().manual_seed(1))
+    losses = [m(idx[:, :-1], idx[:, 1:])[1] for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert len(graphs) == 1
+    torch.testing.assert_close(losses[1], losses[0])
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+CLIP_CASES = [("fsdp", 1, 1, 1), ("tp", 4, 1, 2), ("fsdp+tp", 2, 1, 3), ("ddp", 1, 2, 2)]  # layout, tp, ep, reductions
+
+
+def clipping_check():
+    """Run by test_clipping_matches_one_process on 4 ranks: in each layout (every rank given the same batch, so the
+    gradients are one process's), the norm and the clipped gradients of parallel.clip_grad_norm_ against
+    torch.nn.utils.clip_grad_norm_ on one process, and one scalar all-reduce per dimension of each mesh."""
+    import copy
+    import torch.distributed as dist
+    from torch.distributed.tensor.debug import CommDebugMode
+    import parallel
+    from model import GPT, GPTConfig
+    from moe import local
+    dist.init_process_group("gloo")
+    for layout, tp_size, ep_size, reductions in CLIP_CASES:
+        torch.manual_seed(0)
+        moe = dict(n_expert=4, top_k=2, expert_hidden=16) if ep_size > 1 else {}
+        ref = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, mlp_hidden=32, **moe))
+        mesh, _, _ = parallel.mesh_and_ranks(layout, tp_size, dist.get_world_size(), "cpu")
+        model = parallel.parallelize(copy.deepcopy(ref), layout, mesh, "cpu", ep_size=ep_size)
+        idx = torch.randint(50, (4, 17), generator=torch.Generator().manual_seed(1))
+        for m in (ref, model):
+            m(idx[:, :-1], idx[:, 1:])[1].backward()
+        parallel.sync_expert_grads(model)
+        want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        with CommDebugMode() as comm:
+            got = parallel.clip_grad_norm_(list(model.parameters()), 0.1)
+        assert want > 0.2, "the case must clip"
+        torch.testing.assert_close(got, want, msg=layout)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            torch.testing.assert_close(g, q.grad, msg=layout)
+        assert comm.get_total_counts() == reductions, (layout, comm.get_comm_counts())
+    dist.destroy_process_group()
+
+
+def test_clipping_matches_one_process(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", __file__, "clip"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+if __name__ == "__main__" and sys.argv[1] == "clip":
+    clipping_check()
+elif __name__ == "__main__":
     expert_parallel_layer_check(int(sys.argv[1]), float(sys.argv[2]), [int(e) for e in sys.argv[3].split(",")])
