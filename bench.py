@@ -48,7 +48,7 @@ compile = None              # True, False, or False,True to compare both
 warmup = 3                  # untimed steps per variant (compile happens here)
 rounds = 5                  # timed rounds; each times `steps` steps of every variant
 steps = 5
-peak_flops = 0.0            # the MFU denominator; 0: parallel.hardware_peak_flops
+peak_flops = 0.0            # the MFU denominator; 0: configurator.hardware_peak_flops
 seed = 1337
 # --moe: one layer on moe_tokens tokens of width moe_embd, 8 experts (or n_expert) of moe_hidden, top_k of them
 moe = False
@@ -126,7 +126,7 @@ for bad, message in [
     if bad:
         sys.exit(f"error: {message}")
 try:
-    device = parallel.pick_device(device)
+    device = configurator.pick_device(device)
     config = GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
 except ValueError as e:
     sys.exit(f"error: {e}")
@@ -187,7 +187,7 @@ def bench_throughput():
           f"{runs[0]['model'].num_params(False) / 1e6:.2f}M parameters, median of {rounds} rounds x {steps} steps")
     print(f"{'variant':<22} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6} {'vs first':>9} {'warm-up s':>10}")
     for run, t, w in zip(runs, times, warmup_s):
-        peak = parallel.hardware_peak_flops(device_type, run["dtype"], peak_flops)
+        peak = configurator.hardware_peak_flops(device_type, run["dtype"], peak_flops)
         mfu = run["model"].flops_per_token(block_size) * tokens / t / peak
         print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu:>6.1%} {times[0] / t:>8.2f}x {w:>10.1f}")
     print("peak memory:", f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated" if device_type == "cuda"

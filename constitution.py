@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import chat
+import configurator
 from checkpoint import load_run
-from parallel import pick_device
 
 
 class ConstitutionError(ValueError):
@@ -222,7 +222,7 @@ def main(argv=None):
                 raise ValueError(message)
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a directory; give a JSONL file to write")
-        device = pick_device(args.device)
+        device = configurator.pick_device(args.device)
         policy = load_model(args.out_dir, device)
         judge = load_model(args.judge, device) if args.command == "label" and args.judge else policy
         prompts = [r["prompt"] for _, r in chat.read_jsonl(args.prompts, ("prompt",))]

@@ -325,8 +325,25 @@ def from_hf(path, dropout=0.0):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
     with open(os.path.join(path, "config.json")) as f:
-        config = config_from_hf(json.load(f), dropout)
-    w = read_hf_weights(path)
+        return from_hf_weights(json.load(f), read_hf_weights(path), dropout, path)
+
+
+def from_gpt2(name, dropout=0.0):
+    """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), downloaded by transformers."""
+    if name not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        raise ValueError(f"unknown GPT-2 model {name!r}")
+    return from_hf_model(need("transformers", "loading GPT-2 weights").GPT2LMHeadModel.from_pretrained(name), dropout)
+
+
+def from_hf_model(hf, dropout=0.0):
+    """A GPT from a transformers model of the four classes, in memory."""
+    config = {**hf.config.to_dict(), "architectures": [type(hf).__name__]}
+    return from_hf_weights(config, dict(hf.state_dict()), dropout, type(hf).__name__)
+
+
+def from_hf_weights(hf_config, w, dropout=0.0, source="the weights"):
+    """A GPT from a config.json dict and its name -> tensor weights (which it empties)."""
+    config = config_from_hf(hf_config, dropout)
     sd = {}
     if config.layout == "gpt2":
         w = {k.removeprefix("transformer."): v for k, v in w.items() if not k.endswith((".attn.bias", "masked_bias"))}
@@ -358,7 +375,7 @@ def from_hf(path, dropout=0.0):
     head = w.pop("lm_head.weight", None)
     sd["lm_head.weight"] = sd["transformer.wte.weight"] if config.tie_embeddings or head is None else head
     if w:
-        raise ValueError(f"{path}: weights nanothink has no place for: {', '.join(sorted(w)[:5])}")
+        raise ValueError(f"{source}: weights nanothink has no place for: {', '.join(sorted(w)[:5])}")
     model = GPT(config)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model

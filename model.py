@@ -1,7 +1,7 @@
 """
 The GPT language model. Two layouts share every class: 'modern' (rotary positions, RMSNorm, SwiGLU, optional
 QK-norm and grouped-query attention; numerically Llama) and 'gpt2' (learned positions, LayerNorm with bias, GELU,
-tied head: OpenAI's GPT-2, whose weights GPT.from_pretrained loads). q, k and v are separate projections so that
+tied head: OpenAI's GPT-2, whose weights convert.from_gpt2 loads). q, k and v are separate projections so that
 tensor parallelism can shard each by columns; GPT-2's fused weight is split when it is loaded.
 """
 
@@ -437,36 +437,6 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per matmul parameter a token uses (forward 2, backward 4; for MoE only the
         active experts) plus attention (PaLM, appendix B); a DRE core counts the steps it runs."""
         return self.depth.training_flops_per_token(self.num_params(active=True), seq_len or self.config.block_size)
-
-    @classmethod
-    def from_pretrained(cls, model_type, dropout=0.0):
-        """OpenAI's GPT-2 weights through Hugging Face transformers (an optional dependency, imported here only)."""
-        try:
-            from transformers import GPT2LMHeadModel
-        except ImportError:
-            raise ImportError("loading GPT-2 weights needs Hugging Face transformers: pip install transformers") from None
-        if model_type not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-            raise ValueError(f"unknown GPT-2 model {model_type!r}")
-        return cls.from_hf_gpt2(GPT2LMHeadModel.from_pretrained(model_type), dropout)
-
-    @classmethod
-    def from_hf_gpt2(cls, hf_model, dropout=0.0):
-        c = hf_model.config
-        config = GPTConfig(layout="gpt2", block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, bias=True, tie_embeddings=True,
-                           norm_eps=c.layer_norm_epsilon, dropout=dropout)
-        model, sd = cls(config), {}
-        for name, t in hf_model.state_dict().items():
-            if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older transformers
-                continue
-            if ".c_attn." in name:  # GPT-2's fused q, k, v: split into the three projections
-                for n, piece in zip("qkv", (t.t() if name.endswith("weight") else t).chunk(3)):
-                    sd[name.replace("c_attn", f"c_{n}")] = piece
-            else:  # GPT-2's Conv1D stores weights as (in, out): transpose to nn.Linear's (out, in)
-                sd[name] = t.t() if name.endswith(("c_proj.weight", "c_fc.weight")) else t
-        sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
-        model.load_state_dict(sd, strict=True)
-        return model
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -6,7 +6,6 @@ Generates text from a trained model (out_dir/ckpt.pt) or from OpenAI's GPT-2 wei
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --top_p=0.9
 """
 
-import json
 import os
 import sys
 import time
@@ -19,8 +18,6 @@ import configurator
 import convert
 import reasoning
 from checkpoint import CheckpointError, load_run
-from model import GPT
-from parallel import pick_device
 
 init_from = "resume"     # 'resume' (from out_dir), a GPT-2 variant ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
                          # or 'hf:FOLDER', a local Hugging Face folder (convert.py), with its own tokenizer
@@ -62,7 +59,7 @@ for bad, message in [
     if bad:
         sys.exit(f"error: {message}")
 try:
-    device = pick_device(device)
+    device = configurator.pick_device(device)
 except ValueError as e:
     sys.exit(f"error: {e}")
 device_type = device.split(":")[0]
@@ -84,15 +81,12 @@ if init_from == "resume":
         sys.exit(f"error: out_dir={out_dir!r}: {e}")
     chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
     print(f"sampling {os.path.join(out_dir, 'ckpt.pt')}", file=sys.stderr)  # the newest: load_run refuses older
-    meta_path = os.path.join("data", run_config["dataset"], "meta.json")
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            sys.exit(f"error: {meta_path} is not valid JSON ({e}); prepare the data again (data/*/prepare.py)")
+    try:
+        meta = chat.read_meta(os.path.join("data", run_config["dataset"])) or meta
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 elif init_from.startswith("gpt2"):
-    model = GPT.from_pretrained(init_from)
+    model = convert.from_gpt2(init_from)
 else:  # 'hf:FOLDER', checked above
     try:
         model = convert.from_hf(init_from[3:])

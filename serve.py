@@ -29,7 +29,6 @@ import torch
 import chat
 import configurator
 from checkpoint import load_run
-from parallel import pick_device
 
 out_dir = "out"          # the run directory to load ckpt.pt from
 host = "127.0.0.1"       # '0.0.0.0' serves every network interface: anyone who reaches the port can use the model
@@ -51,7 +50,7 @@ except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 
 max_new_tokens = min(max_new_tokens, token_limit)
-device = pick_device(device)
+device = configurator.pick_device(device)
 device_type = device.split(":")[0]
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"

@@ -28,9 +28,8 @@ import reasoning
 from checkpoint import (CheckpointError, checkpoint_group, find_sharded, load_sharded, load_weights, read_start,
                         save, set_rng_states)
 from model import GPT, GPTConfig
-from parallel import (agree, check_layout, clip_grad_norm_, compile_blocks, exit_process, fail_fast,
-                      hardware_peak_flops, init_distributed, mesh_and_ranks, no_sync, optimizer_kwargs, parallelize,
-                      pick_device, pick_dtype, sync_expert_grads, watch_signals)
+from parallel import (agree, check_layout, clip_grad_norm_, compile_blocks, exit_process, fail_fast, init_distributed,
+                      mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, sync_expert_grads, watch_signals)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -120,14 +119,14 @@ if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and init_from != "resume
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per device
 try:
-    rank, local_rank, world_size, device = init_distributed(pick_device(device), backend)
+    rank, local_rank, world_size, device = init_distributed(configurator.pick_device(device), backend)
 except (RuntimeError, ValueError) as e:
     sys.exit(f"error: {e}")
 distributed, master = world_size > 1, rank == 0
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
 try:
-    dtype, ptdtype = pick_dtype(dtype, device_type, n_embd)
+    dtype, ptdtype = configurator.pick_dtype(dtype, device_type, n_embd)
 except ValueError as e:
     sys.exit(f"error: {e}")
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -240,7 +239,7 @@ def init_model():
     if init_from.startswith(("gpt2", "hf:")):
         try:
             model = (convert.from_hf(init_from[3:], dropout) if init_from.startswith("hf:")
-                     else GPT.from_pretrained(init_from, dropout=dropout))
+                     else convert.from_gpt2(init_from, dropout))
         except (ValueError, FileNotFoundError, ImportError) as e:
             sys.exit(f"error: init_from={init_from!r}: {e}")
         model.config.grad_checkpoint = grad_checkpoint
@@ -464,7 +463,7 @@ def log(record):
 # -----------------------------------------------------------------------------
 # the loop
 flops_per_iter = flops_per_token * tokens_per_iter / world_size
-peak = hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
+peak = configurator.hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
 t_start = t_log

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
 import convert
-import parallel
-from conftest import ROOT, SHAKESPEARE, run_train
 from checkpoint import load_run
+from conftest import ROOT, SHAKESPEARE, run_train
 from model import GPT, GPTConfig
 
 TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2",
@@ -172,11 +172,11 @@ def test_cpu_peak_is_threads_times_clock_times_vector_flops():
     info = "processor\t: 0\ncpu MHz\t\t: 2000.000\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n"
     threads = torch.get_num_threads()
     # AVX-512: 16 fp32 lanes, an FMA is 2 FLOPs, two FMA units; AVX512_BF16 doubles it
-    assert parallel.cpu_vector_peak_flops(torch.float32, info) == threads * 2e9 * 16 * 2 * 2
-    assert parallel.cpu_vector_peak_flops(torch.bfloat16, info) == threads * 2e9 * 16 * 2 * 2 * 2
+    assert configurator.cpu_vector_peak_flops(torch.float32, info) == threads * 2e9 * 16 * 2 * 2
+    assert configurator.cpu_vector_peak_flops(torch.bfloat16, info) == threads * 2e9 * 16 * 2 * 2 * 2
     avx2 = info.replace(" avx512f avx512_bf16", "")
-    assert parallel.cpu_vector_peak_flops(torch.bfloat16, avx2) == threads * 2e9 * 8 * 2 * 2
-    assert parallel.cpu_vector_peak_flops(torch.float32, "no such lines") == 0.0
+    assert configurator.cpu_vector_peak_flops(torch.bfloat16, avx2) == threads * 2e9 * 8 * 2 * 2
+    assert configurator.cpu_vector_peak_flops(torch.float32, "no such lines") == 0.0
 
 
 def test_bench_reports_progress_and_no_nan(tmp_path):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import convert
 import model as model_py
 from model import GPT, GPTConfig, KVCache, Muon, sample_next
 
@@ -199,7 +200,7 @@ def test_gpt2_layout_reproduces_hugging_face_gpt2_logits():
     with torch.no_grad():  # non-trivial norms and biases, so that a mis-mapped or transposed one shows, and
         for p in hf.parameters():  # pre-activations large enough that exact GELU would miss by ~8e-4
             p.add_(0.1 * torch.randn_like(p))
-    model = GPT.from_hf_gpt2(hf).eval()
+    model = convert.from_hf_model(hf).eval()
     assert model.config.layout == "gpt2" and model.config.block_size == 32
     idx = torch.randint(0, 100, (2, 32))
     with torch.no_grad():
