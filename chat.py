@@ -90,8 +90,9 @@ def read_meta(data_dir):
     return meta
 
 
-def check_token_file(path, dtype, block_size):
-    """ValueError, saying how to fix it, unless path holds a whole number of tokens and more than a block of them."""
+def check_token_file(path, dtype, block_size, vocab_size=None):
+    """ValueError, saying how to fix it, unless path holds a whole number of tokens, more than a block of them, and
+    (files up to ~128M tokens are scanned, a second or so; larger ones batch by batch) none past vocab_size."""
     if not os.path.exists(path):
         data_dir = os.path.dirname(path)
         script = os.path.join(data_dir, "prepare.py")
@@ -106,6 +107,8 @@ def check_token_file(path, dtype, block_size):
         fix = "prepare it with a larger --val_fraction (data/text/prepare.py) or " if path.endswith("val.bin") else \
             "use more text or "
         raise ValueError(f"{path} holds fewer than block_size+1={block_size + 1} tokens; {fix}a smaller block_size")
+    if vocab_size and size // dtype.itemsize <= 2**27:
+        check_token_range(np.memmap(path, dtype=dtype, mode="r"), vocab_size, path)
 
 
 def check_token_range(tokens, vocab_size, path):

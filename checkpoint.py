@@ -184,6 +184,19 @@ def save(out_dir, state, model, optimizers, data_state, sharded=False, group=Non
     return path
 
 
+def restore(ckpt, model, optimizers, scaler, data_gen, rank=0, group=None):
+    """The rest of what read_start found, once the model is built and parallelized: its optimizer and GradScaler
+    states (a distributed checkpoint's weights too, resharded) and this rank's random streams, so that the run goes
+    on as if never stopped."""
+    if "dcp" in ckpt:
+        load_sharded(ckpt["dcp"], model, optimizers, group)
+    else:
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"][rank % len(ckpt["rng"])], data_gen)  # each rank's own (dropout, data order)
+
+
 # -----------------------------------------------------------------------------
 # distributed checkpoints
 

@@ -127,6 +127,8 @@ def check_training(config):
         (c.save_timeout <= 0, f"save_timeout must be > 0 seconds, got {c.save_timeout}"),
         (c.peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {c.peak_flops}"),
         (c.fsdp_cpu_offload and "fsdp" not in c.parallel, "fsdp_cpu_offload=True needs parallel='fsdp' or 'fsdp+tp'"),
+        (c.pp_size > 1 and c.mode != "pretrain",
+         f"pp_size > 1 trains mode='pretrain' only (not {c.mode!r}): its loss is per token of fixed-length sequences"),
         (os.path.isfile(c.out_dir), f"out_dir={c.out_dir!r} is a file; point out_dir at a directory (new, or a run's)"),
     ]:
         if bad:

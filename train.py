@@ -8,7 +8,6 @@ Every hyperparameter is a global below (the model's are GPTConfig's fields); con
 them (configurator.py). The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
 """
 
-import json
 import math
 import os
 import sys
@@ -24,9 +23,9 @@ import chat
 import configurator
 import convert
 import moe
+import plot
 import reasoning
-from checkpoint import (CheckpointError, checkpoint_group, find_sharded, load_sharded, load_weights, read_start,
-                        save, set_rng_states)
+from checkpoint import CheckpointError, checkpoint_group, find_sharded, load_weights, read_start, restore, save
 from model import GPT, GPTConfig
 from parallel import (agree, check_layout, clip_grad_norm_, compile_blocks, exit_process, fail_fast, init_distributed,
                       mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, sync_expert_grads, watch_signals)
@@ -136,9 +135,6 @@ if parallel == "auto":
     parallel = "ddp" if world_size > pp_size else "none"
 pp_microbatches = pp_microbatches or pp_size
 try:
-    if pp_size > 1 and mode != "pretrain":
-        raise ValueError(f"pp_size > 1 trains mode='pretrain' only (not {mode!r}): its loss is per token of "
-                         f"fixed-length sequences")
     check_layout(parallel, tp_size, world_size, GPTConfig.from_settings(config), batch_size, block_size,
                  gradient_accumulation_steps, optimizer, dtype, ep_size, pp_size, pp_schedule, pp_microbatches,
                  pp_virtual_stages)
@@ -161,9 +157,7 @@ if master:
                                      subsequent_indent="        "))
     print(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP and TP shard each rank's own copy)
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # (CUDA only; harmless elsewhere)
 
 # -----------------------------------------------------------------------------
 # data: token ids in flat binary files, sampled as random windows
@@ -184,20 +178,6 @@ if mode != "pretrain":
         sys.exit(f"error: {e}")
     if master:
         print(f"{mode}: {len(chat_data['train'])} training and {len(chat_data['val'])} validation examples")
-for split in bin_splits:
-    try:
-        chat.check_token_file(os.path.join(data_dir, f"{split}.bin"), token_dtype, block_size)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
-if mode == "pretrain":
-    try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
-        val_bytes_per_token = convert.bytes_per_token(
-            chat.Tokenizer(meta), np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
-    except (ImportError, ValueError, OSError, IndexError, KeyError) as e:  # tiktoken offline, ids past the vocab
-        if master:
-            print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")
-
 
 def get_batch(split, generator):
     """This data-parallel rank's share of the next global batch: every rank draws the same dp_size*batch_size
@@ -280,13 +260,19 @@ if resume and master:
 vocab_size = model.config.vocab_size
 if meta.get("vocab_size", 0) > vocab_size:
     sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
-for split in bin_splits:  # scan whole files up to ~128M tokens up front (a second or so); larger ones per batch
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
-    if len(data) <= 2**27:
-        try:
-            chat.check_token_range(data, vocab_size, os.path.join(data_dir, f"{split}.bin"))
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+for split in bin_splits:
+    try:
+        chat.check_token_file(os.path.join(data_dir, f"{split}.bin"), token_dtype, block_size, vocab_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
+if mode == "pretrain":
+    try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
+        val_bytes_per_token = convert.bytes_per_token(
+            chat.Tokenizer(meta), np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
+    except (ImportError, ValueError, OSError, IndexError, KeyError) as e:  # tiktoken offline, ids past the vocab
+        if master:
+            print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")
 model.to(device)
 ref_model = None
 if mode == "dpo":  # DPO's frozen reference: ref_from's weights, by default those this run started from
@@ -318,18 +304,11 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
                                             optimizer_kwargs(raw_model, device_type))
 
-
 # rank 0's checkpoint writes are waited for on a group of their own, with a timeout sized for them (save_timeout)
 ckpt_group = checkpoint_group(save_timeout) if distributed else None
 saved_iter = iter_num if resume else None  # the iteration of the checkpoint on disk, for the messages
 if resume:
-    if "dcp" in resume:
-        load_sharded(resume["dcp"], raw_model, optimizers, ckpt_group)
-    else:
-        for opt, state in zip(optimizers, resume["optimizers"]):
-            opt.load_state_dict(state)
-    scaler.load_state_dict(resume["scaler"])
-    set_rng_states(resume["rng"][rank % len(resume["rng"])], data_gen)  # each rank's own (dropout, data order)
+    restore(resume, raw_model, optimizers, scaler, data_gen, rank, ckpt_group)
     resume = None  # free memory
 
 
@@ -445,19 +424,10 @@ if wandb_log and master:
     except ImportError:
         sys.exit("error: wandb_log=True needs Weights & Biases: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
-if master:  # a line marking where each run (or resumed part of one) starts: the file may hold several
-    metrics_file.write(json.dumps({"run_start": time.time(), "iter": iter_num, "init_from": init_from,
-                                   "world_size": world_size}) + "\n")
-    metrics_file.flush()
-
-
-def log(record):
-    if master:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if wandb is not None:
-            wandb.log(record, step=record["iter"])
+# rank 0 appends to out_dir/metrics.jsonl (plot.py draws it), first a line marking where this run (or resumed part
+# of one) starts: the file may hold several
+log = plot.MetricsLog(out_dir, {"run_start": time.time(), "iter": iter_num, "init_from": init_from,
+                                "world_size": world_size}, wandb) if master else lambda record: None
 
 
 # -----------------------------------------------------------------------------
