@@ -90,9 +90,14 @@ def read_meta(data_dir):
     return meta
 
 
+def check_token_files(data_dir, splits, dtype, block_size, vocab_size=None):
+    """ValueError, saying how to fix it, unless each split's file holds a whole number of tokens, more than a block of
+    them, and (files up to ~128M tokens are scanned, a second or so; larger ones batch by batch) none past vocab_size."""
+    for split in splits:
+        check_token_file(os.path.join(data_dir, f"{split}.bin"), dtype, block_size, vocab_size)
+
+
 def check_token_file(path, dtype, block_size, vocab_size=None):
-    """ValueError, saying how to fix it, unless path holds a whole number of tokens, more than a block of them, and
-    (files up to ~128M tokens are scanned, a second or so; larger ones batch by batch) none past vocab_size."""
     if not os.path.exists(path):
         data_dir = os.path.dirname(path)
         script = os.path.join(data_dir, "prepare.py")

@@ -21,6 +21,9 @@ from model import GPT, GPTConfig
 
 CHECKPOINT_VERSION = 1  # ckpt.pt's layout; raise it when a change makes old checkpoints unreadable
 DCP_DIR = "ckpt_dcp"  # inside out_dir
+# model settings a run may change when it resumes or fine-tunes; every other one comes from the checkpoint
+RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "eval_capacity_factor", "moe_kernel", "aux_loss_coef",
+                "z_loss_coef", "dre_threshold", "dre_exit")
 
 
 def _flat():

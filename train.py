@@ -25,7 +25,8 @@ import convert
 import moe
 import plot
 import reasoning
-from checkpoint import CheckpointError, checkpoint_group, find_sharded, load_weights, read_start, restore, save
+from checkpoint import (RUN_SETTINGS, CheckpointError, checkpoint_group, find_sharded, load_weights, read_start,
+                        restore, save)
 from model import GPT, GPTConfig
 from parallel import (agree, check_layout, clip_grad_norm_, compile_blocks, exit_process, fail_fast, init_distributed,
                       mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, sync_expert_grads, watch_signals)
@@ -178,6 +179,10 @@ if mode != "pretrain":
         sys.exit(f"error: {e}")
     if master:
         print(f"{mode}: {len(chat_data['train'])} training and {len(chat_data['val'])} validation examples")
+try:
+    chat.check_token_files(data_dir, bin_splits, token_dtype, block_size)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 
 def get_batch(split, generator):
     """This data-parallel rank's share of the next global batch: every rank draws the same dp_size*batch_size
@@ -201,9 +206,6 @@ data_gen = torch.Generator().manual_seed(seed)
 # -----------------------------------------------------------------------------
 # model
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-# settings a run may change when it resumes or fine-tunes; every other model setting comes from the checkpoint
-RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "eval_capacity_factor", "moe_kernel", "aux_loss_coef",
-                "z_loss_coef", "dre_threshold")
 
 
 def init_model():
@@ -260,11 +262,10 @@ if resume and master:
 vocab_size = model.config.vocab_size
 if meta.get("vocab_size", 0) > vocab_size:
     sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
-for split in bin_splits:
-    try:
-        chat.check_token_file(os.path.join(data_dir, f"{split}.bin"), token_dtype, block_size, vocab_size)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+try:  # the ids too, now that the vocabulary is known
+    chat.check_token_files(data_dir, bin_splits, token_dtype, block_size, vocab_size)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
 if mode == "pretrain":
     try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
