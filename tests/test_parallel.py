@@ -266,7 +266,6 @@ def clipping_check():
     from torch.distributed.tensor.debug import CommDebugMode
     import parallel
     from model import GPT, GPTConfig
-    from moe import local
     dist.init_process_group("gloo")
     for layout, tp_size, ep_size, reductions in CLIP_CASES:
         torch.manual_seed(0)
