@@ -443,8 +443,7 @@ def bench_reasoning():
     data_dir = os.path.join("data", run_cfg["dataset"])
     test_path = reasoning_test or os.path.join(data_dir, "test.jsonl")
     try:
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
+        meta = chat.read_meta(data_dir)
         problems, tokenizer = dre_eval.load_problems(test_path, reasoning_per), chat.Tokenizer(meta)
         train_max = meta["train_max"]
         for p in problems:  # the answer, then what must follow it (addition: a newline)

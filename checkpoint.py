@@ -168,8 +168,8 @@ def save(out_dir, state, model, optimizers, data_state, sharded=False, group=Non
     from it whether that worked. Returns the path; OSError on every rank when the write failed."""
     rngs = [rng_states(data_state)]
     if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng_states(data_state))
+        mine, rngs = rngs[0], [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, mine)
     state = {"version": CHECKPOINT_VERSION, **state, "rng": rngs}
     if sharded:
         return save_sharded(out_dir, model, optimizers, state, group, keep_last)
