@@ -51,26 +51,30 @@ def add(prompt):
 def test_pointer_answers_and_depths_match_an_independent_solver(depth):
     rng = random.Random(depth)
     for _ in range(200):
-        text, heads, letters = prep.pointer_problem(rng, depth, statements=10, distractor_max=4)
+        text, heads, letters = prep.pointer_problem(rng, depth, chains=4, distractor_max=3)
         table = parse(text[:-1])
-        assert len(text) == 10 * 4 + 1  # the same length at every depth: only the depth is out of distribution
         assert sorted(letters) == sorted(table)
         assert chase(table, heads[0][0]) == heads[0][1:] == (heads[0][1], depth)
         # the heads are exactly the letters no assignment refers to, and each is its chain's far end
         assert {h for h, _, _ in heads} == set(table) - set(table.values())
-        assert all(chase(table, h) == (v, d) and d <= max(depth, 4) for h, v, d in heads)
+        assert all(chase(table, h) == (v, d) for h, v, d in heads)
+        assert all(1 <= d <= 3 for _, _, d in heads[1:])  # distractors stay inside the training range
+        # four chains with four distinct digits at every depth: guessing a digit of the problem is right 1 in 4
+        assert len({v for v in table.values() if v.isdigit()}) == len(heads) == 4
 
 
 def test_pointer_chains_are_shuffled_and_letters_differ_from_the_previous_problem():
     rng, avoid, firsts = random.Random(0), "", set()
     for _ in range(300):
-        text, _, letters = prep.pointer_problem(rng, 4, 10, 4, avoid)
+        text, _, letters = prep.pointer_problem(rng, 4, 4, 4, avoid)
         assert not set(letters) & set(avoid)
         firsts.add(text[2].isdigit())  # does the first assignment hold a digit? both happen
         avoid = letters
     assert firsts == {True, False}
     with pytest.raises(ValueError, match="depth"):
-        prep.pointer_problem(rng, 11, 10, 4)
+        prep.pointer_problem(rng, 0, 4, 4)
+    with pytest.raises(ValueError, match="letters"):
+        prep.pointer_problem(rng, 50, 4, 4)
 
 
 @pytest.mark.parametrize("digits", [1, 3, 8, 16])
@@ -127,16 +131,16 @@ def test_prepare_splits_by_difficulty_and_writes_what_bench_reads(tmp_path, task
 
 
 def test_prepare_refuses_impossible_settings(tmp_path):
-    proc = subprocess.run([sys.executable, PREPARE, "--train_max=5", "--test_max=12", f"--out_dir={tmp_path}"],
+    proc = subprocess.run([sys.executable, PREPARE, "--train_max=5", "--test_max=16", f"--out_dir={tmp_path}"],
                           capture_output=True, text=True)
-    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --statements=10")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --chains=4")
     assert not (tmp_path / "train.bin").exists()
 
 
 @pytest.fixture(scope="module")
 def reasoning_data(tmp_path_factory):
     work = tmp_path_factory.mktemp("reasoning")
-    subprocess.run([sys.executable, PREPARE, "--train_max=2", "--statements=6", "--train_problems=3000",
+    subprocess.run([sys.executable, PREPARE, "--train_max=2", "--chains=3", "--train_problems=3000",
                     "--val_problems=100", "--test_per=6", f"--out_dir={work / 'data' / 'reasoning'}"],
                    check=True, capture_output=True)
     return work

@@ -6,10 +6,12 @@ Problems with a difficulty dial, for the DRE's reasoning benchmark (python bench
     python data/reasoning/prepare.py --train_max=3 --test_max=6 --out_dir=data/reasoning3
 
 pointer: variable chains in shuffled order; the answer is a chain head's digit, and the difficulty is the number of
-assignments to follow. Every problem has --statements assignments, so its length does not depend on its difficulty:
-the only thing out of distribution in the test set is the depth.
+assignments to follow. Every problem has --chains chains ending in distinct digits, the asked one and distractors of
+1..4 (at most train_max) assignments, so that picking one of the digits it holds is right 1/chains of the time at
+every depth (with a fixed number of assignments, deep problems would hold fewer digits, and guessing would look like
+reasoning).
 
-    s=d;k=s;t=4;d=8;x=t;|k8        (depth 3: k=s, s=d, d=8; the chain x=t, t=4 is a distractor)
+    s=d;k=s;t=4;d=8;x=t;|k8        (depth 3: k=s, s=d, d=8; the chain x=t, t=4 is a distractor; two chains)
 
 A training line asks for every chain's head after the '|' (s=d;k=s;t=4;d=8;x=t;|x4k8): several answers per line, each
 right after its question. A test prompt asks for its own chain's head only (...;|k, answer 8).
@@ -31,25 +33,24 @@ import os
 import random
 
 here = os.path.dirname(os.path.abspath(__file__))
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CHARS = "\n+;=?|" + "0123456789" + LETTERS  # the vocabulary of both tasks, fixed so that one meta.json serves both
 
 
-def pointer_problem(rng, depth, statements, distractor_max, avoid=""):
-    """A chain of `depth` assignments ending in a digit, shuffled among distractor chains of 1..distractor_max
-    assignments, `statements` assignments in all. Returns (the assignments and '|', [(head, digit, depth)] of each
-    chain, the problem's chain first, letters used). Letters in `avoid` (the previous problem's) are not used, so
-    the most recent definition of a letter is always this problem's."""
-    if not 1 <= depth <= statements:
-        raise ValueError(f"depth {depth} needs 1 <= depth <= statements={statements}")
-    names = rng.sample([c for c in LETTERS if c not in avoid], statements)  # each assigned exactly once
-    sizes, left, lines, heads = [depth], statements - depth, [], []
-    while left:
-        sizes.append(rng.randint(1, min(left, distractor_max)))
-        left -= sizes[-1]
-    for size in sizes:
+def pointer_problem(rng, depth, chains, distractor_max, avoid=""):
+    """A chain of `depth` assignments ending in a digit, shuffled among chains - 1 distractor chains of
+    1..distractor_max assignments, each chain ending in its own digit. Returns (the assignments and '|',
+    [(head, digit, depth)] of each chain, the problem's chain first, letters used). Letters in `avoid` (the previous
+    problem's) are not used, so the most recent definition of a letter is always this problem's."""
+    if depth < 1 or not 1 <= chains <= 10:
+        raise ValueError(f"need depth >= 1 (got {depth}) and 1 <= chains <= 10 (got {chains}): one digit per chain")
+    sizes = [depth] + [rng.randint(1, distractor_max) for _ in range(chains - 1)]
+    free = [c for c in LETTERS if c not in avoid]
+    if sum(sizes) > len(free):
+        raise ValueError(f"depth {depth} with {chains} chains needs {sum(sizes)} letters, {len(free)} are free")
+    names, lines, heads = rng.sample(free, sum(sizes)), [], []  # each assigned exactly once
+    for size, value in zip(sizes, rng.sample("0123456789", chains)):
         chain, names = names[:size], names[size:]  # chain[0] = digit, chain[i] = chain[i - 1]
-        value = rng.choice("0123456789")
         lines += [f"{chain[0]}={value}"] + [f"{b}={a}" for a, b in zip(chain, chain[1:])]
         heads.append((chain[-1], value, size))
     rng.shuffle(lines)
@@ -71,25 +72,25 @@ def addition_problem(rng, digits):
     return f"{a}+{b}=", str(a + b)[::-1]
 
 
-def make_lines(task, rng, difficulties, n, statements=10, distractor_max=4):
+def make_lines(task, rng, difficulties, n, chains=4, distractor_max=4):
     """n training lines, each problem's difficulty drawn uniformly from the list."""
     lines, avoid = [], ""
     for _ in range(n):
         d = rng.choice(difficulties)
         if task == "pointer":
-            text, heads, avoid = pointer_problem(rng, d, statements, min(distractor_max, max(difficulties)), avoid)
+            text, heads, avoid = pointer_problem(rng, d, chains, min(distractor_max, max(difficulties)), avoid)
             lines.append(pointer_line(rng, text, heads) + "\n")
         else:
             lines.append("".join(addition_problem(rng, d)) + "\n")
     return lines
 
 
-def make_tests(task, rng, difficulty, n, statements=10, distractor_max=4):
+def make_tests(task, rng, difficulty, n, chains=4, distractor_max=4):
     """n test problems {"prompt", "answer", "difficulty"}."""
     tests, avoid = [], ""
     for _ in range(n):
         if task == "pointer":
-            text, heads, avoid = pointer_problem(rng, difficulty, statements, distractor_max, avoid)
+            text, heads, avoid = pointer_problem(rng, difficulty, chains, distractor_max, avoid)
             prompt, answer = text + heads[0][0], heads[0][1]
         else:
             prompt, answer = addition_problem(rng, difficulty)
@@ -110,7 +111,7 @@ def main():
     parser.add_argument("--task", default="pointer", choices=("pointer", "addition"))
     parser.add_argument("--train_max", type=int, default=None, help="hardest training problem (pointer 4, addition 8)")
     parser.add_argument("--test_max", type=int, default=None, help="hardest test problem (default 2 x train_max)")
-    parser.add_argument("--statements", type=int, default=10, help="pointer: assignments per problem")
+    parser.add_argument("--chains", type=int, default=4, help="pointer: chains per problem, the asked one included")
     parser.add_argument("--train_problems", type=int, default=200_000)
     parser.add_argument("--val_problems", type=int, default=5_000)
     parser.add_argument("--test_per", type=int, default=200, help="test problems per difficulty")
@@ -121,9 +122,9 @@ def main():
     test_max = args.test_max or 2 * train_max
     if not 1 <= train_max <= test_max:
         raise SystemExit(f"error: need 1 <= train_max ({train_max}) <= test_max ({test_max})")
-    if args.task == "pointer" and not test_max <= args.statements <= 13:
-        raise SystemExit(f"error: --statements={args.statements} must be from test_max={test_max} to 13 (two "
-                         f"problems in a row use distinct letters of the 26)")
+    if args.task == "pointer" and not (2 <= args.chains <= 10 and test_max + 4 * (args.chains - 1) <= 26):
+        raise SystemExit(f"error: --chains={args.chains} must be 2-10 with test_max + 4 x (chains - 1) <= 26, the "
+                         f"letters a problem may use (two problems in a row use distinct ones of the 52)")
     if min(args.train_problems, args.val_problems, args.test_per) < 1:
         raise SystemExit("error: --train_problems, --val_problems and --test_per must be at least 1")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -131,16 +132,16 @@ def main():
     rngs = {split: random.Random(f"{args.seed}-{args.task}-{split}") for split in ("train", "val", "test")}
     trained = list(range(1, train_max + 1))
     sizes = {split: write_tokens(os.path.join(args.out_dir, f"{split}.bin"),
-                                 make_lines(args.task, rngs[split], trained, n, args.statements))
+                                 make_lines(args.task, rngs[split], trained, n, args.chains))
              for split, n in (("train", args.train_problems), ("val", args.val_problems))}
     with open(os.path.join(args.out_dir, "test.jsonl"), "w") as f:
         for d in range(1, test_max + 1):
-            for t in make_tests(args.task, rngs["test"], d, args.test_per, args.statements,
+            for t in make_tests(args.task, rngs["test"], d, args.test_per, args.chains,
                                 distractor_max=min(4, train_max)):
                 f.write(json.dumps(t) + "\n")
     with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
         json.dump({"vocab_size": len(CHARS), "dtype": "uint16", "tokenizer": "char", "chars": CHARS, "eot_id": None,
-                   "task": args.task, "train_max": train_max, "test_max": test_max,
+                   "task": args.task, "train_max": train_max, "test_max": test_max, "chains": args.chains,
                    "answer_end": "" if args.task == "pointer" else "\n"}, f)
     print(f"{args.task}: train {args.train_problems:,} problems ({sizes['train']:,} tokens, difficulty "
           f"1-{train_max}), val {args.val_problems:,} ({sizes['val']:,} tokens), test {args.test_per} per difficulty "
