@@ -1,5 +1,5 @@
 # The dense baseline of config/reasoning_dre.py: the same 3 blocks of 128 (the same parameters), each run once, on
-# the same pointer-chasing data. 25 minutes on a 2-core machine shared with other work (the DRE: 39):
+# the same pointer-chasing data. About 18 minutes on 2 CPU cores, one thread (0.35 s an iteration):
 #   python data/reasoning/prepare.py && python train.py config/reasoning_dense.py
 #   python bench.py --reasoning --out_dir=out-reasoning-dense   # accuracy per depth (at 1 step: there is no core)
 out_dir = "out-reasoning-dense"

@@ -1,11 +1,11 @@
 # The DRE on pointer chasing (data/reasoning/prepare.py): trained on chains of depth 1-4, it is meant to follow
-# deeper ones (up to 8) by running more core steps at test time. About 14 minutes alone on 2 CPU cores
-# (0.8 s an iteration; 39 minutes on a machine shared with other work):
+# deeper ones (up to 8) by running more core steps at test time. About 35 minutes on 2 CPU cores, one thread
+# (0.6-0.7 s an iteration):
 #   python data/reasoning/prepare.py && python train.py config/reasoning_dre.py
 #   python bench.py --reasoning --out_dir=out-reasoning-dre     # accuracy per depth at 1..4x the training steps
 # 1 prelude + 1 core + 1 coda block, so it has exactly the parameters of config/reasoning_dense.py. The core's
 # updates land on the prelude's output (dre_inject) and r is drawn per step (mean 4, at most 8): README, "Reasoning
-# benchmark". On this 2-core machine neither this model nor the dense one learned the task in 1000 iterations.
+# benchmark". Neither this model nor the dense one got off the recall plateau in 3000 iterations (README).
 out_dir = "out-reasoning-dre"
 dataset = "reasoning"
 eval_interval = 500
