@@ -14,8 +14,9 @@ coda and head every step), or 'state', how far its state moved, |s_i - s_{i-1}| 
 The recipe, for running more steps than training did (Bansal et al. 2022): r drawn per step, so that every depth has
 to predict and extra steps must leave a settled answer alone; input injection without parameters, so that a step's
 update replaces the last one's instead of piling onto it (the state stays the size it was trained at); no progressive
-loss (it needs a second forward in train.py). The README's DRE and reasoning-benchmark sections give the figures. The
-end of this file is that benchmark's evaluation (bench.py --reasoning).
+loss (it needs a second forward in train.py). On pointer chasing the lookup forms only on depth 1 alone, and the DRE
+lost it again on the mixed depths: the README's DRE and reasoning-benchmark sections give the figures. The end of
+this file is that benchmark's evaluation (bench.py --reasoning).
 """
 
 import functools
