@@ -124,14 +124,22 @@ def check_token_range(tokens, vocab_size, path):
 
 def pretrain_batch(path, dtype, batch_size, block_size, generator, rank=0, world=1, vocab_size=None):
     """X, Y (B, T) of random windows of a token file for data-parallel rank `rank` of `world` (all draw the same
-    world*batch_size windows, each keeps its slice). Ids past vocab_size are a ValueError."""
+    world*batch_size windows, each keeps its slice). Ids past vocab_size are a ValueError. A mask file beside it
+    (train.bin: train_mask.bin, one uint8 a token, 1 at the tokens to learn) sets Y to -1 (no loss) elsewhere."""
     data = np.memmap(path, dtype=dtype, mode="r")  # anew each batch: a memmap keeps the pages it read (nanoGPT)
     ix = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
-    tokens = np.stack([data[i:i + block_size + 1] for i in ix[rank * batch_size:(rank + 1) * batch_size].tolist()])
-    tokens = tokens.astype(np.int64)
+    starts = ix[rank * batch_size:(rank + 1) * batch_size].tolist()
+    tokens = np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64)
     if vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
         check_token_range(tokens, vocab_size, path)
-    return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    mask_path = path[:-len(".bin")] + "_mask.bin"
+    if os.path.exists(mask_path):
+        mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+        if len(mask) != len(data):
+            raise ValueError(f"{mask_path} has {len(mask)} entries for {len(data)} tokens in {path}; write both again")
+        y = y.masked_fill(torch.from_numpy(np.stack([mask[i + 1:i + block_size + 1] for i in starts]) == 0), -1)
+    return x, y
 
 
 # -----------------------------------------------------------------------------

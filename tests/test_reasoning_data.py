@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+import chat
 from conftest import ROOT, run_train
 
 PREPARE = os.path.join(ROOT, "data", "reasoning", "prepare.py")
@@ -121,13 +123,40 @@ def test_prepare_splits_by_difficulty_and_writes_what_bench_reads(tmp_path, task
         assert len(lines) == n
         difficulties = {d for line in lines for d in check_line(task, line)}
         assert difficulties == set(range(1, train_max + 1)), split  # every training difficulty, none harder
+        mask = np.fromfile(tmp_path / f"{split}_mask.bin", dtype=np.uint8)
+        start = 0
+        for line in lines:  # the loss falls on the answers: the digit after each head asked, or the sum and '\n'
+            body, asked = line.split("|" if task == "pointer" else "=")
+            answers = {len(body) + 2 + 2 * i for i in range(len(asked) // 2)} if task == "pointer" else \
+                set(range(len(body) + 1, len(line) + 1))
+            assert set(np.flatnonzero(mask[start:start + len(line) + 1])) == answers, line
+            start += len(line) + 1
+        assert start == len(mask)
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert [t["difficulty"] for t in test] == [d for d in range(1, 2 * train_max + 1) for _ in range(20)]
     assert all(solver(t["prompt"]) == (t["answer"], t["difficulty"]) for t in test)
     again = tmp_path / "again"  # seeded: the same files again
     subprocess.run(args[:-1] + [f"--out_dir={again}"], check=True, capture_output=True)
-    for name in ("train.bin", "val.bin", "test.jsonl"):
+    for name in ("train.bin", "val.bin", "test.jsonl", "train_mask.bin"):
         assert (again / name).read_bytes() == (tmp_path / name).read_bytes()
+    subprocess.run(args[:-1] + [f"--out_dir={again}", "--loss=all"], check=True, capture_output=True)
+    assert not (again / "train_mask.bin").exists() and not (again / "val_mask.bin").exists()  # no stale mask
+
+
+def test_pretrain_batch_has_no_loss_outside_the_mask(tmp_path):
+    tokens = np.arange(100, dtype=np.uint16)  # a window is found again from its first token
+    mask = (np.arange(100) % 3 == 0).astype(np.uint8)
+    tokens.tofile(tmp_path / "train.bin")
+    mask.tofile(tmp_path / "train_mask.bin")
+    x, y = chat.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 8, 10, torch.Generator().manual_seed(0))
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = row_x[0]
+        for t in range(10):  # row_y[t] is the target of token start + t, i.e. token start + t + 1
+            assert row_y[t] == (tokens[start + t + 1] if mask[start + t + 1] else -1)
+    assert (y == -1).any() and (y != -1).any()
+    mask[:50].tofile(tmp_path / "train_mask.bin")  # a mask of another file's length is refused, not misaligned
+    with pytest.raises(ValueError, match="train_mask.bin has 50 entries for 100 tokens"):
+        chat.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 8, 10, torch.Generator().manual_seed(0))
 
 
 def test_prepare_refuses_impossible_settings(tmp_path):

@@ -22,7 +22,8 @@ number of digits of the larger operand.
     407+95=205                     (407 + 95 = 502, written backwards; difficulty 3)
 
 Writes, next to this file or to --out_dir: train.bin / val.bin (one problem a line, characters as tokens, difficulties
-1..train_max), meta.json, and test.jsonl: {"prompt", "answer", "difficulty"} lines, --test_per at each difficulty
+1..train_max), train_mask.bin / val_mask.bin (the loss falls on the answers only; --loss=all: on every token),
+meta.json, and test.jsonl: {"prompt", "answer", "difficulty"} lines, --test_per at each difficulty
 1..test_max. A model is right when greedy decoding after the prompt gives the answer followed by meta.json's
 answer_end (addition: a newline; pointer: nothing, the next question's letter is not asked for).
 """
@@ -98,11 +99,24 @@ def make_tests(task, rng, difficulty, n, chains=4, distractor_max=4):
     return tests
 
 
-def write_tokens(path, lines):
+def answer_mask(task, line):
+    """1 at the characters of a training line that are answers (pointer: the digits after '|'; addition: the sum and
+    its newline), 0 elsewhere: the assignments' letters are random, and learning them only adds noise to the loss."""
+    q = line.index("|" if task == "pointer" else "=") + 1
+    return [0] * q + [int(c.isdigit() or task == "addition") for c in line[q:]]
+
+
+def write_tokens(path, lines, task, answers_only):
+    """The token file and, with answers_only, the mask file beside it (train_mask.bin: uint8, one byte a token)."""
     import numpy as np
     stoi = {c: i for i, c in enumerate(CHARS)}
     text = "".join(lines)
     np.array([stoi[c] for c in text], dtype=np.uint16).tofile(path)
+    mask_path = path[:-len(".bin")] + "_mask.bin"
+    if answers_only:
+        np.array([m for line in lines for m in answer_mask(task, line)], dtype=np.uint8).tofile(mask_path)
+    elif os.path.exists(mask_path):
+        os.remove(mask_path)  # a stale mask would apply to the new tokens
     return len(text)
 
 
@@ -115,6 +129,8 @@ def main():
     parser.add_argument("--train_problems", type=int, default=200_000)
     parser.add_argument("--val_problems", type=int, default=5_000)
     parser.add_argument("--test_per", type=int, default=200, help="test problems per difficulty")
+    parser.add_argument("--loss", default="answers", choices=("answers", "all"),
+                        help="train on the answers only (writes train_mask.bin, val_mask.bin) or on every token")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--out_dir", default=here)
     args = parser.parse_args()
@@ -132,7 +148,8 @@ def main():
     rngs = {split: random.Random(f"{args.seed}-{args.task}-{split}") for split in ("train", "val", "test")}
     trained = list(range(1, train_max + 1))
     sizes = {split: write_tokens(os.path.join(args.out_dir, f"{split}.bin"),
-                                 make_lines(args.task, rngs[split], trained, n, args.chains))
+                                 make_lines(args.task, rngs[split], trained, n, args.chains), args.task,
+                                 args.loss == "answers")
              for split, n in (("train", args.train_problems), ("val", args.val_problems))}
     with open(os.path.join(args.out_dir, "test.jsonl"), "w") as f:
         for d in range(1, test_max + 1):
