@@ -21,9 +21,11 @@ from model import GPT, GPTConfig
 
 CHECKPOINT_VERSION = 1  # ckpt.pt's layout; raise it when a change makes old checkpoints unreadable
 DCP_DIR = "ckpt_dcp"  # inside out_dir
-# model settings a run may change when it resumes or fine-tunes; every other one comes from the checkpoint
+# model settings a run may change when it resumes or fine-tunes (none changes a weight's shape; the DRE's steps let
+# a curriculum stage draw r differently from the run it starts from); every other one comes from the checkpoint
 RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "eval_capacity_factor", "moe_kernel", "aux_loss_coef",
-                "z_loss_coef", "dre_threshold", "dre_exit")
+                "z_loss_coef", "dre_threshold", "dre_exit", "max_reasoning_steps", "dre_sample_steps", "dre_mean_steps",
+                "dre_backprop_steps")
 
 
 def _flat():

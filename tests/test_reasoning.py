@@ -372,3 +372,9 @@ def test_train_py_trains_a_dre_model_logs_its_steps_and_resumes_exactly(char_dat
     assert dre["core_flops_per_token"] > 0
     ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["dre"] and ckpt["model_args"]["dre_threshold"] == 0.1
+    # a curriculum stage starts from a run's weights and draws its steps its own way (here: always 3)
+    run_train([*TINY_DRE, f"--out_dir={tmp_path / 'stage'}", "--max_iters=3", "--eval_interval=3",
+               f"--init_from={tmp_path / 'whole'}", "--dre_sample_steps=False", "--max_reasoning_steps=3"], char_data)
+    assert [r["dre_steps"] for r in metrics(tmp_path / "stage") if "dre_steps" in r] == [[3]] * 3
+    args = torch.load(tmp_path / "stage" / "ckpt.pt", weights_only=True)["model_args"]
+    assert (args["dre_sample_steps"], args["max_reasoning_steps"]) == (False, 3)
