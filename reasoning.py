@@ -12,11 +12,12 @@ a token stops once its exit test falls below dre_threshold: 'kl', how far its ne
 coda and head every step), or 'state', how far its state moved, |s_i - s_{i-1}| / |s_i| (O(n_embd) a step).
 
 The recipe, for running more steps than training did (Bansal et al. 2022): r drawn per step, so that every depth has
-to predict and extra steps must leave a settled answer alone; input injection without parameters, so that a step's
-update replaces the last one's instead of piling onto it (the state stays the size it was trained at); no progressive
-loss (it needs a second forward in train.py). On pointer chasing the lookup forms only on depth 1 alone, and the DRE
-lost it again on the mixed depths: the README's DRE and reasoning-benchmark sections give the figures. The end of
-this file is that benchmark's evaluation (bench.py --reasoning).
+to predict and extra steps must leave a settled answer alone; a curriculum by stages (depth 1, then deeper, each
+stage starting from the last one's weights); no progressive loss (it needs a second forward in train.py). Input
+injection (dre_inject) keeps the state at its trained size, but on pointer chasing it kept the depth-1 lookup from
+forming, so the benchmark's config runs without it. The DRE learned depth 1 and stopped at about half of depth 2:
+the README's DRE and reasoning-benchmark sections give the figures. The end of this file is that benchmark's
+evaluation (bench.py --reasoning).
 """
 
 import functools

@@ -3,9 +3,15 @@
 # (0.6-0.7 s an iteration):
 #   python data/reasoning/prepare.py && python train.py config/reasoning_dre.py
 #   python bench.py --reasoning --out_dir=out-reasoning-dre     # accuracy per depth at 1..4x the training steps
-# 1 prelude + 1 core + 1 coda block, so it has exactly the parameters of config/reasoning_dense.py. The core's
-# updates land on the prelude's output (dre_inject) and r is drawn per step (mean 4, at most 8): README, "Reasoning
-# benchmark". Neither this model nor the dense one got off the recall plateau in 3000 iterations (README).
+# 1 prelude + 1 core + 1 coda block, so it has exactly the parameters of config/reasoning_dense.py; r is drawn per
+# step (mean 4, at most 8). On depths 1-4 from scratch it stays at guessing; what got furthest is by stages (README,
+# "Reasoning benchmark"): depth 1 at a fixed 2 steps, then depths 1-2 at 3 steps from those weights:
+#   python data/reasoning/prepare.py --train_max=1 --test_max=2 --out_dir=data/reasoning1   # and 2, 4: reasoning2
+#   python train.py config/reasoning_dre.py --dataset=reasoning1 --out_dir=out-dre1 --max_iters=600 \
+#       --lr_decay_iters=600 --dre_sample_steps=False --max_reasoning_steps=2
+#   python train.py config/reasoning_dre.py --dataset=reasoning2 --out_dir=out-dre2 --init_from=out-dre1 \
+#       --max_iters=750 --lr_decay_iters=750 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20 \
+#       --dre_sample_steps=False --max_reasoning_steps=3
 out_dir = "out-reasoning-dre"
 dataset = "reasoning"
 eval_interval = 500
@@ -21,7 +27,7 @@ dropout = 0.0
 dre = True
 n_prelude = 1
 n_coda = 1
-dre_inject = True
+dre_inject = False  # injection kept the depth-1 lookup from forming here: 58% against 100% (README)
 max_reasoning_steps = 8
 dre_sample_steps = True
 dre_mean_steps = 4.0
