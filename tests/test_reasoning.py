@@ -65,11 +65,13 @@ SHAPES = {
     "1+1+1": dict(),
     "core of 2 blocks": dict(n_layer=5, n_prelude=2, n_coda=1),
     "no prelude": dict(n_layer=2, n_prelude=0, n_coda=1),
+    "no coda": dict(n_layer=3, n_prelude=1, n_coda=0),  # the benchmark's shape: the head reads the core's state
     "MoE core": dict(n_expert=4, top_k=2, expert_hidden=32),
     "input injection": dict(dre_inject=True),
     "injection, core of 2 blocks": dict(n_layer=5, n_prelude=2, n_coda=1, dre_inject=True),
 }
-EXITS = {"kl": dict(dre_exit="kl", dre_threshold=0.05), "state": dict(dre_exit="state", dre_threshold=0.3),
+EXITS = {"kl": dict(dre_exit="kl", dre_threshold=0.05), "kl, no coda": dict(dre_exit="kl", dre_threshold=0.05, n_coda=0),
+         "state": dict(dre_exit="state", dre_threshold=0.3),
          "state, injected": dict(dre_exit="state", dre_threshold=0.4, dre_inject=True)}
 
 
