@@ -13,11 +13,12 @@ coda and head every step), or 'state', how far its state moved, |s_i - s_{i-1}| 
 
 The recipe, for running more steps than training did (Bansal et al. 2022): r drawn per step, so that every depth has
 to predict and extra steps must leave a settled answer alone; a curriculum by stages (depth 1, then deeper, each
-stage starting from the last one's weights); no progressive loss (it needs a second forward in train.py). Input
-injection (dre_inject) keeps the state at its trained size, but on pointer chasing it kept the depth-1 lookup from
-forming, so the benchmark's config runs without it. The DRE learned depth 1 and stopped at about half of depth 2:
-the README's DRE and reasoning-benchmark sections give the figures. The end of this file is that benchmark's
-evaluation (bench.py --reasoning).
+stage starting from the last one's weights); no coda, so that the head reads the core's state and every hop is the
+core's to take (with a coda block the model stopped at half of depth 2); full backpropagation through the steps
+(truncating it to the last 2, the nearest thing to Bansal's progressive loss here, lost depth 2); no input injection
+(dre_inject keeps the state at its trained size, but on pointer chasing it kept the depth-1 lookup from forming).
+So trained, the DRE follows chains deeper than one pass of its blocks can, by running more steps; the README's
+reasoning-benchmark section gives the figures. The end of this file is that benchmark's evaluation.
 """
 
 import functools

@@ -1,17 +1,20 @@
 # The DRE on pointer chasing (data/reasoning/prepare.py): trained on chains of depth 1-4, it is meant to follow
-# deeper ones (up to 8) by running more core steps at test time. About 35 minutes on 2 CPU cores, one thread
-# (0.6-0.7 s an iteration):
-#   python data/reasoning/prepare.py && python train.py config/reasoning_dre.py
-#   python bench.py --reasoning --out_dir=out-reasoning-dre     # accuracy per depth at 1..4x the training steps
-# 1 prelude + 1 core + 1 coda block, so it has exactly the parameters of config/reasoning_dense.py; r is drawn per
-# step (mean 4, at most 8). On depths 1-4 from scratch it stays at guessing; what got furthest is by stages (README,
-# "Reasoning benchmark"): depth 1 at a fixed 2 steps, then depths 1-2 at 3 steps from those weights:
-#   python data/reasoning/prepare.py --train_max=1 --test_max=2 --out_dir=data/reasoning1   # and 2, 4: reasoning2
-#   python train.py config/reasoning_dre.py --dataset=reasoning1 --out_dir=out-dre1 --max_iters=600 \
-#       --lr_decay_iters=600 --dre_sample_steps=False --max_reasoning_steps=2
+# deeper ones (up to 8) by running more core steps at test time. 3 blocks of 128: one prelude block, a core of two
+# and no coda (the head reads the core's state, so every hop has to be taken by the core), exactly the parameters of
+# config/reasoning_dense.py; r is drawn per step (mean 4, at most 8). From scratch on depths 1-4 it stays at
+# guessing on 2 CPU cores; by stages (README, "Reasoning benchmark"), each starting from the last one's weights, it
+# follows depths 3-4 by running 2-8 steps, which the dense model cannot. About 45 minutes in all (one thread,
+# 0.7-1.2 s an iteration):
+#   python data/reasoning/prepare.py --train_max=1 --test_max=2 --out_dir=data/reasoning1
+#   python data/reasoning/prepare.py --train_max=2 --test_max=4 --out_dir=data/reasoning2
+#   python data/reasoning/prepare.py                                            # depths 1-4, tests 1-8
+#   python train.py config/reasoning_dre.py --dataset=reasoning1 --out_dir=out-dre1 --max_iters=500 \
+#       --lr_decay_iters=500 --dre_mean_steps=3 --max_reasoning_steps=6
 #   python train.py config/reasoning_dre.py --dataset=reasoning2 --out_dir=out-dre2 --init_from=out-dre1 \
-#       --max_iters=750 --lr_decay_iters=750 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20 \
-#       --dre_sample_steps=False --max_reasoning_steps=3
+#       --max_iters=1000 --lr_decay_iters=1000 --warmup_iters=20 --dre_mean_steps=3 --max_reasoning_steps=6
+#   python train.py config/reasoning_dre.py --out_dir=out-dre3 --init_from=out-dre2 --max_iters=1000 \
+#       --lr_decay_iters=1000 --learning_rate=3e-3 --min_lr=1e-4 --warmup_iters=20
+#   python bench.py --reasoning --out_dir=out-dre3     # accuracy per depth at 1..4x the training steps
 out_dir = "out-reasoning-dre"
 dataset = "reasoning"
 eval_interval = 500
@@ -26,7 +29,7 @@ n_embd = 128
 dropout = 0.0
 dre = True
 n_prelude = 1
-n_coda = 1
+n_coda = 0  # 1 + 1 + 1 stopped at half of depth 2 at any step count; 1 + 2 + 0 measured best (README)
 dre_inject = False  # injection kept the depth-1 lookup from forming here: 58% against 100% (README)
 max_reasoning_steps = 8
 dre_sample_steps = True
