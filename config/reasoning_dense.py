@@ -2,13 +2,16 @@
 # the same pointer-chasing data. About 18 minutes on 2 CPU cores, one thread (0.35 s an iteration):
 #   python data/reasoning/prepare.py && python train.py config/reasoning_dense.py
 #   python bench.py --reasoning --out_dir=out-reasoning-dense   # accuracy per depth (at 1 step: there is no core)
-# From scratch on depths 1-4 it stays at guessing; by stages (README, "Reasoning benchmark") it learns depth 1 in 500
-# iterations and two thirds of depth 2 in two more stages (data as in config/reasoning_dre.py; the third stage is the
-# second again from out-dense2, 1000 iterations at learning_rate=2e-3):
+# From scratch on depths 1-4 it stays at guessing; by stages (README, "Reasoning benchmark"; data as in
+# config/reasoning_dre.py) it learns depth 1 in 500 iterations and about two thirds of depth 2, and no more:
 #   python train.py config/reasoning_dense.py --dataset=reasoning1 --out_dir=out-dense1 --max_iters=500 \
 #       --lr_decay_iters=500
 #   python train.py config/reasoning_dense.py --dataset=reasoning2 --out_dir=out-dense2 --init_from=out-dense1 \
 #       --max_iters=750 --lr_decay_iters=750 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20
+#   python train.py config/reasoning_dense.py --dataset=reasoning2 --out_dir=out-dense3 --init_from=out-dense2 \
+#       --max_iters=1000 --lr_decay_iters=1000 --learning_rate=2e-3 --min_lr=1e-4 --warmup_iters=20
+#   python train.py config/reasoning_dense.py --out_dir=out-dense4 --init_from=out-dense3 --max_iters=1500 \
+#       --lr_decay_iters=1500 --learning_rate=2e-3 --min_lr=1e-4 --warmup_iters=20
 out_dir = "out-reasoning-dense"
 dataset = "reasoning"
 eval_interval = 500

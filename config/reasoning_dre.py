@@ -3,8 +3,8 @@
 # and no coda (the head reads the core's state, so every hop has to be taken by the core), exactly the parameters of
 # config/reasoning_dense.py; r is drawn per step (mean 4, at most 8). From scratch on depths 1-4 it stays at
 # guessing on 2 CPU cores; by stages (README, "Reasoning benchmark"), each starting from the last one's weights, it
-# follows depths 3-4 by running 2-8 steps, which the dense model cannot. About 45 minutes in all (one thread,
-# 0.7-1.2 s an iteration):
+# follows depths 3-4 by running 2 or more steps, which the dense model cannot (depths 6-8 it does not). About an hour
+# in all (one thread, 0.7-1.2 s an iteration):
 #   python data/reasoning/prepare.py --train_max=1 --test_max=2 --out_dir=data/reasoning1
 #   python data/reasoning/prepare.py --train_max=2 --test_max=4 --out_dir=data/reasoning2
 #   python data/reasoning/prepare.py                                            # depths 1-4, tests 1-8
@@ -14,7 +14,9 @@
 #       --max_iters=1000 --lr_decay_iters=1000 --warmup_iters=20 --dre_mean_steps=3 --max_reasoning_steps=6
 #   python train.py config/reasoning_dre.py --out_dir=out-dre3 --init_from=out-dre2 --max_iters=1000 \
 #       --lr_decay_iters=1000 --learning_rate=3e-3 --min_lr=1e-4 --warmup_iters=20
-#   python bench.py --reasoning --out_dir=out-dre3     # accuracy per depth at 1..4x the training steps
+#   python train.py config/reasoning_dre.py --out_dir=out-dre4 --init_from=out-dre3 --max_iters=1500 \
+#       --lr_decay_iters=1500 --learning_rate=2e-3 --min_lr=1e-4 --warmup_iters=20
+#   python bench.py --reasoning --out_dir=out-dre4     # accuracy per depth at 1..4x the training steps
 out_dir = "out-reasoning-dre"
 dataset = "reasoning"
 eval_interval = 500
