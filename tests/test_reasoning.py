@@ -70,7 +70,8 @@ SHAPES = {
     "input injection": dict(dre_inject=True),
     "injection, core of 2 blocks": dict(n_layer=5, n_prelude=2, n_coda=1, dre_inject=True),
 }
-EXITS = {"kl": dict(dre_exit="kl", dre_threshold=0.05), "kl, no coda": dict(dre_exit="kl", dre_threshold=0.05, n_coda=0),
+EXITS = {"kl": dict(dre_exit="kl", dre_threshold=0.05),
+         "kl, no coda": dict(dre_exit="kl", dre_threshold=0.05, n_coda=0),
          "state": dict(dre_exit="state", dre_threshold=0.3),
          "state, injected": dict(dre_exit="state", dre_threshold=0.4, dre_inject=True)}
 
