@@ -159,10 +159,26 @@ def test_pretrain_batch_has_no_loss_outside_the_mask(tmp_path):
         chat.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 8, 10, torch.Generator().manual_seed(0))
 
 
+def test_train_weights_set_how_often_each_depth_is_asked_in_training_and_val_stays_even(tmp_path):
+    subprocess.run([sys.executable, PREPARE, "--train_max=3", "--train_weights=6,3,1", "--train_problems=2000",
+                    "--val_problems=1000", "--test_per=2", f"--out_dir={tmp_path}"], check=True, capture_output=True)
+    chars = json.loads((tmp_path / "meta.json").read_text())["chars"]
+    for split, expected in (("train", [0.6, 0.3, 0.1]), ("val", [1 / 3] * 3)):
+        depths = [d for line in decode_lines(tmp_path / f"{split}.bin", chars) for d in check_line("pointer", line)]
+        share = np.bincount(depths, minlength=4)[1:] / len(depths)  # every head asked: the distractors' too
+        assert np.abs(share - expected).max() < 0.03, (split, share)
+
+
 def test_prepare_refuses_impossible_settings(tmp_path):
     proc = subprocess.run([sys.executable, PREPARE, "--train_max=5", "--test_max=16", f"--out_dir={tmp_path}"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --chains=4")
+    assert not (tmp_path / "train.bin").exists()
+    for weights in ("8,4,2", "1,0,0,x", "0,0,0,0", "1,-1,1,1"):
+        proc = subprocess.run([sys.executable, PREPARE, f"--train_weights={weights}", f"--out_dir={tmp_path}"],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(
+            f"error: --train_weights={weights} needs 4 numbers"), weights
     assert not (tmp_path / "train.bin").exists()
 
 

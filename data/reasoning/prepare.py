@@ -4,6 +4,7 @@ Problems with a difficulty dial, for the DRE's reasoning benchmark (python bench
     python data/reasoning/prepare.py                      # pointer chasing, train depth 1-4, test depth 1-8
     python data/reasoning/prepare.py --task=addition      # a+b, train up to 8 digits, test up to 16
     python data/reasoning/prepare.py --train_max=3 --test_max=6 --out_dir=data/reasoning3
+    python data/reasoning/prepare.py --train_weights=8,4,2,1   # depth 1 asked 8 times as often as depth 4
 
 pointer: variable chains in shuffled order; the answer is a chain head's digit, and the difficulty is the number of
 assignments to follow. Every problem has --chains chains ending in distinct digits, the asked one and distractors of
@@ -38,14 +39,15 @@ LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CHARS = "\n+;=?|" + "0123456789" + LETTERS  # the vocabulary of both tasks, fixed so that one meta.json serves both
 
 
-def pointer_problem(rng, depth, chains, distractor_max, avoid=""):
+def pointer_problem(rng, depth, chains, distractor_max, avoid="", weights=None):
     """A chain of `depth` assignments ending in a digit, shuffled among chains - 1 distractor chains of
-    1..distractor_max assignments, each chain ending in its own digit. Returns (the assignments and '|',
+    1..distractor_max assignments (drawn with `weights` when given), each chain ending in its own digit. Returns (the assignments and '|',
     [(head, digit, depth)] of each chain, the problem's chain first, letters used). Letters in `avoid` (the previous
     problem's) are not used, so the most recent definition of a letter is always this problem's."""
     if depth < 1 or not 1 <= chains <= 10:
         raise ValueError(f"need depth >= 1 (got {depth}) and 1 <= chains <= 10 (got {chains}): one digit per chain")
-    sizes = [depth] + [rng.randint(1, distractor_max) for _ in range(chains - 1)]
+    sizes = [depth] + ([rng.randint(1, distractor_max) for _ in range(chains - 1)] if weights is None else
+                       rng.choices(range(1, distractor_max + 1), weights[:distractor_max], k=chains - 1))
     free = [c for c in LETTERS if c not in avoid]
     if sum(sizes) > len(free):
         raise ValueError(f"depth {depth} with {chains} chains needs {sum(sizes)} letters, {len(free)} are free")
@@ -73,13 +75,15 @@ def addition_problem(rng, digits):
     return f"{a}+{b}=", str(a + b)[::-1]
 
 
-def make_lines(task, rng, difficulties, n, chains=4, distractor_max=4):
-    """n training lines, each problem's difficulty drawn uniformly from the list."""
+def make_lines(task, rng, difficulties, n, chains=4, distractor_max=4, weights=None):
+    """n training lines, each problem's difficulty drawn from the list, uniformly or with `weights` (pointer: the
+    distractor chains' sizes too)."""
     lines, avoid = [], ""
     for _ in range(n):
-        d = rng.choice(difficulties)
+        d = rng.choice(difficulties) if weights is None else rng.choices(difficulties, weights)[0]
         if task == "pointer":
-            text, heads, avoid = pointer_problem(rng, d, chains, min(distractor_max, max(difficulties)), avoid)
+            text, heads, avoid = pointer_problem(rng, d, chains, min(distractor_max, max(difficulties)), avoid,
+                                                 weights)
             lines.append(pointer_line(rng, text, heads) + "\n")
         else:
             lines.append("".join(addition_problem(rng, d)) + "\n")
@@ -126,6 +130,8 @@ def main():
     parser.add_argument("--train_max", type=int, default=None, help="hardest training problem (pointer 4, addition 8)")
     parser.add_argument("--test_max", type=int, default=None, help="hardest test problem (default 2 x train_max)")
     parser.add_argument("--chains", type=int, default=4, help="pointer: chains per problem, the asked one included")
+    parser.add_argument("--train_weights", default=None,
+                        help="how often each training difficulty 1..train_max comes, e.g. 8,4,2,1 (default: evenly)")
     parser.add_argument("--train_problems", type=int, default=200_000)
     parser.add_argument("--val_problems", type=int, default=5_000)
     parser.add_argument("--test_per", type=int, default=200, help="test problems per difficulty")
@@ -141,14 +147,23 @@ def main():
     if args.task == "pointer" and not (2 <= args.chains <= 10 and test_max + 4 * (args.chains - 1) <= 26):
         raise SystemExit(f"error: --chains={args.chains} must be 2-10 with test_max + 4 x (chains - 1) <= 26, the "
                          f"letters a problem may use (two problems in a row use distinct ones of the 52)")
+    try:
+        weights = None if args.train_weights is None else [float(w) for w in args.train_weights.split(",")]
+    except ValueError:
+        weights = []
+    if weights is not None and (len(weights) != train_max or min(weights) < 0 or sum(weights) <= 0):
+        raise SystemExit(f"error: --train_weights={args.train_weights} needs {train_max} numbers (one per training "
+                         f"difficulty 1..{train_max}, comma-separated, not negative, not all 0), e.g. 8,4,2,1")
     if min(args.train_problems, args.val_problems, args.test_per) < 1:
         raise SystemExit("error: --train_problems, --val_problems and --test_per must be at least 1")
     os.makedirs(args.out_dir, exist_ok=True)
     # one generator per split, so that each is reproducible on its own
     rngs = {split: random.Random(f"{args.seed}-{args.task}-{split}") for split in ("train", "val", "test")}
     trained = list(range(1, train_max + 1))
+    # the weights shape what training sees; val stays even, so that its loss compares across runs
     sizes = {split: write_tokens(os.path.join(args.out_dir, f"{split}.bin"),
-                                 make_lines(args.task, rngs[split], trained, n, args.chains), args.task,
+                                 make_lines(args.task, rngs[split], trained, n, args.chains,
+                                            weights=weights if split == "train" else None), args.task,
                                  args.loss == "answers")
              for split, n in (("train", args.train_problems), ("val", args.val_problems))}
     with open(os.path.join(args.out_dir, "test.jsonl"), "w") as f:
