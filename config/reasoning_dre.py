@@ -4,7 +4,7 @@
 # config/reasoning_dense.py; r is drawn per step (mean 4, at most 8). From scratch on depths 1-4 it stays at
 # guessing on 2 CPU cores; by stages (README, "Reasoning benchmark"), each starting from the last one's weights, it
 # follows depths 3-4 by running 2 or more steps, which the dense model cannot (depths 6-8 it does not). About an hour
-# in all (one thread, 0.7-1.2 s an iteration):
+# in all (one thread, 0.7-1.2 s an iteration); bash config/reasoning_dre_stages.sh runs them all:
 #   python data/reasoning/prepare.py --train_max=1 --test_max=2 --out_dir=data/reasoning1
 #   python data/reasoning/prepare.py --train_max=2 --test_max=4 --out_dir=data/reasoning2
 #   python data/reasoning/prepare.py                                            # depths 1-4, tests 1-8

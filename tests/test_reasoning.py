@@ -5,12 +5,15 @@ the tokens it cannot predict, training draws depend on the step alone, and train
 model."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import model as model_py
-from conftest import run_train
+from conftest import ROOT, run_train
 from model import GPT, GPTConfig
 from reasoning import spearman, step_distribution
 
@@ -381,3 +384,25 @@ def test_train_py_trains_a_dre_model_logs_its_steps_and_resumes_exactly(char_dat
     assert [r["dre_steps"] for r in metrics(tmp_path / "stage") if "dre_steps" in r] == [[3]] * 3
     args = torch.load(tmp_path / "stage" / "ckpt.pt", weights_only=True)["model_args"]
     assert (args["dre_sample_steps"], args["max_reasoning_steps"]) == (False, 3)
+
+
+def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
+    """config/reasoning_dre_stages.sh at a toy's size: the data it documents, four runs, each one's settings and
+    starting weights as the README's table says (the arguments after the script's own go to every stage)."""
+    env = {**os.environ, "OUT": str(tmp_path / "dre"), "DATA": str(tmp_path / "data"), "BENCH": "0",
+           "PYTHON": sys.executable}
+    tiny = ["--device=cpu", "--dtype=float32", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
+            "--eval_iters=1", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2"]
+    proc = subprocess.run(["bash", os.path.join(ROOT, "config", "reasoning_dre_stages.sh"), *tiny], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, train_max in (("reasoning1", 1), ("reasoning2", 2), ("reasoning", 4)):
+        with open(tmp_path / "data" / name / "meta.json") as f:
+            assert json.load(f)["train_max"] == train_max
+    runs = [torch.load(tmp_path / f"dre{n}" / "ckpt.pt", weights_only=True) for n in (1, 2, 3, 4)]
+    assert [os.path.basename(c["config"]["dataset"]) for c in runs] == ["reasoning1", "reasoning2", "reasoning",
+                                                                       "reasoning"]
+    assert [c["config"]["init_from"] for c in runs] == ["scratch"] + [str(tmp_path / f"dre{n}") for n in (1, 2, 3)]
+    assert [c["model_args"]["max_reasoning_steps"] for c in runs] == [6, 6, 8, 8]
+    assert [c["config"]["learning_rate"] for c in runs] == [5e-3, 5e-3, 3e-3, 2e-3]
+    assert all(c["model_args"]["n_embd"] == 32 and not c["model_args"]["dre_inject"] for c in runs)
