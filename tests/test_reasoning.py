@@ -6,8 +6,10 @@ model."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -406,3 +408,26 @@ def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
     assert [c["model_args"]["max_reasoning_steps"] for c in runs] == [6, 6, 8, 8]
     assert [c["config"]["learning_rate"] for c in runs] == [5e-3, 5e-3, 3e-3, 2e-3]
     assert all(c["model_args"]["n_embd"] == 32 and not c["model_args"]["dre_inject"] for c in runs)
+
+
+def test_a_signal_stops_the_staged_recipe_where_it_is(tmp_path):
+    """Ctrl-C during a stage: train.py saves and exits 0, and the script must not go on to the next stage."""
+    env = {**os.environ, "OUT": str(tmp_path / "dre"), "DATA": str(tmp_path / "data"), "BENCH": "0",
+           "PYTHON": sys.executable}
+    tiny = ["--device=cpu", "--dtype=float32", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
+            "--eval_iters=1", "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",
+            "--log_interval=1"]
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "config", "reasoning_dre_stages.sh"), *tiny], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = tmp_path / "dre1" / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and not (log.exists() and sum('"loss"' in line for line in open(log)) >= 2):
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the script and the stage alike
+        out, err = proc.communicate(timeout=120)
+    finally:  # a script that went on to the next stage must not outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "stopped by signal" in out, out[-2000:] + err[-2000:]
+    assert "error: stopped at stage 1 of 4" in err and not (tmp_path / "dre2").exists()
+    assert torch.load(tmp_path / "dre1" / "ckpt.pt", weights_only=True)["iter_num"] >= 2
