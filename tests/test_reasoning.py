@@ -388,16 +388,26 @@ def test_train_py_trains_a_dre_model_logs_its_steps_and_resumes_exactly(char_dat
     assert (args["dre_sample_steps"], args["max_reasoning_steps"]) == (False, 3)
 
 
-def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
-    """config/reasoning_dre_stages.sh at a toy's size: the data it documents, four runs, each one's settings and
-    starting weights as the README's table says (the arguments after the script's own go to every stage)."""
+STAGES_TINY = ["--device=cpu", "--dtype=float32", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
+               "--eval_iters=1"]
+
+
+def start_stages(tmp_path, *args):
+    """config/reasoning_dre_stages.sh at a toy's size (the arguments after the script's own go to every stage), its
+    runs and data under tmp_path, no benchmark; in its own process group, so that a test can signal it whole."""
     env = {**os.environ, "OUT": str(tmp_path / "dre"), "DATA": str(tmp_path / "data"), "BENCH": "0",
            "PYTHON": sys.executable}
-    tiny = ["--device=cpu", "--dtype=float32", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
-            "--eval_iters=1", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2"]
-    proc = subprocess.run(["bash", os.path.join(ROOT, "config", "reasoning_dre_stages.sh"), *tiny], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return subprocess.Popen(["bash", os.path.join(ROOT, "config", "reasoning_dre_stages.sh"), *STAGES_TINY, *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
+    """The script makes the data it documents and runs four stages, each one's settings and starting weights as the
+    README's table says."""
+    proc = start_stages(tmp_path, "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
     for name, train_max in (("reasoning1", 1), ("reasoning2", 2), ("reasoning", 4)):
         with open(tmp_path / "data" / name / "meta.json") as f:
             assert json.load(f)["train_max"] == train_max
@@ -412,13 +422,8 @@ def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
 
 def test_a_signal_stops_the_staged_recipe_where_it_is(tmp_path):
     """Ctrl-C during a stage: train.py saves and exits 0, and the script must not go on to the next stage."""
-    env = {**os.environ, "OUT": str(tmp_path / "dre"), "DATA": str(tmp_path / "data"), "BENCH": "0",
-           "PYTHON": sys.executable}
-    tiny = ["--device=cpu", "--dtype=float32", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
-            "--eval_iters=1", "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",
-            "--log_interval=1"]
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "config", "reasoning_dre_stages.sh"), *tiny], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_stages(tmp_path, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",
+                        "--log_interval=1")
     log, deadline = tmp_path / "dre1" / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and not (log.exists() and sum('"loss"' in line for line in open(log)) >= 2):
         time.sleep(0.2)
