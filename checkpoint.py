@@ -25,7 +25,7 @@ DCP_DIR = "ckpt_dcp"  # inside out_dir
 # a curriculum stage draw r differently from the run it starts from); every other one comes from the checkpoint
 RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "eval_capacity_factor", "moe_kernel", "aux_loss_coef",
                 "z_loss_coef", "dre_threshold", "dre_exit", "max_reasoning_steps", "dre_sample_steps", "dre_mean_steps",
-                "dre_backprop_steps")
+                "dre_backprop_steps", "dre_progressive")
 
 
 def _flat():

@@ -67,6 +67,8 @@ class GPTConfig:
                                 # and head every step) or 'state' (|s_i - s_{i-1}| / |s_i|, O(n_embd) per step)
     dre_inject: bool = False    # s_i = e + (core(s_{i-1}) - s_{i-1}): each step's update lands on the prelude's
                                 # output e instead of piling onto the last state (input injection, as in DEQs)
+    dre_progressive: float = 0.0  # this share of each batch's sequences gets Bansal et al.'s progressive loss: the
+                                  # state after a drawn n < r steps is a constant, the last r - n steps must answer
 
     def __post_init__(self):
         if self.layout not in ("modern", "gpt2"):
@@ -118,6 +120,8 @@ class GPTConfig:
                                  f"{self.max_reasoning_steps}")
             if self.dre_backprop_steps < 1:
                 raise ValueError(f"dre_backprop_steps must be at least 1, got {self.dre_backprop_steps}")
+            if not 0 <= self.dre_progressive <= 1:
+                raise ValueError(f"dre_progressive is a share of the batch, 0 to 1, got {self.dre_progressive}")
             if self.dre_exit not in ("kl", "state"):
                 raise ValueError(f"dre_exit must be 'kl' or 'state', got {self.dre_exit!r}")
             if self.dre_threshold < 0:

@@ -188,12 +188,14 @@ class RecurrentDepth(nn.Module):
         caches = caches or [None] * len(blocks)
         x = self.run(blocks[:P], x, cos, sin, caches[:P])
         core, coda = blocks[P:P + C], blocks[P + C:]
+        cut = 0
         if steps is None and self.training:
-            steps = self.sample_steps()
+            steps = self.sample_steps()  # and the progressive loss's n, 0 .. r-1 (seeded apart from r's draw)
+            cut = random.Random(None if self.iteration is None else ~self.iteration).randrange(steps)
         if self.training and not isinstance(steps, int):
             raise ValueError("training runs the same number of core steps for every token (an int or None)")
         if isinstance(steps, int) and caches[0] is None:
-            return self.run(coda, self.iterate(x, core, cos, sin, steps), cos, sin)
+            return self.run(coda, self.iterate(x, core, cos, sin, steps, cut), cos, sin)
         return self.iterate_per_token(x, core, coda, cos, sin, caches[P:P + C], caches[P + C:], steps, head)
 
     def step(self, core, s, e, cos, sin, caches=None):
@@ -201,8 +203,9 @@ class RecurrentDepth(nn.Module):
         new = self.run(core, s, cos, sin, caches)
         return e + (new - s) if self.config.dre_inject else new
 
-    def iterate(self, e, core, cos, sin, r):
-        """r core steps for every token; gradients through the last dre_backprop_steps only."""
+    def iterate(self, e, core, cos, sin, r, cut=0):
+        """r core steps for every token; gradients through the last dre_backprop_steps only, and for the share
+        dre_progressive of the sequences through the steps after the first `cut` only."""
         if r < 1:
             raise ValueError(f"the core needs at least 1 step, got {r}")
         with_grad = min(r, self.config.dre_backprop_steps)
@@ -214,7 +217,10 @@ class RecurrentDepth(nn.Module):
             s = e + (s - e).detach()  # the residual path, and none reaches the core through those steps
         moes = [b.mlp for b in core if isinstance(b.mlp, MoE)]
         aux = [0.0] * len(moes)
-        for _ in range(with_grad):
+        rows = round(self.config.dre_progressive * e.size(0)) if self.training else 0
+        for i in range(r - with_grad, r):
+            if rows and i == cut > 0:  # the progressive loss's sequences (the batch's first `rows`): what
+                s = torch.cat([s[:rows].detach(), s[rows:]])  # the first n steps made of them is a constant
             s = self.step(core, s, e, cos, sin)
             aux = [a + moe.aux_loss for a, moe in zip(aux, moes)]
         for a, moe in zip(aux, moes):  # each MoE core layer's balancing loss: the mean over the steps with gradients

@@ -43,8 +43,9 @@ def tokens(B, T, seed=1):
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def by_hand(model, idx, r):
-    """prelude -> r x core -> coda -> head: the core's blocks applied r times in a row."""
+def by_hand(model, idx, r, frozen=0):
+    """prelude -> r x core -> coda -> head: the core's blocks applied r times in a row; the state after the first
+    `frozen` steps is a constant (no gradient reaches anything before them through it)."""
     cfg, t = model.config, model.transformer
     T = idx.size(1)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
@@ -55,7 +56,9 @@ def by_hand(model, idx, r):
     for block in prelude:
         x = block(x, cos, sin)
     e = x
-    for _ in range(r):
+    for i in range(r):
+        if i == frozen > 0:
+            x = x.detach()
         s = x
         for block in core:
             x = block(x, cos, sin)
@@ -254,6 +257,38 @@ def test_backprop_depth_cuts_the_gradient_before_the_last_k_steps():
     assert step_gradients(5) == [True] * 5
 
 
+def test_the_progressive_loss_cuts_the_gradient_after_a_drawn_n_steps_in_its_share_of_the_batch():
+    # Bansal et al. 2022, written out: of a batch of 4 at dre_progressive=0.5, the first 2 sequences' loss reaches
+    # the weights through the steps after the first n only (n drawn 0 .. r-1 per optimizer step), the others' through
+    # all r; the model's gradient must be that of the sum, for one n, and n must vary with the step
+    model = make_model(n_coda=0, dre_progressive=0.5, dre_backprop_steps=6, dre_mean_steps=4.0).train()
+    idx, targets = tokens(4, 10), tokens(4, 10, seed=2)
+    params = [p for p in model.parameters()]
+
+    def gradients(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, allow_unused=True,
+                                                                    materialize_grads=True)])
+
+    def ce_sum(logits, t):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), t.reshape(-1), reduction="sum")
+
+    cuts = []
+    for it in range(6):
+        model.depth.iteration = it
+        got = gradients(model(idx, targets)[1])
+        r = model.depth.pop_sampled()[-1]
+        matches = [n for n in range(r) if torch.allclose(got, gradients(
+            (ce_sum(by_hand(model, idx[:2], r, n), targets[:2]) + ce_sum(by_hand(model, idx[2:], r), targets[2:]))
+            / idx.numel()), atol=1e-6)]
+        assert len(matches) == 1, (r, matches)  # and n = 0 (no cut) differs from the rest
+        cuts.append((r, matches[0]))
+    assert len(set(n for _, n in cuts)) > 1 and any(n > 0 for _, n in cuts), cuts
+    model.config.dre_progressive = 0.0  # and without it, every sequence's gradient runs through all r steps
+    got = gradients(model(idx, targets)[1])
+    r = model.depth.pop_sampled()[-1]
+    torch.testing.assert_close(got, gradients(ce_sum(by_hand(model, idx, r), targets) / idx.numel()))
+
+
 def test_a_trained_toy_spends_more_steps_on_the_tokens_it_finds_harder():
     # every second token is a fixed function of the one before (learnable: low loss), the others are random (high
     # loss whatever the model does). After a short training the unpredictable tokens should run more core steps.
@@ -343,6 +378,8 @@ def test_bad_configurations_are_refused_with_a_reason():
         GPTConfig(n_layer=2, dre=True, n_prelude=1, n_coda=1)
     with pytest.raises(ValueError, match="dre_mean_steps"):
         GPTConfig(n_layer=3, dre=True, max_reasoning_steps=4, dre_sample_steps=True, dre_mean_steps=6.0)
+    with pytest.raises(ValueError, match="dre_progressive"):
+        GPTConfig(n_layer=3, dre=True, dre_progressive=1.5)
     model = make_model()
     with pytest.raises(ValueError, match="shape"):
         model(tokens(2, 8), steps=torch.ones(2, 7, dtype=torch.long))
