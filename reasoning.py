@@ -15,7 +15,8 @@ The recipe, for running more steps than training did (Bansal et al. 2022): r dra
 to predict and extra steps must leave a settled answer alone; a curriculum by stages (depth 1, then deeper, each
 stage starting from the last one's weights); no coda, so that the head reads the core's state and every hop is the
 core's to take (with a coda block the model stopped at half of depth 2); full backpropagation through the steps
-(truncating it to the last 2, the nearest thing to Bansal's progressive loss here, lost depth 2); no input injection
+(truncating it to the last 2 lost depth 2; Bansal's progressive loss, dre_progressive, learnt depths 3-4 more slowly
+and bought nothing beyond them); no input injection
 (dre_inject keeps the state at its trained size, but on pointer chasing it kept the depth-1 lookup from forming).
 So trained, the DRE follows chains deeper than one pass of its blocks can, by running more steps; the README's
 reasoning-benchmark section gives the figures. The end of this file is that benchmark's evaluation.
