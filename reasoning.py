@@ -191,8 +191,9 @@ class RecurrentDepth(nn.Module):
         core, coda = blocks[P:P + C], blocks[P + C:]
         cut = 0
         if steps is None and self.training:
-            steps = self.sample_steps()  # and the progressive loss's n, 0 .. r-1 (seeded apart from r's draw)
-            cut = random.Random(None if self.iteration is None else ~self.iteration).randrange(steps)
+            steps = self.sample_steps()
+            if self.config.dre_progressive > 0:  # the progressive loss's n, 0 .. r-1 (seeded apart from r's draw)
+                cut = random.Random(None if self.iteration is None else ~self.iteration).randrange(steps)
         if self.training and not isinstance(steps, int):
             raise ValueError("training runs the same number of core steps for every token (an int or None)")
         if isinstance(steps, int) and caches[0] is None:

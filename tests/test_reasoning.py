@@ -263,7 +263,7 @@ def test_the_progressive_loss_cuts_the_gradient_after_a_drawn_n_steps_in_its_sha
     # all r; the model's gradient must be that of the sum, for one n, and n must vary with the step
     model = make_model(n_coda=0, dre_progressive=0.5, dre_backprop_steps=6, dre_mean_steps=4.0).train()
     idx, targets = tokens(4, 10), tokens(4, 10, seed=2)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def gradients(loss):
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, allow_unused=True,
