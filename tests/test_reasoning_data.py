@@ -169,6 +169,28 @@ def test_train_weights_set_how_often_each_depth_is_asked_in_training_and_val_sta
         assert np.abs(share - expected).max() < 0.03, (split, share)
 
 
+def test_distractor_max_lengthens_training_prompts_without_asking_deeper_heads(tmp_path):
+    args = [sys.executable, PREPARE, "--train_max=3", "--train_problems=1000", "--val_problems=50", "--test_per=5"]
+    subprocess.run(args + [f"--out_dir={tmp_path}"], check=True, capture_output=True)
+    subprocess.run(args + ["--distractor_max=6", f"--out_dir={tmp_path / 'long'}"], check=True, capture_output=True)
+    chars = json.loads((tmp_path / "meta.json").read_text())["chars"]
+    sizes, asked = [], []
+    for line in decode_lines(tmp_path / "long" / "train.bin", chars):
+        body, answers = line.split("|")
+        table = parse(body)
+        heads = set(table) - set(table.values())
+        sizes += [chase(table, h)[1] for h in heads]
+        asked += [chase(table, h)[1] for h in answers[::2]]
+        assert all(chase(table, h)[0] == v for h, v in zip(answers[::2], answers[1::2]))
+        assert {h for h in heads if chase(table, h)[1] <= 3} == set(answers[::2])  # every head of 1-3 hops, once
+    assert max(sizes) == 6 and set(asked) == {1, 2, 3}  # longer chains in the prompt, never asked
+    # the test set does not change: runs with and without it are scored on the same problems
+    assert (tmp_path / "long" / "test.jsonl").read_bytes() == (tmp_path / "test.jsonl").read_bytes()
+    proc = subprocess.run(args + ["--distractor_max=8", f"--out_dir={tmp_path / 'x'}"], capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --distractor_max=8")
+    assert not (tmp_path / "x" / "train.bin").exists()
+
+
 def test_prepare_refuses_impossible_settings(tmp_path):
     proc = subprocess.run([sys.executable, PREPARE, "--train_max=5", "--test_max=16", f"--out_dir={tmp_path}"],
                           capture_output=True, text=True)

@@ -5,12 +5,13 @@ Problems with a difficulty dial, for the DRE's reasoning benchmark (python bench
     python data/reasoning/prepare.py --task=addition      # a+b, train up to 8 digits, test up to 16
     python data/reasoning/prepare.py --train_max=3 --test_max=6 --out_dir=data/reasoning3
     python data/reasoning/prepare.py --train_weights=8,4,2,1   # depth 1 asked 8 times as often as depth 4
+    python data/reasoning/prepare.py --distractor_max=6 --out_dir=data/reasoning_long   # longer prompts, same depths
 
 pointer: variable chains in shuffled order; the answer is a chain head's digit, and the difficulty is the number of
 assignments to follow. Every problem has --chains chains ending in distinct digits, the asked one and distractors of
-1..4 (at most train_max) assignments, so that picking one of the digits it holds is right 1/chains of the time at
-every depth (with a fixed number of assignments, deep problems would hold fewer digits, and guessing would look like
-reasoning).
+1..4 (at most train_max; in training up to --distractor_max) assignments, so that picking one of the digits it holds
+is right 1/chains of the time at every depth (with a fixed number of assignments, deep problems would hold fewer
+digits, and guessing would look like reasoning).
 
     s=d;k=s;t=4;d=8;x=t;|k8        (depth 3: k=s, s=d, d=8; the chain x=t, t=4 is a distractor; two chains)
 
@@ -41,9 +42,10 @@ CHARS = "\n+;=?|" + "0123456789" + LETTERS  # the vocabulary of both tasks, fixe
 
 def pointer_problem(rng, depth, chains, distractor_max, avoid="", weights=None):
     """A chain of `depth` assignments ending in a digit, shuffled among chains - 1 distractor chains of
-    1..distractor_max assignments (drawn with `weights` when given), each chain ending in its own digit. Returns (the assignments and '|',
-    [(head, digit, depth)] of each chain, the problem's chain first, letters used). Letters in `avoid` (the previous
-    problem's) are not used, so the most recent definition of a letter is always this problem's."""
+    1..distractor_max assignments (drawn with `weights` when given), each chain ending in its own digit. Returns
+    (the assignments and '|', [(head, digit, depth)] of each chain, the problem's chain first, letters used). Letters
+    in `avoid` (the previous problem's) are not used, so the most recent definition of a letter is always this
+    problem's."""
     if depth < 1 or not 1 <= chains <= 10:
         raise ValueError(f"need depth >= 1 (got {depth}) and 1 <= chains <= 10 (got {chains}): one digit per chain")
     sizes = [depth] + ([rng.randint(1, distractor_max) for _ in range(chains - 1)] if weights is None else
@@ -60,10 +62,12 @@ def pointer_problem(rng, depth, chains, distractor_max, avoid="", weights=None):
     return ";".join(lines) + ";|", heads, "".join(s[0] for s in lines)
 
 
-def pointer_line(rng, text, heads):
-    """A training line: the assignments, then every chain's head, in random order, with its digit. Only heads are
-    asked: a variable further down a chain has its head's digit, which would be a one-step shortcut."""
-    return text + "".join(h + v for h, v, _ in rng.sample(heads, len(heads)))
+def pointer_line(rng, text, heads, asked_max):
+    """A training line: the assignments, then every chain's head of at most asked_max assignments, in random order,
+    with its digit. Only heads are asked: a variable further down a chain has its head's digit, which would be a
+    one-step shortcut. Longer chains (--distractor_max) only lengthen the prompt."""
+    asked = [(h, v) for h, v, size in heads if size <= asked_max]
+    return text + "".join(h + v for h, v in rng.sample(asked, len(asked)))
 
 
 def addition_problem(rng, digits):
@@ -75,16 +79,16 @@ def addition_problem(rng, digits):
     return f"{a}+{b}=", str(a + b)[::-1]
 
 
-def make_lines(task, rng, difficulties, n, chains=4, distractor_max=4, weights=None):
+def make_lines(task, rng, difficulties, n, chains=4, distractor_max=None, weights=None):
     """n training lines, each problem's difficulty drawn from the list, uniformly or with `weights` (pointer: the
-    distractor chains' sizes too)."""
+    distractor chains' sizes too, 1..distractor_max, default 1..min(4, the hardest difficulty))."""
     lines, avoid = [], ""
     for _ in range(n):
         d = rng.choice(difficulties) if weights is None else rng.choices(difficulties, weights)[0]
         if task == "pointer":
-            text, heads, avoid = pointer_problem(rng, d, chains, min(distractor_max, max(difficulties)), avoid,
-                                                 weights)
-            lines.append(pointer_line(rng, text, heads) + "\n")
+            text, heads, avoid = pointer_problem(rng, d, chains, distractor_max or min(4, max(difficulties)),
+                                                 avoid, weights)
+            lines.append(pointer_line(rng, text, heads, max(difficulties)) + "\n")
         else:
             lines.append("".join(addition_problem(rng, d)) + "\n")
     return lines
@@ -132,6 +136,9 @@ def main():
     parser.add_argument("--chains", type=int, default=4, help="pointer: chains per problem, the asked one included")
     parser.add_argument("--train_weights", default=None,
                         help="how often each training difficulty 1..train_max comes, e.g. 8,4,2,1 (default: evenly)")
+    parser.add_argument("--distractor_max", type=int, default=None,
+                        help="pointer: the longest distractor chain in training (default min(4, train_max)); those "
+                             "longer than train_max lengthen the prompt and are not asked")
     parser.add_argument("--train_problems", type=int, default=200_000)
     parser.add_argument("--val_problems", type=int, default=5_000)
     parser.add_argument("--test_per", type=int, default=200, help="test problems per difficulty")
@@ -154,6 +161,13 @@ def main():
     if weights is not None and (len(weights) != train_max or min(weights) < 0 or sum(weights) <= 0):
         raise SystemExit(f"error: --train_weights={args.train_weights} needs {train_max} numbers (one per training "
                          f"difficulty 1..{train_max}, comma-separated, not negative, not all 0), e.g. 8,4,2,1")
+    longest = min(4, train_max) if args.distractor_max is None else args.distractor_max
+    if args.task == "pointer" and not (1 <= longest and train_max + longest * (args.chains - 1) <= 26):
+        raise SystemExit(f"error: --distractor_max={longest} must be at least 1 with train_max + distractor_max x "
+                         f"(chains - 1) <= 26, the letters a problem may use")
+    if weights is not None and longest > train_max:
+        raise SystemExit(f"error: --train_weights weigh distractor sizes 1..train_max too; they cannot go with "
+                         f"--distractor_max={longest} > train_max ({train_max})")
     if min(args.train_problems, args.val_problems, args.test_per) < 1:
         raise SystemExit("error: --train_problems, --val_problems and --test_per must be at least 1")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -162,7 +176,7 @@ def main():
     trained = list(range(1, train_max + 1))
     # the weights shape what training sees; val stays even, so that its loss compares across runs
     sizes = {split: write_tokens(os.path.join(args.out_dir, f"{split}.bin"),
-                                 make_lines(args.task, rngs[split], trained, n, args.chains,
+                                 make_lines(args.task, rngs[split], trained, n, args.chains, longest,
                                             weights=weights if split == "train" else None), args.task,
                                  args.loss == "answers")
              for split, n in (("train", args.train_problems), ("val", args.val_problems))}
