@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # config/reasoning_dre.py's curriculum in one command: data for depth 1, 1-2 and 1-4, then four stages, each starting
-# from the last one's weights (README, "Reasoning benchmark", row 4 of the table). About an hour on 2 CPU cores.
+# from the last one's weights (README, "Reasoning benchmark", row 4 of the table). 39 min on 2 idle CPU cores.
 #   bash config/reasoning_dre_stages.sh                      # runs out-dre1 .. out-dre4, then the benchmark
 #   OUT=out-inj bash config/reasoning_dre_stages.sh --dre_inject=True   # arguments go to every train.py stage
 # Data goes to data/reasoning1, data/reasoning2 and data/reasoning (DATA=dir puts all three under dir instead).
