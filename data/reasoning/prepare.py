@@ -79,15 +79,14 @@ def addition_problem(rng, digits):
     return f"{a}+{b}=", str(a + b)[::-1]
 
 
-def make_lines(task, rng, difficulties, n, chains=4, distractor_max=None, weights=None):
+def make_lines(task, rng, difficulties, n, chains, distractor_max, weights=None):
     """n training lines, each problem's difficulty drawn from the list, uniformly or with `weights` (pointer: the
-    distractor chains' sizes too, 1..distractor_max, default 1..min(4, the hardest difficulty))."""
+    distractor chains' sizes 1..distractor_max too)."""
     lines, avoid = [], ""
     for _ in range(n):
         d = rng.choice(difficulties) if weights is None else rng.choices(difficulties, weights)[0]
         if task == "pointer":
-            text, heads, avoid = pointer_problem(rng, d, chains, distractor_max or min(4, max(difficulties)),
-                                                 avoid, weights)
+            text, heads, avoid = pointer_problem(rng, d, chains, distractor_max, avoid, weights)
             lines.append(pointer_line(rng, text, heads, max(difficulties)) + "\n")
         else:
             lines.append("".join(addition_problem(rng, d)) + "\n")
