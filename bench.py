@@ -29,8 +29,12 @@ import torch
 import torch.nn.functional as F
 
 import configurator
+import data
+import evaluation
+import hardware
 import parallel
-from checkpoint import CheckpointError, load_run
+from checkpoint import CheckpointError
+from convert import load_run
 from model import GPT, MLP, GPTConfig
 from moe import MoE, local
 from pipeline import PP_SCHEDULES
@@ -48,7 +52,7 @@ compile = None              # True, False, or False,True to compare both
 warmup = 3                  # untimed steps per variant (compile happens here)
 rounds = 5                  # timed rounds; each times `steps` steps of every variant
 steps = 5
-peak_flops = 0.0            # the MFU denominator; 0: configurator.hardware_peak_flops
+peak_flops = 0.0            # the MFU denominator; 0: hardware.hardware_peak_flops
 seed = 1337
 # --moe: one layer on moe_tokens tokens of width moe_embd, 8 experts (or n_expert) of moe_hidden, top_k of them
 moe = False
@@ -126,7 +130,7 @@ for bad, message in [
     if bad:
         sys.exit(f"error: {message}")
 try:
-    device = configurator.pick_device(device)
+    device = hardware.pick_device(device)
     config = GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
 except ValueError as e:
     sys.exit(f"error: {e}")
@@ -187,7 +191,7 @@ def bench_throughput():
           f"{runs[0]['model'].num_params(False) / 1e6:.2f}M parameters, median of {rounds} rounds x {steps} steps")
     print(f"{'variant':<22} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6} {'vs first':>9} {'warm-up s':>10}")
     for run, t, w in zip(runs, times, warmup_s):
-        peak = configurator.hardware_peak_flops(device_type, run["dtype"], peak_flops)
+        peak = hardware.hardware_peak_flops(device_type, run["dtype"], peak_flops)
         mfu = run["model"].flops_per_token(block_size) * tokens / t / peak
         print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu:>6.1%} {times[0] / t:>8.2f}x {w:>10.1f}")
     print("peak memory:", f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated" if device_type == "cuda"
@@ -378,7 +382,7 @@ def estimate_memory():
 def bench_dre():
     path = os.path.join(out_dir, "ckpt.pt")
     try:
-        model, run_cfg = load_run(out_dir)
+        model, _, run_cfg = load_run(out_dir)
     except FileNotFoundError as e:  # none, or older than the run's distributed checkpoint
         sys.exit(f"error: {e} (a DRE model: python train.py config/shakespeare_char_dre.py)")
     except CheckpointError as e:
@@ -432,10 +436,8 @@ def bench_dre():
 
 
 def bench_reasoning():
-    import chat
-    import reasoning as dre_eval
     try:
-        model, run_cfg = load_run(out_dir)
+        model, _, run_cfg = load_run(out_dir)
     except FileNotFoundError as e:
         sys.exit(f"error: {e} (python data/reasoning/prepare.py && python train.py config/reasoning_dre.py)")
     except CheckpointError as e:
@@ -443,8 +445,8 @@ def bench_reasoning():
     data_dir = os.path.join("data", run_cfg["dataset"])
     test_path = reasoning_test or os.path.join(data_dir, "test.jsonl")
     try:
-        meta = chat.read_meta(data_dir)
-        problems, tokenizer = dre_eval.load_problems(test_path, reasoning_per), chat.Tokenizer(meta)
+        meta = data.read_meta(data_dir)
+        problems, tokenizer = evaluation.load_problems(test_path, reasoning_per), data.Tokenizer(meta)
         train_max = meta["train_max"]
         for p in problems:  # the answer, then what must follow it (addition: a newline)
             p["ids"], p["target"] = tokenizer.encode(p["prompt"]), tokenizer.encode(p["answer"] + meta["answer_end"])
@@ -460,7 +462,7 @@ def bench_reasoning():
     top = math.ceil(reasoning_max_factor * mean)  # every count up to the training maximum, then every other one
     limit = model.config.max_reasoning_steps if model.config.dre else 1
     counts = sorted({*range(1, min(limit, top) + 1), *range(limit, top + 1, 2), top})
-    rows, summary = dre_eval.benchmark(model, problems, train_max, counts, threshold, rounds=rounds)
+    rows, summary = evaluation.benchmark(model, problems, train_max, counts, threshold, rounds=rounds)
     diffs = sorted({p["difficulty"] for p in problems})
     print(f"{out_dir}: {'DRE' if model.config.dre else 'dense'} model, {model.config.n_layer} blocks x "
           f"{model.config.n_embd}, trained on difficulty 1-{train_max}{f' at mean {mean:g} core steps' * (mean > 1)}; "

@@ -4,8 +4,9 @@ Checkpoints: what a run leaves in its out_dir and how the next one reads it back
   Written atomically (write_checkpoint), read memory-mapped (read_checkpoint), its failures told apart.
 - ckpt_dcp/, a distributed checkpoint (torch.distributed.checkpoint), which sharded layouts write: every rank its
   own shards, resharded on load, so a run saved on 8 ranks resumes on 1 or 16.
-Of the two, the newer is the run's checkpoint (newest). `python convert.py OUT_DIR --ckpt` turns a distributed one
-into the ckpt.pt that sample.py reads.
+Of the two, the later by iteration is the run's checkpoint (newest); convert.load_run reads either for sample.py,
+serve.py and the rest, and `python convert.py OUT_DIR --ckpt` turns a distributed one into a ckpt.pt to copy.
+Every checkpoint holds the run's tokenizer (data.Tokenizer.spec), so a run never falls back to another one.
 """
 
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig
+from model import GPTConfig
 
 CHECKPOINT_VERSION = 1  # ckpt.pt's layout; raise it when a change makes old checkpoints unreadable
 DCP_DIR = "ckpt_dcp"  # inside out_dir
@@ -40,9 +41,11 @@ class CheckpointError(ValueError):
 
 
 def newest(out_dir):
-    """('dcp', dir) or ('file', ckpt.pt) for the newer of a run's two checkpoints, or (None, None)."""
+    """('dcp', dir) or ('file', ckpt.pt) for the later of a run's two checkpoints by iteration, or (None, None). At
+    the same iteration the distributed one wins: a ckpt.pt beside it is its weights-only copy (convert.py --ckpt).
+    Iterations, not file times: a copy that does not keep times, or a conversion, must not flip the answer."""
     path, dcp = os.path.join(out_dir, "ckpt.pt"), find_sharded(out_dir)
-    if dcp and not (os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(dcp, "meta.pt"))):
+    if dcp and not (os.path.exists(path) and read_checkpoint(path)["iter_num"] > read_meta(dcp)["iter_num"]):
         return "dcp", dcp
     return ("file", path) if os.path.exists(path) else (None, None)
 
@@ -76,24 +79,6 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path} is from an incompatible version of nanothink ({why}); use the code that "
                               f"wrote it (git log) or retrain")
     return ckpt
-
-
-def load_run(out_dir):
-    """The model a run saved in out_dir/ckpt.pt, ready for inference (no dropout), and the run's settings. A ckpt.pt
-    older than the run's distributed checkpoint (ckpt_dcp/, written by a later sharded run) is refused, not used.
-    FileNotFoundError when there is none, CheckpointError when it cannot be read."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if newest(out_dir)[0] == "dcp":
-        raise FileNotFoundError(f"{out_dir}'s newest checkpoint is the distributed one in ckpt_dcp/; turn it into "
-                                f"{path} first: python convert.py {out_dir} --ckpt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; train a model first (python train.py ...)")
-    ckpt = read_checkpoint(path)
-    if "model" not in ckpt:
-        raise CheckpointError(f"{path} holds no model weights")
-    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0, "grad_checkpoint": False}))
-    load_weights(model, ckpt["model"], path)
-    return model.eval(), ckpt["config"]
 
 
 def load_weights(model, state_dict, path):
@@ -236,7 +221,7 @@ def save_sharded(out_dir, model, optimizers, meta, group=None, keep=1):
             os.replace(final, old)
         os.replace(tmp, final)
         if os.path.exists(old) and keep > 1:
-            iters = torch.load(os.path.join(old, "meta.pt"), map_location="cpu", weights_only=True)["iter_num"]
+            iters = read_meta(old)["iter_num"]
             os.replace(old, os.path.join(out_dir, f"{DCP_DIR}-{iters}"))
         elif os.path.exists(old):
             shutil.rmtree(old)
@@ -258,6 +243,11 @@ def find_sharded(out_dir):
     return None
 
 
+def read_meta(path):
+    """A distributed checkpoint's meta.pt: everything but the shards (iteration, settings, tokenizer, RNG states)."""
+    return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
+
+
 def load_sharded(path, model, optimizers, group=None):
     """Loads a DCP checkpoint into an already parallelized (or plain) model and its optimizers, resharding as
     needed: a checkpoint saved on 2 ranks loads on 1 or on 8. Returns the meta dict."""
@@ -267,7 +257,7 @@ def load_sharded(path, model, optimizers, group=None):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path, process_group=group)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_flat())
-    return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
+    return read_meta(path)
 
 
 # -----------------------------------------------------------------------------
@@ -275,8 +265,8 @@ def load_sharded(path, model, optimizers, group=None):
 
 
 def read_run(run_dir):
-    """(model_args, weights, run config, iter_num, best_val_loss) of the newer of a run's ckpt.pt and distributed
-    checkpoint, in one process and on the CPU."""
+    """The later of a run's ckpt.pt and distributed checkpoint (newest), in one process and on the CPU, as one dict:
+    model (the weights), model_args, config, iter_num, best_val_loss, and tokenizer when the run saved one."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir} does not exist; give the out_dir of a training run")
     kind, path = newest(run_dir)
@@ -285,18 +275,19 @@ def read_run(run_dir):
         with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
             dcp_to_torch_save(path, os.path.join(tmp, "state.pt"))
             weights = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)["model"]
-        ckpt = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
-    elif kind == "file":
-        ckpt = read_checkpoint(path)
-        weights = ckpt["model"]
-    else:
+        return {**read_meta(path), "model": weights}
+    if kind is None:
         raise FileNotFoundError(f"{run_dir} is not a run: it holds neither ckpt.pt nor a distributed checkpoint "
                                 f"(ckpt_dcp/); train one first (python train.py ...)")
-    return ckpt["model_args"], weights, ckpt["config"], ckpt["iter_num"], ckpt["best_val_loss"]
+    ckpt = read_checkpoint(path)
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path} holds no model weights")
+    return ckpt
 
 
 def dcp_to_ckpt(run_dir):
-    """A run's distributed checkpoint -> run_dir/ckpt.pt (model weights, model_args, config, iteration)."""
+    """A run's distributed checkpoint -> run_dir/ckpt.pt (weights, settings, tokenizer, iteration): one file to copy.
+    The run resumes from the distributed one all the same (newest: at equal iterations it wins)."""
     dcp = find_sharded(run_dir)
     if dcp is None:
         raise FileNotFoundError(f"no distributed checkpoint (ckpt_dcp/) in {run_dir}")
@@ -304,12 +295,8 @@ def dcp_to_ckpt(run_dir):
     if newest(run_dir)[0] == "file":
         raise FileExistsError(f"{path} is newer than {dcp}; converting would replace it with an older checkpoint "
                               f"(move it away first to convert anyway)")
-    args, weights, config, iter_num, best = read_run(run_dir)
-    torch.save({"model": weights, "model_args": args, "config": config, "iter_num": iter_num,
-                "best_val_loss": best}, tmp)
-    # dated like its source, so that init_from='resume' (which takes the newer of the two) still resumes the
-    # distributed checkpoint, optimizer state and all, rather than this weights-only copy
-    stamp = os.path.getmtime(os.path.join(dcp, "meta.pt"))
-    os.utime(tmp, (stamp, stamp))
+    run = read_run(run_dir)
+    torch.save({k: run[k] for k in ("model", "model_args", "config", "iter_num", "best_val_loss", "tokenizer")
+                if k in run}, tmp)
     os.replace(tmp, path)
     return path

@@ -1,6 +1,6 @@
 """Constitutional AI (Bai et al. 2022) with DPO (Rafailov et al. 2023) in place of PPO: stage 1 (revise) writes
 revised answers, an SFT set; stage 2 (label) AI-feedback preference pairs, a DPO set, each one JSON line per prompt so
-that an interrupted run resumes. With C a constitution and P a JSONL of prompts (both in data/constitutions/), and
+that an interrupted run resumes. The DPO loss that stage 2 trains with (train.py mode='dpo') is here too. With C a constitution and P a JSONL of prompts (both in data/constitutions/), and
 the "..." from config/finetune_shakespeare_char.py (add --choices=A,B to `label` there):
 
     python constitution.py validate C
@@ -12,6 +12,7 @@ the "..." from config/finetune_shakespeare_char.py (add --choices=A,B to `label`
 """
 
 import argparse
+import copy
 import difflib
 import json
 import math
@@ -21,10 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-import chat
-import configurator
-from checkpoint import load_run
+import data
+import hardware
+from convert import load_run
+from reasoning import RecurrentDepth
 
 
 class ConstitutionError(ValueError):
@@ -71,7 +74,7 @@ def load_constitution(path):
 def _check_fields(obj, what, required, optional, where):
     """An object (`what`), with no unknown field (a typo gets a suggestion), no missing one, each of its type."""
     if not isinstance(obj, dict):
-        raise ConstitutionError(f"{where}: expected {what}, got {chat.type_name(obj)}")
+        raise ConstitutionError(f"{where}: expected {what}, got {data.type_name(obj)}")
     fields = {**required, **optional}
     for key in obj:
         if key not in fields:
@@ -83,8 +86,8 @@ def _check_fields(obj, what, required, optional, where):
             raise ConstitutionError(f"{where}: missing field '{key}'")
     for key, kind in fields.items():
         if key in obj and (not isinstance(obj[key], kind) or isinstance(obj[key], bool)):
-            raise ConstitutionError(f"{where}: field '{key}' must be {chat.JSON_TYPES.get(kind, 'a number')}, "
-                                    f"got {chat.type_name(obj[key])}")
+            raise ConstitutionError(f"{where}: field '{key}' must be {data.JSON_TYPES.get(kind, 'a number')}, "
+                                    f"got {data.type_name(obj[key])}")
 
 
 def sample_principle(constitution, rng):
@@ -102,31 +105,21 @@ def check_principles(constitution, tokenizer, stage):
                 raise ValueError(f"principle {p['id']!r}, field '{field}': {e}") from None
 
 
-def load_model(out_dir, device="cpu"):
-    """The model in out_dir/ckpt.pt and its tokenizer: data/<dataset>/meta.json's, as in sample.py, or GPT-2's."""
-    model, run = load_run(out_dir)
-    meta_path = Path("data", run["dataset"], "meta.json")
-    if not meta_path.exists() and model.config.vocab_size < 50257:
-        raise FileNotFoundError(f"{meta_path} not found, and a vocabulary of {model.config.vocab_size} is not "
-                                f"GPT-2's: run from the directory that holds data/{run['dataset']}")
-    return model.to(device), chat.Tokenizer(json.loads(meta_path.read_text()) if meta_path.exists() else {})
-
-
 @torch.no_grad()
 def generate_reply(model, tokenizer, context_ids, max_new_tokens=128, temperature=1.0, top_k=None, chunk=32):
     """The reply after context_ids, up to END: generated in chunks, so the model's generate() stays as it is."""
     idx = torch.tensor([context_ids], dtype=torch.long, device=next(model.parameters()).device)
     new = []
-    while len(new) < max_new_tokens and not any(m in tokenizer.decode(new) for m in chat.MARKERS):
+    while len(new) < max_new_tokens and not any(m in tokenizer.decode(new) for m in data.MARKERS):
         out = model.generate(idx, min(chunk, max_new_tokens - len(new)), temperature=temperature, top_k=top_k)
         new, idx = new + out[0, idx.size(1):].tolist(), out
-    return chat.clean_reply(tokenizer.decode(new))
+    return data.clean_reply(tokenizer.decode(new))
 
 
 def revise_record(model, tokenizer, prompt, constitution, rounds, rng, **gen):
     """Stage 1 for one prompt: an answer, then `rounds` times a critique under a drawn principle and a revision."""
     def reply(request, history=()):
-        return generate_reply(model, tokenizer, chat.encode_chat(tokenizer, request, history=history)[0], **gen)
+        return generate_reply(model, tokenizer, data.encode_chat(tokenizer, request, history=history)[0], **gen)
     response = reply(prompt)
     record = {"prompt": prompt, "initial_response": response, "rounds": []}
     for _ in range(rounds):
@@ -141,7 +134,7 @@ def revise_record(model, tokenizer, prompt, constitution, rounds, rng, **gen):
 
 def comparison_text(prompt, question, a, b, choices):
     """Stage 2's question, as in the paper: plain text, not a chat turn, for it holds answers the markers would cut."""
-    return (f"Consider the following conversation between a human and an assistant:\n\n{chat.HUMAN}{prompt}\n\n"
+    return (f"Consider the following conversation between a human and an assistant:\n\n{data.HUMAN}{prompt}\n\n"
             f"{question}\nOptions:\n{choices[0]} {a}\n{choices[1]} {b}\nThe answer is:")
 
 
@@ -149,16 +142,16 @@ def comparison_text(prompt, question, a, b, choices):
 def label_record(policy, judge, prompt, constitution, rng, choices=("(A)", "(B)"), **gen):
     """Stage 2 for one prompt: two answers, and the judge's softmax over its log p(choice | question) as p_chosen."""
     (model, tokenizer), (judge_model, judge_tokenizer) = policy, judge
-    a, b = (generate_reply(model, tokenizer, chat.encode_chat(tokenizer, prompt)[0], **gen) for _ in range(2))
+    a, b = (generate_reply(model, tokenizer, data.encode_chat(tokenizer, prompt)[0], **gen) for _ in range(2))
     principle = sample_principle(constitution, rng)
     question = judge_tokenizer.encode(comparison_text(prompt, principle["comparison_question"], a, b, choices))
     answers, block_size = [judge_tokenizer.encode(f" {c}") for c in choices], judge_model.config.block_size
     if max(map(len, answers)) >= block_size:
         raise ValueError(f"a choice of {max(map(len, answers))} tokens does not fit the judge's window of {block_size}")
     # a question longer than the window keeps its end: the options and the question's last words
-    x, y = chat.pad_batch([(question + ids, [0] * len(question) + [1] * len(ids)) for ids in answers], block_size)
+    x, y = data.pad_batch([(question + ids, [0] * len(question) + [1] * len(ids)) for ids in answers], block_size)
     device = next(judge_model.parameters()).device
-    p_a = torch.softmax(chat.sequence_logprobs(judge_model(x.to(device))[0], y.to(device)).double(), 0)[0].item()
+    p_a = torch.softmax(sequence_logprobs(judge_model(x.to(device))[0], y.to(device)).double(), 0)[0].item()
     chosen, rejected, p = (a, b, p_a) if p_a >= 0.5 else (b, a, 1 - p_a)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "p_chosen": p, "principle": principle["id"]}
 
@@ -166,8 +159,8 @@ def label_record(policy, judge, prompt, constitution, rng, choices=("(A)", "(B)"
 def open_resumable(path, prompts):
     """`path` opened to append, and the prompts done; a torn last line (a crash mid-write) is cut, all else refused."""
     done = set()
-    data = Path(path).read_bytes() if os.path.exists(path) else b""
-    lines = data.splitlines(keepends=True)
+    raw = Path(path).read_bytes() if os.path.exists(path) else b""
+    lines = raw.splitlines(keepends=True)
     for lineno, line in enumerate(lines, 1):
         try:
             r = json.loads(line) if line.endswith(b"\n") else None  # a line without its newline is torn
@@ -176,7 +169,7 @@ def open_resumable(path, prompts):
             if lineno < len(lines):
                 raise ValueError(f"{path}:{lineno}: not a record of this tool; move the file away or fix the line")
             print(f"{path}: dropping an incomplete last line ({len(line)} bytes) left by an interrupted run")
-            os.truncate(path, len(data) - len(line))
+            os.truncate(path, len(raw) - len(line))
             break
         if not (isinstance(i, int) and 0 <= i < len(prompts)) or r.get("prompt") != prompts[i]:
             raise ValueError(f"{path}:{lineno}: record {i!r} does not match the prompts file (a different "
@@ -185,6 +178,71 @@ def open_resumable(path, prompts):
             raise ValueError(f"{path}:{lineno}: a second record for prompt {i}")
         done.add(i)
     return open(path, "a", encoding="utf-8"), done
+
+
+# -----------------------------------------------------------------------------
+# DPO: the loss stage 2 trains with (train.py mode='dpo')
+
+
+def sequence_logprobs(logits, targets):
+    """Sum over each row of log p(target) for the targets that are not -1 (the response tokens): (B,)."""
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    return logp.view(targets.shape).sum(-1)  # ignored positions contribute 0
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, p=1.0):
+    """-(p log sigmoid(beta h) + (1 - p) log sigmoid(-beta h)), h the log-ratio margin, and the implicit rewards.
+    p < 1 (conservative DPO) keeps a finite optimum, beta h = log(p / (1 - p)), on a pair that may be mislabelled."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    z = chosen_reward - rejected_reward
+    loss = -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z)).mean()
+    return loss, chosen_reward.detach(), rejected_reward.detach()
+
+
+def preference_accuracy(margins):
+    """Share of pairs with a positive reward margin; a tie counts half, so a policy equal to its reference is 0.5."""
+    return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean()
+
+
+def policy_steps(model):
+    """The core steps each token of a DRE policy's last forward ran (an int when all ran the same), so that its
+    reference runs at the same depth: a reference that drew r again, or exited by its threshold while the policy
+    trained at a drawn r, would differ from an identical policy and move the loss off ln 2. None for a dense model.
+    The policy may be wrapped (DDP, torch.compile): its RecurrentDepth is found among its modules."""
+    depth = next((m for m in model.modules() if isinstance(m, RecurrentDepth)), None)
+    if depth is None or depth.last_steps is None:
+        return None
+    steps = depth.last_steps
+    return int(steps.flatten()[0]) if bool((steps == steps.flatten()[0]).all()) else steps
+
+
+def dpo_forward(model, ref_model, x, y, p, beta, soft_labels=True):
+    """DPO loss and statistics of a batch of finetune_batch's pairs: chosen rows, then rejected rows. The frozen
+    reference runs each token at the policy's core steps (policy_steps)."""
+    policy = sequence_logprobs(model(x)[0], y)
+    with torch.no_grad():
+        ref = sequence_logprobs(ref_model(x, steps=policy_steps(model))[0], y)
+    loss, chosen, rejected = dpo_loss(*policy.chunk(2), *ref.chunk(2), beta, p if soft_labels else 1.0)
+    margin = chosen - rejected
+    return loss, {"accuracy": preference_accuracy(margin), "margin": margin.mean(),
+                  "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
+
+
+def describe_dpo(stats):  # dpo_forward's statistics, as floats
+    return (f"dpo: accuracy {stats['accuracy']:.3f}, reward margin {stats['margin']:.4f}, "
+            f"chosen {stats['chosen_reward']:.4f}, rejected {stats['rejected_reward']:.4f}")
+
+
+def reference_model(source, device):
+    """DPO's frozen reference: the model in source/ckpt.pt when source is a directory, else a copy of the model."""
+    ref = load_run(source)[0] if isinstance(source, str) else copy.deepcopy(source)
+    return ref.requires_grad_(False).eval().to(device)
+
+
+
+# -----------------------------------------------------------------------------
+# the command line
 
 
 def main(argv=None):
@@ -222,13 +280,13 @@ def main(argv=None):
                 raise ValueError(message)
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a directory; give a JSONL file to write")
-        device = configurator.pick_device(args.device)
-        policy = load_model(args.out_dir, device)
-        judge = load_model(args.judge, device) if args.command == "label" and args.judge else policy
-        prompts = [r["prompt"] for _, r in chat.read_jsonl(args.prompts, ("prompt",))]
+        device = hardware.pick_device(args.device)
+        policy = load_run(args.out_dir, device)[:2]  # (model, tokenizer)
+        judge = load_run(args.judge, device)[:2] if args.command == "label" and args.judge else policy
+        prompts = [r["prompt"] for _, r in data.read_jsonl(args.prompts, ("prompt",))]
         for i, prompt in enumerate(prompts):  # fail now rather than after an hour of generation
             try:
-                chat.encode_chat(policy[1], prompt)
+                data.encode_chat(policy[1], prompt)
             except ValueError as e:
                 raise ValueError(f"{args.prompts}: prompt {i}: {e}") from None
         check_principles(constitution, judge[1], args.command)  # the judge is the policy in revise

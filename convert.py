@@ -1,15 +1,17 @@
 """
-Checkpoints out and in, and the evaluations that check them:
+Models in and out: load_run, the one way every script loads a model (a run, a Hugging Face folder or GPT-2, with
+its tokenizer and settings); a run exported to a Hugging Face folder; and the command line for both and for the
+evaluations (evaluation.py):
 
     python convert.py RUN_DIR HF_DIR [--force]   # a run (ckpt.pt or ckpt_dcp/) -> a Hugging Face folder
-    python convert.py RUN_DIR --ckpt             # a distributed checkpoint -> RUN_DIR/ckpt.pt (what sample.py reads)
+    python convert.py RUN_DIR --ckpt             # a distributed checkpoint -> RUN_DIR/ckpt.pt (one file to copy)
     python convert.py eval SOURCE [--bpb DATA_DIR] [--choices FILE.jsonl]   # SOURCE: a run directory or hf:FOLDER
 
 Export and import are renames, because nanothink's layouts are those of four Hugging Face classes: 'modern' is
 LlamaForCausalLM (same rotary convention, so no q/k permutation), with qk_norm Qwen3ForCausalLM, with experts
 MixtralForCausalLM, and 'gpt2' is GPT2LMHeadModel. An option none of them has is refused, by name. config.json
 states every value whose Hugging Face default differs from ours. transformers, safetensors and tokenizers are
-imported only where used. GPT.from_hf (train.py and sample.py's init_from='hf:FOLDER') is the way back in.
+imported only where used. from_hf (load_run's 'hf:FOLDER') is the way back in.
 """
 
 import argparse
@@ -22,10 +24,10 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import chat
-from checkpoint import dcp_to_ckpt, read_run
+import data
+import evaluation
+from checkpoint import dcp_to_ckpt, load_weights, read_run
 from model import GPT, GPTConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel")
@@ -40,19 +42,41 @@ def need(package, why):
 
 
 # -----------------------------------------------------------------------------
-# reading a run
+# loading a model: the one way every script does it
 
 
-def run_tokenizer_meta(run_config):
-    """What the run's tokens mean: an HF folder it was fine-tuned from, else its dataset's meta.json (found from
-    the current directory, as train.py found it), else GPT-2's BPE, train.py's default too."""
+def load_run(source, device="cpu", **settings):
+    """(model, tokenizer, run settings) of `source`: a run's out_dir (the later of its ckpt.pt and ckpt_dcp/),
+    'hf:FOLDER' (a local Hugging Face folder) or a GPT-2 name. The model is built on `device`, in eval mode, with
+    no dropout or gradient checkpointing unless `settings` (GPTConfig fields a run may change) say otherwise. The
+    run settings are the train.py config a run saved ({} for the others). FileNotFoundError when there is nothing
+    to load, CheckpointError (a ValueError) when it cannot be read."""
+    settings = {"dropout": 0.0, "grad_checkpoint": False, **settings}
+    if source.startswith(("hf:", "gpt2")):
+        model = from_hf(source[3:], settings["dropout"]) if source.startswith("hf:") else \
+            from_gpt2(source, settings["dropout"])
+        model.config.grad_checkpoint = settings["grad_checkpoint"]
+        spec, run = {"tokenizer": source if source.startswith("hf:") else "gpt2"}, {}
+    else:
+        ckpt = read_run(source)
+        with torch.device(device):  # built where it runs: on a GPU node no rank holds the weights in host memory
+            model = GPT(GPTConfig(**{**ckpt["model_args"], **settings}))
+        load_weights(model, ckpt["model"], source)
+        spec, run = ckpt.get("tokenizer") or old_run_tokenizer(ckpt["config"], model.config.vocab_size), ckpt["config"]
+    return model.eval().to(device), data.Tokenizer(spec), run
+
+
+def old_run_tokenizer(run_config, vocab_size):
+    """The tokenizer of a run saved before checkpoints kept theirs: the HF folder it started from, else its
+    dataset's meta.json (found from the current directory, as train.py found it), else GPT-2's BPE."""
     if str(run_config.get("init_from", "")).startswith("hf:"):
         return {"tokenizer": run_config["init_from"]}
-    path = os.path.join("data", run_config.get("dataset", ""), "meta.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"tokenizer": "gpt2"}
+    path = os.path.join("data", run_config.get("dataset", ""))
+    meta = data.read_meta(path)
+    if not meta and vocab_size < 50257:
+        raise FileNotFoundError(f"{path}/meta.json not found, and a vocabulary of {vocab_size} is not GPT-2's: run "
+                                f"from the directory that holds {path}")
+    return meta or {"tokenizer": "gpt2"}
 
 
 # -----------------------------------------------------------------------------
@@ -231,19 +255,19 @@ def export_hf(run_dir, hf_dir, force=False):
     from safetensors.torch import save_file
     if os.path.exists(hf_dir) and not force:
         raise FileExistsError(f"{hf_dir} already exists; pass --force to replace it")
-    args, weights, run_config, iter_num, _ = read_run(run_dir)
-    config = GPTConfig(**{**args, "dropout": 0.0})
-    meta = run_tokenizer_meta(run_config)
-    n_vocab = min(config.vocab_size, chat.Tokenizer(meta).vocab_size)  # padded rows are not tokens
+    run = read_run(run_dir)
+    config = GPTConfig(**{**run["model_args"], "dropout": 0.0})
+    meta = run.get("tokenizer") or old_run_tokenizer(run["config"])
+    n_vocab = min(config.vocab_size, data.Tokenizer(meta).vocab_size)  # padded rows are not tokens
     arch, hf = hf_config(config, n_vocab)
-    tensors = to_hf_weights(config, weights, n_vocab)
+    tensors = to_hf_weights(config, run["model"], n_vocab)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(hf_dir)) + ".", dir=os.path.dirname(
         os.path.abspath(hf_dir)))
     try:
         ids = write_tokenizer(meta, tmp)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"architectures": [arch], **hf, **ids, "nanothink_iter": iter_num}, f, indent=2)
+            json.dump({"architectures": [arch], **hf, **ids, "nanothink_iter": run["iter_num"]}, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:  # sample.py's defaults
             json.dump({**ids, "do_sample": True, "temperature": 0.8, "top_k": 200},
                       f, indent=2)
@@ -381,79 +405,6 @@ def from_hf_weights(hf_config, w, dropout=0.0, source="the weights"):
     return model
 
 
-# -----------------------------------------------------------------------------
-# evaluations
-
-
-def bytes_per_token(tokenizer, ids):
-    """UTF-8 bytes of the text `ids` decode to, per token: bits per byte = loss / ln 2 / this."""
-    return len(tokenizer.decode([int(i) for i in ids]).encode("utf-8")) / max(1, len(ids))
-
-
-@torch.no_grad()
-def bits_per_byte(model, tokenizer, ids, batch_size=8, device="cpu"):
-    """Bits per UTF-8 byte of a token stream, every token but the first predicted once, from non-overlapping
-    windows of block_size. Independent of the tokenizer, so character and BPE models compare."""
-    T = model.config.block_size
-    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    nats, n = 0.0, 0
-    starts = list(range(0, len(ids) - 1, T))
-    for b in range(0, len(starts), batch_size):
-        rows = [ids[s:s + T + 1] for s in starts[b:b + batch_size]]
-        rows = [r for r in rows if len(r) > 1]
-        x = torch.nn.utils.rnn.pad_sequence([r[:-1] for r in rows], batch_first=True).to(device)
-        y = torch.nn.utils.rnn.pad_sequence([r[1:] for r in rows], batch_first=True, padding_value=-1).to(device)
-        logits, _ = model(x)
-        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
-        n += (y != -1).sum().item()
-    return nats / math.log(2) / n / bytes_per_token(tokenizer, ids[1:].tolist())
-
-
-def read_choices(path):
-    """HellaSwag-format JSONL: {"context": str, "endings": [str, ...], "label": int} per line, all checked."""
-    items = []
-    for lineno, r in chat.read_jsonl(path, ("context",)):
-        endings, label = r.get("endings"), r.get("label")
-        if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) for e in endings)):
-            raise ValueError(f"{path}:{lineno}: field 'endings' must be a list of at least two strings")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
-            raise ValueError(f"{path}:{lineno}: field 'label' must be an index into endings, got {label!r}")
-        items.append((r["context"], endings, label))
-    return items
-
-
-@torch.no_grad()
-def choice_accuracy(model, tokenizer, items, device="cpu"):
-    """Multiple-choice accuracy: each ending, after the context and a space, scored by its log-likelihood.
-    Three normalisations: acc (the sum: lm-eval's acc), acc_norm (per character of the ending: lm-eval's
-    acc_norm), acc_token (the mean per token). An ending's tokens are those that encoding context + " " + ending
-    adds to the context's, as lm-eval splits them; padded vocabulary rows are left out of the softmax."""
-    n_vocab, hits = tokenizer.vocab_size, {"acc": 0, "acc_norm": 0, "acc_token": 0}
-    for context, endings, label in items:
-        ctx = tokenizer.encode(context.rstrip())  # lm-eval moves the context's trailing spaces to the ending
-        scores = []
-        for ending in endings:
-            full = tokenizer.encode(context + " " + ending)
-            cont = full[len(ctx):]
-            x = torch.tensor(full[-model.config.block_size - 1:-1], device=device)[None]
-            logp = model(x)[0][0, -len(cont):, :n_vocab].float().log_softmax(-1)
-            ll = logp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item()
-            scores.append((ll, ll / len(ending), ll / len(cont)))
-        for k, name in enumerate(hits):
-            hits[name] += max(range(len(endings)), key=lambda j: scores[j][k]) == label
-    return {name: h / len(items) for name, h in hits.items()}
-
-
-def load_source(source, device):
-    """(model, tokenizer) of a run directory or of hf:FOLDER."""
-    if source.startswith("hf:"):
-        return from_hf(source[3:]).eval().to(device), chat.Tokenizer({"tokenizer": source})
-    args, weights, run_config, _, _ = read_run(source)
-    model = GPT(GPTConfig(**{**args, "dropout": 0.0, "grad_checkpoint": False}))
-    model.load_state_dict(weights)
-    return model.eval().to(device), chat.Tokenizer(run_tokenizer_meta(run_config))
-
-
 def evaluate(argv):
     p = argparse.ArgumentParser(prog="convert.py eval", description="bits per byte and multiple-choice accuracy")
     p.add_argument("source", help="a run directory, or hf:FOLDER")
@@ -463,17 +414,17 @@ def evaluate(argv):
     a = p.parse_args(argv)
     if not (a.bpb or a.choices):
         raise ValueError("nothing to evaluate: give --bpb DATA_DIR and/or --choices FILE.jsonl")
-    model, tokenizer = load_source(a.source, a.device)
+    model, tokenizer, _ = load_run(a.source, a.device)
     if a.bpb:
         val = os.path.join(a.bpb, "val.bin")
         if not os.path.exists(val):
             raise FileNotFoundError(f"{val} not found; --bpb takes a folder prepared by data/*/prepare.py")
-        ids = np.fromfile(val, dtype=chat.read_meta(a.bpb).get("dtype", "uint16"))
-        print(f"val bits per byte: {bits_per_byte(model, tokenizer, ids, device=a.device):.4f} "
-              f"({len(ids):,} tokens, {bytes_per_token(tokenizer, ids):.3f} bytes per token)")
+        ids = np.fromfile(val, dtype=data.read_meta(a.bpb).get("dtype", "uint16"))
+        print(f"val bits per byte: {evaluation.bits_per_byte(model, tokenizer, ids, device=a.device):.4f} "
+              f"({len(ids):,} tokens, {evaluation.bytes_per_token(tokenizer, ids):.3f} bytes per token)")
     if a.choices:
-        items = read_choices(a.choices)
-        acc = choice_accuracy(model, tokenizer, items, a.device)
+        items = evaluation.read_choices(a.choices)
+        acc = evaluation.choice_accuracy(model, tokenizer, items, a.device)
         print(f"{len(items)} items: acc_token {acc['acc_token']:.4f} (mean log-likelihood per token), acc "
               f"{acc['acc']:.4f} (sum), acc_norm {acc['acc_norm']:.4f} (per character)")
 

@@ -2,7 +2,7 @@
 Mixture-of-Experts: a router picks top_k of n_expert SwiGLU MLPs for each token, and only those run.
 
 In forward order: route (fp32 scores, top_k, DeepSeek-V3's optional balancing bias), sort the token-expert pairs by
-expert (capacity applied if set), the experts on those sorted rows (two grouped GEMMs, kernels/), and combine (each
+expert (capacity applied if set), the experts on those sorted rows (two grouped GEMMs, gemm_kernels/), and combine (each
 pair's output weighted by its score, summed per token, shared experts added). Every shape depends on the batch
 alone, never on the routing, and nothing waits for the host: a dropped pair stays in the sorted order, past the
 kept ones, and comes back zero. The balancing losses (Switch's aux loss, ST-MoE's router z-loss) reach train.py
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels import grouped_mm
+from gemm_kernels import grouped_mm
 
 
 def local(t):

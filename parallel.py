@@ -229,9 +229,10 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
                 ep_size=1, pipeline=None):
     """Wraps the model for the layout. param_dtype (GPU fsdp only): compute in it, reduce gradients in fp32.
     ep_size > 1: the experts are split first (apply_expert_parallel), and the layout leaves them alone.
-    pipeline (pp_size > 1): Pipeline's settings; it returns a Pipeline, and trims `model` to this rank's share."""
+    pipeline (pp_size > 1): Pipeline's settings; it returns a Pipeline, and trims `model` to this rank's share.
+    Otherwise a Layout: either way the training step makes the same calls."""
     if layout == "none" and not pipeline:
-        return model
+        return Layout(model, model, layout)
     experts = apply_expert_parallel(model, ep_size, device_type) if ep_size > 1 else {}
     fsdp = {}
     if "fsdp" in layout:
@@ -244,8 +245,8 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
         # every rank from all-reduced loads (while their load counters are each rank's own)
         DDP._set_params_and_buffers_to_ignore_for_model(model, list(experts))
-        return DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
-                   broadcast_buffers=False)
+        return Layout(DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
+                          broadcast_buffers=False), model, layout)
     if "tp" in layout:
         apply_tensor_parallel(model, mesh["tp"])
     if fsdp:
@@ -255,7 +256,40 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         if model.config.dre:  # adaptive exit runs the core until every rank's tokens have stopped (reasoning.py)
             model.depth.exit_group = mesh["dp"].get_group()
         fully_shard(model, **kw)  # the rest: embeddings, final norm, head
-    return model
+    return Layout(model, model, layout)
+
+
+class Layout(nn.Module):
+    """A model as the layouts here wrap it (none, ddp, fsdp, tp and their mixes), answering the training step's
+    calls as pipeline.Pipeline does: forward (a micro-batch's loss), backward, moe_loss, no_sync, finish_backward
+    and clip_grad_norm_. train.py's step is then one piece of code for every layout."""
+
+    def __init__(self, wrapped, model, layout):
+        super().__init__()
+        self.wrapped, self.layout = wrapped, layout
+        self.model = [model]  # the unwrapped model (in a list: its parameters are the wrapped one's)
+
+    def forward(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def moe_loss(self):
+        return self.model[0].moe_loss()
+
+    def no_sync(self, sync):
+        """Gradient accumulation: reduce gradients across data-parallel ranks on the last micro-step only."""
+        if self.layout == "ddp":
+            self.wrapped.require_backward_grad_sync = sync
+        elif "fsdp" in self.layout:
+            self.wrapped.set_requires_gradient_sync(sync)
+
+    def finish_backward(self):
+        pass  # (a pipeline sums a tied embedding's gradient over its two stages here)
+
+    def clip_grad_norm_(self, max_norm):
+        return clip_grad_norm_(list(self.parameters()), max_norm)
 
 
 def compile_blocks(model, **compile_kwargs):
@@ -439,17 +473,6 @@ def agree(stop_requested, nonfinite, device):
     if dist.is_initialized():
         dist.all_reduce(flags)
     return bool(flags[0] > 0), bool(flags[1] > 0)
-
-
-def no_sync(model, layout, sync):
-    """Gradient accumulation: reduce gradients across data-parallel ranks on the last micro-step only. (A Pipeline's
-    stages reduce theirs after each micro-step's schedule: its micro-batches are the accumulation there.)"""
-    if isinstance(model, Pipeline):
-        return
-    if layout == "ddp":
-        model.require_backward_grad_sync = sync
-    elif "fsdp" in layout:
-        model.set_requires_gradient_sync(sync)
 
 
 def clip_grad_norm_(params, max_norm):

@@ -175,6 +175,12 @@ class Pipeline(nn.Module):
         loss = torch.stack(losses).sum() / (self.weight * self.pieces) if losses else torch.zeros((), device=x.device)
         return None, loss.detach()
 
+    def backward(self, loss):
+        pass  # the schedule ran backward piece by piece, inside forward
+
+    def no_sync(self, sync):
+        pass  # each stage reduces its gradients after each micro-step's schedule (its pieces are the accumulation)
+
     def moe_loss(self):
         """The balancing losses of this rank's stages in the last micro-step, the mean over its pieces."""
         return sum(p.moe_loss for p in self.stage_parts) / (self.weight * self.pieces)

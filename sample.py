@@ -9,15 +9,14 @@ Generates text from a trained model (out_dir/ckpt.pt) or from OpenAI's GPT-2 wei
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-import chat
 import configurator
-import convert
+import data
+import hardware
 import reasoning
-from checkpoint import CheckpointError, load_run
+from convert import load_run
 
 init_from = "resume"     # 'resume' (from out_dir), a GPT-2 variant ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
                          # or 'hf:FOLDER', a local Hugging Face folder (convert.py), with its own tokenizer
@@ -59,42 +58,24 @@ for bad, message in [
     if bad:
         sys.exit(f"error: {message}")
 try:
-    device = configurator.pick_device(device)
+    device = hardware.pick_device(device)
+    dtype = hardware.pick_dtype(dtype, device.split(":")[0])[0]
 except ValueError as e:
     sys.exit(f"error: {e}")
 device_type = device.split(":")[0]
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-if dtype == "float16" and device_type == "cpu":
-    sys.exit("error: dtype='float16' autocast is not supported on the CPU; use float32 or bfloat16")
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+autocast = hardware.autocast(device_type, dtype)
 torch.manual_seed(seed)
 
-meta, chat_tuned = {"tokenizer": "gpt2"}, False
+try:
+    model, tokenizer, run_config = load_run(out_dir if init_from == "resume" else init_from, device)
+except FileNotFoundError as e:
+    sys.exit(f"error: {e}" + " (or pass --init_from=gpt2)" * (init_from == "resume"))
+except (ValueError, ImportError) as e:
+    sys.exit(f"error: {'out_dir=' + repr(out_dir) if init_from == 'resume' else 'init_from=' + repr(init_from)}: {e}")
+chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
 if init_from == "resume":
-    try:
-        model, run_config = load_run(out_dir)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e} (or pass --init_from=gpt2)")
-    except CheckpointError as e:
-        sys.exit(f"error: out_dir={out_dir!r}: {e}")
-    chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
-    print(f"sampling {os.path.join(out_dir, 'ckpt.pt')}", file=sys.stderr)  # the newest: load_run refuses older
-    try:
-        meta = chat.read_meta(os.path.join("data", run_config["dataset"])) or meta
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-elif init_from.startswith("gpt2"):
-    model = convert.from_gpt2(init_from)
-else:  # 'hf:FOLDER', checked above
-    try:
-        model = convert.from_hf(init_from[3:])
-        meta = {"tokenizer": init_from}
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: init_from={init_from!r}: {e}")
-model.eval().to(device)
-if model.config.dre:
+    print(f"sampling {out_dir}, iter {run_config.get('iter_num', '?')}", file=sys.stderr)
+if model.config.dre:  # the exit settings this sampling asks for, instead of the model's
     if dre_threshold is not None:
         model.config.dre_threshold = dre_threshold
     if max_reasoning_steps is not None:
@@ -108,13 +89,12 @@ observe = raw_model.depth.observe if raw_model.config.dre else None
 if start.startswith("FILE:"):
     with open(start[5:], encoding="utf-8") as f:
         start = f.read()
-tokenizer = chat.Tokenizer(meta)
 try:
-    start_ids = tokenizer.encode(start, special=True) or [meta.get("eot_id") or 0]
+    start_ids = tokenizer.encode(start, special=True) or [tokenizer.spec.get("eot_id") or 0]
 except ValueError as e:
     sys.exit(f"error: the prompt has {e}")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
-stop = (lambda idx: chat.END in tokenizer.decode(idx[0, x.size(1):].tolist())) if chat_tuned else None
+stop = (lambda idx: data.END in tokenizer.decode(idx[0, x.size(1):].tolist())) if chat_tuned else None
 
 new_tokens, seconds = 0, 0.0
 with torch.no_grad(), autocast:

@@ -17,18 +17,17 @@ seconds, then gets a 503. A client that goes away mid-stream stops its generatio
 import http.server
 import json
 import math
-import os
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from urllib.parse import urlsplit
 
 import torch
 
-import chat
 import configurator
-from checkpoint import load_run
+import data
+import hardware
+from convert import load_run
 
 out_dir = "out"          # the run directory to load ckpt.pt from
 host = "127.0.0.1"       # '0.0.0.0' serves every network interface: anyone who reaches the port can use the model
@@ -50,26 +49,16 @@ except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
 
 max_new_tokens = min(max_new_tokens, token_limit)
-device = configurator.pick_device(device)
-device_type = device.split(":")[0]
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)
-
 try:
-    model, run_config = load_run(out_dir)
-except FileNotFoundError as e:
+    device = hardware.pick_device(device)
+    dtype = hardware.pick_dtype(dtype, device.split(":")[0])[0]
+    model, tokenizer, run_config = load_run(out_dir, device)
+except (ValueError, FileNotFoundError, ImportError) as e:
     sys.exit(f"error: {e}")
-model.to(device)
+device_type = device.split(":")[0]
+autocast = hardware.autocast(device_type, dtype)
 chat_tuned = run_config.get("mode", "pretrain") != "pretrain"
-meta_path = os.path.join("data", run_config["dataset"], "meta.json")
-meta = {"tokenizer": "gpt2"}
-if os.path.exists(meta_path):
-    with open(meta_path) as f:
-        meta = json.load(f)
-tokenizer = chat.Tokenizer(meta)
 lock = threading.Lock()  # held for the whole of a generation
 
 
@@ -94,13 +83,13 @@ def parse_request(body):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(f"the body is not JSON: {e}") from None
     if not isinstance(r, dict):
-        raise BadRequest(f"expected a JSON object, got {chat.type_name(r)}")
+        raise BadRequest(f"expected a JSON object, got {data.type_name(r)}")
     for key, value in r.items():
         if key not in FIELDS:
             raise BadRequest(f"unknown field '{key}'; the fields are {', '.join(FIELDS)}")
         kind, name = FIELDS[key]
         if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):  # JSON true is not a number
-            raise BadRequest(f"'{key}' must be {name}, got {chat.type_name(value)}")
+            raise BadRequest(f"'{key}' must be {name}, got {data.type_name(value)}")
     if "prompt" not in r:
         raise BadRequest("the field 'prompt' is required")
     r = {"mode": "chat" if chat_tuned else "continue", "history": [], "max_new_tokens": max_new_tokens,
@@ -126,9 +115,9 @@ def parse_request(body):
                          f"of {prompt_limit}")
     try:
         if r["mode"] == "chat":
-            r["ids"] = chat.encode_chat(tokenizer, r["prompt"], history=[tuple(t) for t in r["history"]])[0]
+            r["ids"] = data.encode_chat(tokenizer, r["prompt"], history=[tuple(t) for t in r["history"]])[0]
         else:
-            r["ids"] = tokenizer.encode(r["prompt"], special=True) or [meta.get("eot_id") or 0]
+            r["ids"] = tokenizer.encode(r["prompt"], special=True) or [tokenizer.spec.get("eot_id") or 0]
     except ValueError as e:
         raise BadRequest(str(e) if r["mode"] == "chat" else f"the prompt has {e}") from None
     return r
@@ -147,13 +136,13 @@ def complete(r, emit):
         chat-tuned model at END (kept, as sample.py prints it)."""
         text = tokenizer.decode(idx[0, len(ids):].tolist())
         if chat_mode:
-            return text, any(m in text for m in chat.MARKERS)
-        end = text.find(chat.END) if chat_tuned else -1
-        return (text, False) if end < 0 else (text[:end + len(chat.END)], True)
+            return text, any(m in text for m in data.MARKERS)
+        end = text.find(data.END) if chat_tuned else -1
+        return (text, False) if end < 0 else (text[:end + len(data.END)], True)
 
     def step(idx):  # generate's stop(): send the new text, and end at the reply's end or the client's
         text, ended = decoded(idx)
-        shown = chat.partial_reply(text) if chat_mode else text.rstrip("\ufffd")  # U+FFFD: a half-decoded character
+        shown = data.partial_reply(text) if chat_mode else text.rstrip("\ufffd")  # U+FFFD: a half-decoded character
         try:
             if len(shown) > len(state["sent"]):
                 emit(shown[len(state["sent"]):])
@@ -171,7 +160,7 @@ def complete(r, emit):
         y = model.generate(x, r["max_new_tokens"], temperature=r["temperature"], top_k=r["top_k"] or None,
                            top_p=r["top_p"], stop=step)
     text = decoded(y)[0]
-    text = chat.clean_reply(text) if chat_mode else text
+    text = data.clean_reply(text) if chat_mode else text
     if state["stopped"] != "disconnected" and len(text) > len(state["sent"]):
         try:
             emit(text[len(state["sent"]):])  # what was held back (a generation cut at max_new_tokens)

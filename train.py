@@ -8,28 +8,42 @@ Every hyperparameter is a global below (the model's are GPTConfig's fields); con
 them (configurator.py). The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
 """
 
+import json
 import math
 import os
 import sys
 import textwrap
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import chat
 import configurator
-import convert
+import data
+import evaluation
+import hardware
 import moe
-import plot
 import reasoning
 from checkpoint import (RUN_SETTINGS, CheckpointError, checkpoint_group, find_sharded, load_weights, read_start,
                         restore, save)
+from constitution import describe_dpo, dpo_forward, reference_model
+from convert import load_run
 from model import GPT, GPTConfig
-from parallel import (agree, check_layout, clip_grad_norm_, compile_blocks, exit_process, fail_fast, init_distributed,
-                      mesh_and_ranks, no_sync, optimizer_kwargs, parallelize, sync_expert_grads, watch_signals)
+from parallel import (agree, check_layout, compile_blocks, exit_process, fail_fast, init_distributed, mesh_and_ranks,
+                      optimizer_kwargs, parallelize, sync_expert_grads, watch_signals)
+
+
+def report(kind, error, traceback):
+    """The one place an expected failure (a bad setting, a missing or damaged file) becomes one `error:` line and a
+    non-zero exit; anything else keeps its traceback."""
+    if not issubclass(kind, (ValueError, FileNotFoundError, ImportError)):
+        return sys.__excepthook__(kind, error, traceback)
+    print(f"error: {error}", file=sys.stderr)
+    exit_process(1)
+
+
+sys.excepthook = report
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -63,7 +77,8 @@ dpo_beta = 0.1                   # DPO's beta: a larger one keeps the policy clo
 dpo_soft_labels = False          # target each pair's p_chosen rather than 1 (conservative DPO on AI-feedback labels)
 ref_from = ""                    # dpo: out_dir of the frozen reference model; empty: the weights this run starts from
 # model: every field of model.GPTConfig is a setting too (n_layer, n_embd, n_expert, dre, ...), with the
-# dataclass's defaults and comments; vocab_size comes from the data's meta.json
+# dataclass's defaults and comments there; vocab_size comes from the data's meta.json. train.py reads them as
+# model_config's fields, below
 moe_bias_rate = 1e-3             # moe_balance='bias': bias step per optimizer step
 # optimizer
 optimizer = "adamw"              # 'adamw' or 'muon' (Muon for hidden matrices, AdamW for the rest)
@@ -99,17 +114,12 @@ peak_flops = 0.0                 # FLOP/s that MFU is measured against; 0: look 
 # -----------------------------------------------------------------------------
 globals().update({k: v for k, v in GPTConfig.defaults().items() if k not in globals() and k != "vocab_size"})
 config_keys = list(configurator.hyperparameters(globals()))
-try:
-    globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:]))
-except configurator.ConfigError as e:
-    sys.exit(f"error: {e}")
+globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:]))
 config = {k: globals()[k] for k in config_keys}
 
-try:  # every setting is checked before any work: a bad one ends the run in one line naming it, nothing touched
-    configurator.check_training(config)
-    GPTConfig.from_settings(config)  # the model's own settings (sizes, dropout, MoE, DRE), checked by GPTConfig
-except ValueError as e:
-    sys.exit(f"error: {e}")
+# every setting is checked before any work: a bad one ends the run in one line naming it, nothing touched
+configurator.check_training(config)
+model_config = GPTConfig.from_settings(config)  # the model's own settings (sizes, dropout, MoE, DRE), checked
 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and init_from != "resume" and (
         os.path.exists(os.path.join(out_dir, "ckpt.pt")) or find_sharded(out_dir)):
     init_from = "resume"  # torchrun restarted the workers after a failure: go on from the last checkpoint
@@ -119,24 +129,21 @@ if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and init_from != "resume
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per device
 try:
-    rank, local_rank, world_size, device = init_distributed(configurator.pick_device(device), backend)
-except (RuntimeError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    rank, local_rank, world_size, device = init_distributed(hardware.pick_device(device), backend)
+except RuntimeError as e:
+    raise ValueError(e) from None
 distributed, master = world_size > 1, rank == 0
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
-try:
-    dtype, ptdtype = configurator.pick_dtype(dtype, device_type, n_embd)
-except ValueError as e:
-    sys.exit(f"error: {e}")
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+dtype, ptdtype = hardware.pick_dtype(dtype, device_type, model_config.n_embd)
+autocast = hardware.autocast(device_type, dtype)
 config["device"], config["dtype"] = device, dtype
 
 if parallel == "auto":
     parallel = "ddp" if world_size > pp_size else "none"
 pp_microbatches = pp_microbatches or pp_size
 try:
-    check_layout(parallel, tp_size, world_size, GPTConfig.from_settings(config), batch_size, block_size,
+    check_layout(parallel, tp_size, world_size, model_config, batch_size, block_size,
                  gradient_accumulation_steps, optimizer, dtype, ep_size, pp_size, pp_schedule, pp_microbatches,
                  pp_virtual_stages)
 except ValueError as e:
@@ -163,38 +170,19 @@ torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  
 # -----------------------------------------------------------------------------
 # data: token ids in flat binary files, sampled as random windows
 data_dir = os.path.join("data", dataset)
-try:
-    meta = chat.read_meta(data_dir)
-except ValueError as e:
-    sys.exit(f"error: {e}")
+meta = data.read_meta(data_dir)
 token_dtype = np.dtype(meta.get("dtype", "uint16"))
 bin_splits = ("train", "val") if mode == "pretrain" else ()  # sft and dpo read JSONL instead, tokenized once here
-if mode != "pretrain":
-    # meta.json's tokenizer (GPT-2's without one, as for the token files), or a Hugging Face folder's own
-    tokenizer = chat.Tokenizer({"tokenizer": init_from} if init_from.startswith("hf:") else meta)
-    meta.setdefault("vocab_size", tokenizer.vocab_size)
-    try:
-        chat_data = chat.finetune_data(mode, train_jsonl, val_jsonl, tokenizer)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if master:
-        print(f"{mode}: {len(chat_data['train'])} training and {len(chat_data['val'])} validation examples")
-try:
-    chat.check_token_files(data_dir, bin_splits, token_dtype, block_size)
-except ValueError as e:
-    sys.exit(f"error: {e}")
+data.check_token_files(data_dir, bin_splits, token_dtype, block_size)
 
 def get_batch(split, generator):
     """This data-parallel rank's share of the next global batch: every rank draws the same dp_size*batch_size
     windows (or examples) from the same generator and keeps its own slice, so a step sees the same data in every
     layout. (X, Y) of token windows, (X, Y) for sft and (X, Y, p) for dpo, Y -1 outside the responses."""
-    try:
-        batch = chat.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size) \
-            if mode != "pretrain" else chat.pretrain_batch(os.path.join(data_dir, f"{split}.bin"), token_dtype,
-                                                           batch_size, block_size, generator, dp_rank, dp_size,
-                                                           vocab_size)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    batch = data.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size) \
+        if mode != "pretrain" else data.pretrain_batch(os.path.join(data_dir, f"{split}.bin"), token_dtype,
+                                                       batch_size, block_size, generator, dp_rank, dp_size,
+                                                       vocab_size)
     if device_type == "cuda":
         return [t.pin_memory().to(device, non_blocking=True) for t in batch]
     return [t.to(device) for t in batch]
@@ -209,36 +197,32 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
 
 def init_model():
-    """The model init_from names, its settings, and what a resumed run continues from (None unless 'resume'):
-    'scratch'; 'resume', from the newer of out_dir's ckpt.pt and distributed checkpoint; a run's out_dir, whose
-    weights start a fresh run (to fine-tune); or a GPT-2 name. ValueError when that cannot be had."""
-    vocab = meta.get("vocab_size", 50304)
-    if vocab > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
-        vocab = 64 * math.ceil(vocab / 64)
-    args = dict(vars(GPTConfig.from_settings(config, vocab_size=vocab)))
+    """The model init_from names, its settings, the spec of the tokenizer its ids are in (saved with every
+    checkpoint), and what a resumed run continues from (None unless 'resume'): 'scratch' (the data's tokenizer);
+    'resume', from the later of out_dir's ckpt.pt and distributed checkpoint; a run's out_dir, whose weights start
+    a fresh run (to fine-tune); 'hf:FOLDER' or a GPT-2 name. ValueError when that cannot be had."""
     if init_from == "scratch":
-        return GPT(GPTConfig(**args)), args, None
-    if init_from.startswith(("gpt2", "hf:")):
-        try:
-            model = (convert.from_hf(init_from[3:], dropout) if init_from.startswith("hf:")
-                     else convert.from_gpt2(init_from, dropout))
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            sys.exit(f"error: init_from={init_from!r}: {e}")
-        model.config.grad_checkpoint = grad_checkpoint
-        if block_size < model.config.block_size:
+        vocab = meta.get("vocab_size") or (data.Tokenizer(meta).vocab_size if mode != "pretrain" else 50304)
+        if vocab > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
+            vocab = 64 * math.ceil(vocab / 64)
+        args = dict(vars(GPTConfig.from_settings(config, vocab_size=vocab)))
+        return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
+    if init_from != "resume":  # weights to start from: this run's settings, the source's architecture and tokenizer
+        if not init_from.startswith(("gpt2", "hf:")) and not os.path.isdir(init_from):
+            raise ValueError(f"init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding "
+                             f"a run, got {init_from!r}")
+        model, tokenizer, _ = load_run(init_from, device, **{k: config[k] for k in RUN_SETTINGS})
+        if init_from.startswith(("gpt2", "hf:")) and block_size < model.config.block_size:
             model.crop_block_size(block_size)
-        return model, dict(vars(model.config)), None
-    if init_from != "resume" and not os.path.isdir(init_from):
-        raise ValueError(f"init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding a "
-                         f"ckpt.pt, got {init_from!r}")
+        return model.train(), dict(vars(model.config)), tokenizer.spec, None
     ckpt, path = read_start(init_from, out_dir, sharded)
     # the architecture comes from the checkpoint; everything else from this run's config
-    args.update({k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS})
+    args = {**vars(model_config), **{k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS}}
     with torch.device(device):  # built where it trains: on a GPU node no rank holds the weights in host memory
         model = GPT(GPTConfig(**args))
     if "model" in ckpt:  # copied from the file's pages, shared by the node's ranks
         load_weights(model, ckpt["model"], path)
-    return model, args, ckpt if init_from == "resume" else None
+    return model, args, ckpt.get("tokenizer") or data.tokenizer_spec(meta), ckpt
 
 
 old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
@@ -248,29 +232,28 @@ if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # on
               f"--init_from=resume, start elsewhere with --out_dir=..., or replace it with --overwrite=True")
     exit_process(1)
 try:
-    model, model_args, resume = init_model()
-except CheckpointError as e:
-    sys.exit(f"error: init_from={init_from!r}: {e}")
+    model, model_args, tokenizer_spec, resume = init_model()
 except ValueError as e:
-    sys.exit(f"error: {e}")
+    raise ValueError(f"init_from={init_from!r}: {e}" if isinstance(e, CheckpointError) else e) from None
 if block_size > model.config.block_size:
-    sys.exit(f"error: block_size={block_size} exceeds the model's {model.config.block_size} ({init_from}); "
-             f"set block_size <= {model.config.block_size}")
+    raise ValueError(f"block_size={block_size} exceeds the model's {model.config.block_size} ({init_from}); "
+                     f"set block_size <= {model.config.block_size}")
 iter_num, best_val_loss = (resume["iter_num"], resume["best_val_loss"]) if resume else (0, float("inf"))
 if resume and master:
     print(f"resuming {resume.get('dcp', ckpt_path)} from iter {iter_num} (best val loss {best_val_loss:.4f})")
 vocab_size = model.config.vocab_size
 if meta.get("vocab_size", 0) > vocab_size:
-    sys.exit(f"error: data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
-try:  # the ids too, now that the vocabulary is known
-    chat.check_token_files(data_dir, bin_splits, token_dtype, block_size, vocab_size)
-except ValueError as e:
-    sys.exit(f"error: {e}")
+    raise ValueError(f"data/{dataset} has vocab_size={meta['vocab_size']} but the model only {vocab_size}")
+data.check_token_files(data_dir, bin_splits, token_dtype, block_size, vocab_size)  # the ids too, now
+if mode != "pretrain":  # conversations in the tokenizer of the weights this run starts from (or the data's)
+    chat_data = data.finetune_data(mode, train_jsonl, val_jsonl, data.Tokenizer(tokenizer_spec))
+    if master:
+        print(f"{mode}: {len(chat_data['train'])} training and {len(chat_data['val'])} validation examples")
 val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 / this, which any tokenizer shares
 if mode == "pretrain":
     try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
-        val_bytes_per_token = convert.bytes_per_token(
-            chat.Tokenizer(meta), np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
+        val_bytes_per_token = evaluation.bytes_per_token(
+            data.Tokenizer(meta), np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
     except (ImportError, ValueError, OSError, IndexError, KeyError) as e:  # tiktoken offline, ids past the vocab
         if master:
             print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")
@@ -280,8 +263,8 @@ if mode == "dpo":  # DPO's frozen reference: ref_from's weights, by default thos
     if not ref_from and resume:
         ref_from = resume["config"].get("ref_from", "")  # what the interrupted run used
         if not ref_from:
-            sys.exit("error: this dpo run started from scratch, so its reference is gone: set ref_from")
-    ref_model = chat.reference_model(ref_from or model, device)
+            raise ValueError("this dpo run started from scratch, so its reference is gone: set ref_from")
+    ref_model = reference_model(ref_from or model, device)
     config["ref_from"] = ref_from or (init_from if os.path.isdir(init_from) else "")
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -299,7 +282,7 @@ param_dtype = ptdtype if device_type == "cuda" and "fsdp" in parallel and dtype 
 pipeline = dict(schedule=pp_schedule, microbatches=pp_microbatches, virtual=pp_virtual_stages,
                 accumulation=gradient_accumulation_steps, batch=batch_size, seq_len=block_size) if pp_size > 1 else None
 model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload,
-                    ep_size, pipeline)  # pp_size > 1: a pipeline.Pipeline, and raw_model this rank's stages
+                    ep_size, pipeline)  # a Layout, or (pp_size > 1) a Pipeline and raw_model this rank's stages
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
@@ -318,7 +301,7 @@ def save_checkpoint():
     global saved_iter
     t0 = time.perf_counter()
     state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-             "scaler": scaler.state_dict()}
+             "tokenizer": tokenizer_spec, "scaler": scaler.state_dict()}
     try:
         path = save(out_dir, state, raw_model, optimizers, data_state, sharded, ckpt_group, keep_last)
     except OSError as e:
@@ -333,7 +316,7 @@ def forward(batch):
     """The loss of a batch and, in dpo mode, its preference statistics (accuracy, reward margin, rewards). In
     evaluation a DRE model records each token's core steps against its loss, for its metrics()."""
     if mode == "dpo":
-        return chat.dpo_forward(model, ref_model, *batch, dpo_beta, dpo_soft_labels)
+        return dpo_forward(model, ref_model, *batch, dpo_beta, dpo_soft_labels)
     logits, loss = model(*batch)
     if raw_model.config.dre and not model.training:
         raw_model.depth.observe(logits, batch[1])
@@ -395,11 +378,27 @@ def feature_logs(stats, moe_loss):
         lines.append(moe.describe(record["moe"], record["moe_loss"]))
     if raw_model.config.dre:
         record["dre_steps"] = raw_model.depth.pop_sampled()
-        lines.append(reasoning.describe_drawn(record["dre_steps"], dre_sample_steps))
+        lines.append(reasoning.describe_drawn(record["dre_steps"], model_config.dre_sample_steps))
     if stats:
         record.update({k: v.item() for k, v in stats.items()})
-        lines.append(chat.describe(record))
+        lines.append(describe_dpo(record))
     return lines, record
+
+
+class MetricsLog:
+    """One JSON record a line appended to out_dir/metrics.jsonl (plot.py draws it), starting with `first`, and each
+    record after it also to a Weights & Biases run when given one."""
+
+    def __init__(self, out_dir, first, wandb=None):
+        self.file, self.wandb = open(os.path.join(out_dir, "metrics.jsonl"), "a"), None
+        self(first)
+        self.wandb = wandb
+
+    def __call__(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
 
 
 def stop(message, code=1):
@@ -423,18 +422,18 @@ if wandb_log and master:
     try:
         import wandb
     except ImportError:
-        sys.exit("error: wandb_log=True needs Weights & Biases: pip install wandb")
+        raise ImportError("wandb_log=True needs Weights & Biases: pip install wandb") from None
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 # rank 0 appends to out_dir/metrics.jsonl (plot.py draws it), first a line marking where this run (or resumed part
 # of one) starts: the file may hold several
-log = plot.MetricsLog(out_dir, {"run_start": time.time(), "iter": iter_num, "init_from": init_from,
+log = MetricsLog(out_dir, {"run_start": time.time(), "iter": iter_num, "init_from": init_from,
                                 "world_size": world_size}, wandb) if master else lambda record: None
 
 
 # -----------------------------------------------------------------------------
 # the loop
 flops_per_iter = flops_per_token * tokens_per_iter / world_size
-peak = configurator.hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
+peak = hardware.hardware_peak_flops(device_type, ptdtype, peak_flops) if master else 1.0
 nonfinite = torch.zeros((), device=device)  # becomes 1 at any non-finite loss; read only at log/eval time
 t_log, iters_since_log, start_iter = time.perf_counter(), 0, iter_num
 t_start = t_log
@@ -487,28 +486,26 @@ while True:
     if raw_model.config.dre:  # core steps: one draw per optimizer step, the same on every rank (reasoning.py)
         raw_model.depth.iteration = iter_num
     for micro_step in range(gradient_accumulation_steps):
-        no_sync(model, parallel, sync=micro_step == gradient_accumulation_steps - 1)
+        model.no_sync(sync=micro_step == gradient_accumulation_steps - 1)
         with autocast:
             loss, stats = forward(batch)
             loss = loss / gradient_accumulation_steps
-            moe_loss = (model if pipeline else raw_model).moe_loss() / gradient_accumulation_steps  # 0 if dense
+            moe_loss = model.moe_loss() / gradient_accumulation_steps  # 0 if dense
         # the next micro-batch, read and copied while the device runs this one (nanoGPT's prefetch); a checkpoint
         # keeps the generator's state from before it, so that a resumed run draws it again
         data_state, batch = data_gen.get_state(), get_batch("train", data_gen)
-        if not pipeline:  # (a pipeline ran backward piece by piece, inside its forward)
-            scaler.scale(loss + moe_loss).backward()
+        model.backward(scaler.scale(loss + moe_loss))  # (a pipeline ran it piece by piece, inside its forward)
         loss_sum += loss.detach()
         moe_loss_sum += moe_loss.detach()
         for name, value in stats.items():
             stats_sum[name] = stats_sum.get(name, 0.0) + value / gradient_accumulation_steps
     sync_expert_grads(raw_model)  # expert parallelism: each expert's gradient over the ranks holding it
-    if pipeline:
-        model.finish_backward()  # a tied embedding's gradient, summed over the first and last stages
+    model.finish_backward()  # a pipeline: a tied embedding's gradient, summed over the first and last stages
     nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss_sum + moe_loss_sum)).float())
     if grad_clip != 0.0:
         for opt in optimizers:
             scaler.unscale_(opt)
-        model.clip_grad_norm_(grad_clip) if pipeline else clip_grad_norm_(list(model.parameters()), grad_clip)
+        model.clip_grad_norm_(grad_clip)
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
@@ -540,10 +537,9 @@ while True:
 if master and not eval_only:  # the run in one line, and what to do next
     wall = time.perf_counter() - t_start
     saved = find_sharded(out_dir) if sharded else ckpt_path if os.path.exists(ckpt_path) else None
-    export = f"python convert.py {out_dir} --ckpt && " if sharded else ""
     print(f"done: {iter_num - start_iter} iterations in {wall / 60:.1f} min, best val loss {best_val_loss:.4f}, "
           f"{(iter_num - start_iter) * tokens_per_iter / wall:,.0f} tokens/s; checkpoint "
-          + (f"{saved}; sample it: {export}python sample.py --out_dir={out_dir}" if saved else "none saved"))
+          + (f"{saved}; sample it: python sample.py --out_dir={out_dir}" if saved else "none saved"))
 if wandb is not None:
     wandb.finish()
 exit_process(0)

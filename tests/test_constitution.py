@@ -1,4 +1,4 @@
-"""chat.py and constitution.py: the DPO loss and response masking, constitution files, the revise and label stages
+"""data.py and constitution.py: the DPO loss and response masking, constitution files, the revise and label stages
 (their records, their resumption), and SFT and DPO through train.py on a synthetic task, all with tiny models."""
 import json
 import math
@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import chat
 import constitution as C
+import data
 from conftest import ROOT, run_train
-from checkpoint import load_run
+from convert import load_run
 from model import GPT, GPTConfig
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -25,7 +25,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=65)
 
 
 def char_tokenizer(extra=""):
-    return chat.Tokenizer({**CHAR_META, "chars": SHAKESPEARE_CHARS + extra})
+    return data.Tokenizer({**CHAR_META, "chars": SHAKESPEARE_CHARS + extra})
 
 
 def tiny_model(seed=0):
@@ -43,7 +43,7 @@ def test_dpo_loss_matches_the_formula_by_hand():
     beta = 0.5
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     hs = [(a - c) - (b - d) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]  # 2, -1, -2.5
-    loss, chosen_reward, rejected_reward = chat.dpo_loss(pc, pr, rc, rr, beta)
+    loss, chosen_reward, rejected_reward = C.dpo_loss(pc, pr, rc, rr, beta)
     assert loss.item() == pytest.approx(sum(-math.log(sig(beta * h)) for h in hs) / 3, rel=1e-6)
     assert chosen_reward.tolist() == pytest.approx([0.5, -0.25, -0.25])
     assert rejected_reward.tolist() == pytest.approx([-0.5, 0.25, 1.0])
@@ -51,43 +51,43 @@ def test_dpo_loss_matches_the_formula_by_hand():
     p = torch.tensor([0.9, 0.6, 1.0])
     expected = sum(-(q * math.log(sig(beta * h)) + (1 - q) * math.log(sig(-beta * h)))
                    for q, h in zip(p.tolist(), hs)) / 3
-    assert chat.dpo_loss(pc, pr, rc, rr, beta, p)[0].item() == pytest.approx(expected, rel=1e-6)
-    assert chat.dpo_loss(pc, pr, rc, rr, beta, 0.8)[0].item() == pytest.approx(
+    assert C.dpo_loss(pc, pr, rc, rr, beta, p)[0].item() == pytest.approx(expected, rel=1e-6)
+    assert C.dpo_loss(pc, pr, rc, rr, beta, 0.8)[0].item() == pytest.approx(
         sum(-(0.8 * math.log(sig(beta * h)) + 0.2 * math.log(sig(-beta * h))) for h in hs) / 3, rel=1e-6)
 
 
 def test_dpo_loss_is_log2_when_the_policy_is_the_reference():
     logps = torch.tensor([-3.0, -7.0, -1.5, -20.0])
     for p in (1.0, 0.7, torch.tensor([0.5, 0.9])):
-        loss, _, _ = chat.dpo_loss(logps[:2], logps[2:], logps[:2], logps[2:], beta=0.1, p=p)
+        loss, _, _ = C.dpo_loss(logps[:2], logps[2:], logps[:2], logps[2:], beta=0.1, p=p)
         assert loss.item() == pytest.approx(math.log(2))
     # and through the models: a policy and its frozen copy, on a real batch
     tok, model = char_tokenizer(), tiny_model()
-    pairs = [(chat.encode_chat(tok, "Say yes.", "Yes."), chat.encode_chat(tok, "Say yes.", "No, never."), 1.0),
-             (chat.encode_chat(tok, "Count.", "One, two."), chat.encode_chat(tok, "Count.", "Hm."), 0.8)]
-    x, y, p = chat.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(0))
-    loss, stats = chat.dpo_forward(model, chat.reference_model(model, "cpu"), x, y, p, beta=0.1)
+    pairs = [(data.encode_chat(tok, "Say yes.", "Yes."), data.encode_chat(tok, "Say yes.", "No, never."), 1.0),
+             (data.encode_chat(tok, "Count.", "One, two."), data.encode_chat(tok, "Count.", "Hm."), 0.8)]
+    x, y, p = data.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(0))
+    loss, stats = C.dpo_forward(model, C.reference_model(model, "cpu"), x, y, p, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
 
 
 def test_describe_is_the_dpo_log_line():
     record = {"accuracy": 0.75, "margin": 0.123456, "chosen_reward": -0.5, "rejected_reward": -1.25, "loss": 0.7}
-    assert chat.describe(record) == "dpo: accuracy 0.750, reward margin 0.1235, chosen -0.5000, rejected -1.2500"
+    assert C.describe_dpo(record) == "dpo: accuracy 0.750, reward margin 0.1235, chosen -0.5000, rejected -1.2500"
 
 
 def test_response_mask_excludes_prompt_tokens():
     tok, model = char_tokenizer(), tiny_model()
-    ids, mask = chat.encode_chat(tok, "Name a colour.", "Red.")
+    ids, mask = data.encode_chat(tok, "Name a colour.", "Red.")
     first = mask.index(1)
     assert tok.decode(ids[:first]) == "Human: Name a colour.\n\nAssistant:"
     assert tok.decode(ids[first:]) == " Red.\nEND" and all(mask[first:])
-    x, _ = chat.pad_batch([(ids, mask)], 128)
+    x, _ = data.pad_batch([(ids, mask)], 128)
 
     def losses(target_ids):  # the model sees the same input x; only the targets change
-        _, y = chat.pad_batch([(target_ids, mask)], 128)
+        _, y = data.pad_batch([(target_ids, mask)], 128)
         logits, sft_loss = model(x, y)
-        return chat.sequence_logprobs(logits, y).item(), sft_loss.item()
+        return C.sequence_logprobs(logits, y).item(), sft_loss.item()
 
     base = losses(ids)
     for pos in (3, first - 1):  # prompt tokens: their targets are masked out
@@ -103,8 +103,8 @@ def test_response_mask_excludes_prompt_tokens():
 
 def test_batches_pad_on_the_right_and_keep_the_end_of_long_sequences():
     tok = char_tokenizer()
-    short, long = chat.encode_chat(tok, "Hi.", "Yo."), chat.encode_chat(tok, "Tell a tale.", "Once " * 30)
-    x, y = chat.pad_batch([short, long], 64)
+    short, long = data.encode_chat(tok, "Hi.", "Yo."), data.encode_chat(tok, "Tell a tale.", "Once " * 30)
+    x, y = data.pad_batch([short, long], 64)
     assert x.shape == y.shape == (2, 64)
     n = len(short[0]) - 1
     assert (y[0, n:] == -1).all() and (x[0, n:] == 0).all()  # padding: no targets
@@ -114,10 +114,10 @@ def test_batches_pad_on_the_right_and_keep_the_end_of_long_sequences():
 
 def test_data_parallel_ranks_share_out_the_pairs_not_the_rows():
     tok = char_tokenizer()
-    pairs = [(chat.encode_chat(tok, f"Say {w}.", w.upper()), chat.encode_chat(tok, f"Say {w}.", w), 0.5 + i / 20)
+    pairs = [(data.encode_chat(tok, f"Say {w}.", w.upper()), data.encode_chat(tok, f"Say {w}.", w), 0.5 + i / 20)
              for i, w in enumerate(["ab", "cde", "fghi", "jk", "lmnop", "q", "rs", "tuv"])]
-    whole = chat.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(3))
-    parts = [chat.finetune_batch(pairs, 2, 64, torch.Generator().manual_seed(3), rank, 2) for rank in (0, 1)]
+    whole = data.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(3))
+    parts = [data.finetune_batch(pairs, 2, 64, torch.Generator().manual_seed(3), rank, 2) for rank in (0, 1)]
     for x, y, p in parts:
         assert x.size(0) == 2 * p.numel() == 4  # each rank: its pairs' chosen rows, then their rejected rows
     assert torch.cat([p for _, _, p in parts]).tolist() == whole[2].tolist()  # together, the same 4 pairs in order
@@ -136,27 +136,27 @@ def test_data_parallel_ranks_share_out_the_pairs_not_the_rows():
 
 def test_chat_template_trains_only_the_last_reply_and_refuses_markers_and_unknown_characters():
     tok = char_tokenizer()
-    ids, mask = chat.encode_chat(tok, "  What next? ", "Sleep.", history=[("Hello.", "Good day.")])
+    ids, mask = data.encode_chat(tok, "  What next? ", "Sleep.", history=[("Hello.", "Good day.")])
     assert tok.decode(ids) == ("Human: Hello.\n\nAssistant: Good day.\nEND\n\n"
                                "Human: What next?\n\nAssistant: Sleep.\nEND")
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == " Sleep.\nEND"  # only the last response is trained
     with pytest.raises(ValueError, match=r"the prompt has characters outside the 65-character vocabulary: "
                                          r"'\(', '\)', '\+', '7'"):
-        chat.encode_chat(tok, "Add (3+7)", "Ten.")
+        data.encode_chat(tok, "Add (3+7)", "Ten.")
     with pytest.raises(ValueError, match=r"the response contains the chat marker 'Human:'"):
-        chat.encode_chat(tok, "Hi.", "Fine.\n\nHuman: now obey me")
-    assert chat.clean_reply(" Fine, thanks.\nEND\n\nHuman: more") == "Fine, thanks."
-    assert chat.clean_reply("Fine.\n\nHuman: and you?") == "Fine."
+        data.encode_chat(tok, "Hi.", "Fine.\n\nHuman: now obey me")
+    assert data.clean_reply(" Fine, thanks.\nEND\n\nHuman: more") == "Fine, thanks."
+    assert data.clean_reply("Fine.\n\nHuman: and you?") == "Fine."
 
 
 @pytest.fixture(scope="module")
 def gpt2_tok():  # its BPE files ship in data/tiktoken: no network needed
-    return chat.Tokenizer({"tokenizer": "gpt2"})
+    return data.Tokenizer({"tokenizer": "gpt2"})
 
 
 def test_chat_template_on_gpt2_keeps_a_literal_endoftext_as_text(gpt2_tok):
     tok = gpt2_tok
-    ids, mask = chat.encode_chat(tok, "Is <|endoftext|> special?", "Not here.")
+    ids, mask = data.encode_chat(tok, "Is <|endoftext|> special?", "Not here.")
     first = mask.index(1)
     assert tok.decode(ids[:first]) == "Human: Is <|endoftext|> special?\n\nAssistant:"
     assert tok.decode(ids[first:]) == " Not here.\nEND"
@@ -188,7 +188,7 @@ def test_generation_stops_at_the_end_marker():
             done = idx.size(1) - start
             return torch.cat([idx, torch.tensor([script[done:done + n]])], 1)
 
-    context = chat.encode_chat(tok, "Question?")[0]
+    context = data.encode_chat(tok, "Question?")[0]
     start, model = len(context), Scripted()
     assert C.generate_reply(model, tok, context, max_new_tokens=200, chunk=8) == "A fair answer."
     assert model.calls == 3  # stopped at the chunk holding END, not at max_new_tokens
@@ -514,14 +514,14 @@ def test_dpo_through_train_learns_the_rule_on_held_out_pairs(sft_run, char_data)
 
     # every held-out pair, scored exactly: the implicit reward, and the policy's own likelihoods before and after
     tok = char_tokenizer()
-    pairs = chat.load_examples(sft_run / "prefs_val.jsonl", tok, "dpo")
-    x, y = chat.pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], 64)
+    pairs = data.load_examples(sft_run / "prefs_val.jsonl", tok, "dpo")
+    x, y = data.pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], 64)
     ref, policy = (load_run(sft_run / name)[0] for name in ("sft", "dpo"))
     with torch.no_grad():
-        ref_logp, policy_logp = (chat.sequence_logprobs(m(x)[0], y) for m in (ref, policy))
+        ref_logp, policy_logp = (C.sequence_logprobs(m(x)[0], y) for m in (ref, policy))
     n = len(pairs)
     margins = (policy_logp[:n] - ref_logp[:n]) - (policy_logp[n:] - ref_logp[n:])
-    accuracy = chat.preference_accuracy(margins).item()
+    accuracy = C.preference_accuracy(margins).item()
     before = (ref_logp[:n] > ref_logp[n:]).float().mean().item()
     after = (policy_logp[:n] > policy_logp[n:]).float().mean().item()
     print(f"held-out pairs: implicit-reward accuracy 0.5 -> {accuracy:.3f}; "

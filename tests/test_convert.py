@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import chat
+import data
+import evaluation
 import convert
 from conftest import ROOT, run_train
 from model import GPT, GPTConfig
@@ -202,10 +203,10 @@ def test_exported_character_tokenizer_encodes_and_decodes_as_the_vocabulary(work
     make_run("run")
     convert.export_hf("run", "hf")
     tok = transformers.AutoTokenizer.from_pretrained("hf")
-    ours = chat.Tokenizer({"tokenizer": "char", "chars": CHARS})
+    ours = data.Tokenizer({"tokenizer": "char", "chars": CHARS})
     text = "ROMEO:\nWhat, ho! apothecary?\n\n  Come; sir."
     assert tok(text)["input_ids"] == ours.encode(text) and tok.decode(ours.encode(text)) == text
-    assert chat.Tokenizer({"tokenizer": "hf:hf"}).encode(text) == ours.encode(text)
+    assert data.Tokenizer({"tokenizer": "hf:hf"}).encode(text) == ours.encode(text)
 
 
 def test_exported_gpt2_tokenizer_matches_tiktoken(tmp_path):
@@ -230,7 +231,7 @@ def test_exported_gpt2_tokenizer_matches_tiktoken(tmp_path):
 def test_bits_per_byte_is_the_mean_surprisal_per_byte_of_every_predicted_token():
     torch.manual_seed(0)
     model = perturbed(GPT(GPTConfig(**{**SMALL, "block_size": 8})))
-    tokenizer = chat.Tokenizer({"tokenizer": "char", "chars": CHARS + "é"})  # é is two bytes
+    tokenizer = data.Tokenizer({"tokenizer": "char", "chars": CHARS + "é"})  # é is two bytes
     ids = np.random.default_rng(0).integers(0, len(CHARS) + 1, 30)
     bits, n_bytes = 0.0, 0
     with torch.no_grad():  # token by token: windows of 8 starting at 0, 8, 16, ...; token t sees its window so far
@@ -239,7 +240,7 @@ def test_bits_per_byte_is_the_mean_surprisal_per_byte_of_every_predicted_token()
             logits = model(torch.tensor(ids[start:t])[None])[0][0, -1]
             bits -= logits.log_softmax(-1)[ids[t]].item() / math.log(2)
             n_bytes += len(tokenizer.decode([int(ids[t])]).encode())
-    assert convert.bits_per_byte(model, tokenizer, ids, batch_size=3) == pytest.approx(bits / n_bytes, rel=1e-5)
+    assert evaluation.bits_per_byte(model, tokenizer, ids, batch_size=3) == pytest.approx(bits / n_bytes, rel=1e-5)
 
 
 ITEMS = [{"context": "the king said", "endings": ["yes.", "no, no!", "Go away."], "label": 1},
@@ -251,7 +252,7 @@ ITEMS = [{"context": "the king said", "endings": ["yes.", "no, no!", "Go away."]
 def test_choice_accuracy_matches_a_loop_over_each_ending_token(tmp_path):
     torch.manual_seed(0)
     model = perturbed(GPT(GPTConfig(**SMALL)))
-    tokenizer = chat.Tokenizer({"tokenizer": "char", "chars": CHARS})
+    tokenizer = data.Tokenizer({"tokenizer": "char", "chars": CHARS})
     path = tmp_path / "items.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
     hits = {"acc": 0, "acc_norm": 0, "acc_token": 0}
@@ -266,7 +267,7 @@ def test_choice_accuracy_matches_a_loop_over_each_ending_token(tmp_path):
                 scores.append({"acc": ll, "acc_norm": ll / len(ending), "acc_token": ll / (len(ending) + 1)})
             for k in hits:
                 hits[k] += max(range(len(scores)), key=lambda j: scores[j][k]) == r["label"]
-    got = convert.choice_accuracy(model, tokenizer, convert.read_choices(path))
+    got = evaluation.choice_accuracy(model, tokenizer, evaluation.read_choices(path))
     assert got == {k: v / len(ITEMS) for k, v in hits.items()}
 
 
@@ -277,7 +278,7 @@ def test_malformed_choice_items_name_the_line_and_field(tmp_path):
         path = tmp_path / "bad.jsonl"
         path.write_text(json.dumps(ITEMS[0]) + "\n" + json.dumps(line) + "\n")
         with pytest.raises(ValueError, match=message):
-            convert.read_choices(path)
+            evaluation.read_choices(path)
 
 
 def test_lm_eval_harness_agrees_with_our_accuracy_on_an_exported_run(workdir, monkeypatch):
@@ -302,7 +303,7 @@ def test_lm_eval_harness_agrees_with_our_accuracy_on_an_exported_run(workdir, mo
                                   tasks=["local_choices"], task_manager=TaskManager(include_path="tasks"),
                                   device="cpu", batch_size=4)
     theirs = out["results"]["local_choices"]
-    ours = convert.choice_accuracy(*convert.load_source("run", "cpu"), convert.read_choices("items.jsonl"))
+    ours = evaluation.choice_accuracy(*convert.load_run("run")[:2], evaluation.read_choices("items.jsonl"))
     assert theirs["acc,none"] == pytest.approx(ours["acc"]) and theirs["acc_norm,none"] == pytest.approx(
         ours["acc_norm"])
 
@@ -336,6 +337,6 @@ def test_sample_generates_from_an_hf_folder_with_its_own_tokenizer(workdir):
                            "--num_samples=1", "--max_new_tokens=12", "--temperature=0", "--device=cpu"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    tok = chat.Tokenizer({"tokenizer": "char", "chars": CHARS})
+    tok = data.Tokenizer({"tokenizer": "char", "chars": CHARS})
     want = tok.decode(ours.generate(torch.tensor([tok.encode("ROMEO:")]), 12, temperature=0)[0].tolist())
     assert proc.stdout.startswith(want + "\n")

@@ -18,7 +18,7 @@ from model import GPT, GPTConfig
 HARNESS = r"""
 import json, os, runpy, sys, traceback
 sys.path.insert(0, ROOT)
-import numpy, tiktoken, torch, chat, configurator, model, parallel  # what every entry point imports, once
+import numpy, tiktoken, torch, data, configurator, model, parallel  # what every entry point imports, once
 results = []
 for script, args, cwd, log in json.load(sys.stdin):
     def tree():

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import configurator
+import hardware
 import convert
-from checkpoint import load_run
 from conftest import ROOT, SHAKESPEARE, run_train
 from model import GPT, GPTConfig
 
@@ -127,21 +126,45 @@ def save_tiny(path):
                 "best_val_loss": 1.0}, path)
 
 
-def test_sampling_refuses_a_ckpt_older_than_the_distributed_checkpoint(tmp_path):
-    save_tiny(tmp_path / "ckpt.pt")
-    load_run(tmp_path)  # alone, it loads
+def test_the_later_checkpoint_by_iteration_is_the_runs_whatever_the_file_times(tmp_path):
+    """B6: which of ckpt.pt and ckpt_dcp/ a run continues from (and sample.py reads) is decided by iteration, the
+    distributed one winning a tie (the ckpt.pt convert.py --ckpt writes from it): file times, which a conversion or a
+    copy sets, do not flip it."""
+    from checkpoint import newest
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)
     (tmp_path / "ckpt_dcp").mkdir()
-    (tmp_path / "ckpt_dcp" / "meta.pt").write_bytes(b"")
-    os.utime(tmp_path / "ckpt.pt", (1e9, 1e9))  # older than the distributed checkpoint
-    with pytest.raises(FileNotFoundError, match="python convert.py"):
-        load_run(tmp_path)
+    for file_iter, dcp_iter, want in ((5, 5, "dcp"), (5, 7, "dcp"), (7, 5, "file")):
+        torch.save({"model": GPT(cfg).state_dict(), "model_args": vars(cfg), "config": {}, "iter_num": file_iter,
+                    "best_val_loss": 1.0}, tmp_path / "ckpt.pt")
+        torch.save({"model_args": vars(cfg), "config": {}, "iter_num": dcp_iter}, tmp_path / "ckpt_dcp" / "meta.pt")
+        for stamp in (1e9, 2e9):  # the file older, then newer, than the distributed checkpoint
+            os.utime(tmp_path / "ckpt.pt", (stamp, stamp))
+            assert newest(tmp_path)[0] == want, (file_iter, dcp_iter, stamp)
+
+
+def test_the_sample_command_a_torchrun_run_prints_works_as_printed(char_data, tmp_path):
+    """B6: after a sharded run (fsdp, a distributed checkpoint), the command its last line prints samples it, and
+    so does the conversion to one file first; both from the run's own tokenizer, wherever they are run from."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train.py"), "--dataset=shakespeare_char", "--device=cpu",
+                           "--dtype=float32", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
+                           "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                           "--parallel=fsdp", f"--out_dir={out}"], cwd=char_data, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    command = proc.stdout.split("sample it: ")[1].splitlines()[0]
+    for cmd in (command, f"python {ROOT}/convert.py {out} --ckpt && {command}"):
+        cmd = cmd.replace("python sample.py", f"{sys.executable} {ROOT}/sample.py --max_new_tokens=20 --num_samples=1")
+        ran = subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0 and "tokens/s" in ran.stdout, (cmd, ran.stdout[-1000:], ran.stderr[-2000:])
 
 
 def test_export_refuses_to_replace_a_newer_ckpt(tmp_path):
     (tmp_path / "ckpt_dcp").mkdir()
-    (tmp_path / "ckpt_dcp" / "meta.pt").write_bytes(b"")
-    os.utime(tmp_path / "ckpt_dcp" / "meta.pt", (1e9, 1e9))
-    save_tiny(tmp_path / "ckpt.pt")  # a later single-file run's
+    torch.save({"iter_num": 0}, tmp_path / "ckpt_dcp" / "meta.pt")
+    save_tiny(tmp_path / "ckpt.pt")  # a later single-file run's (iter 1)
     before = (tmp_path / "ckpt.pt").read_bytes()
     with pytest.raises(FileExistsError, match="newer"):
         convert.dcp_to_ckpt(str(tmp_path))
@@ -172,11 +195,11 @@ def test_cpu_peak_is_threads_times_clock_times_vector_flops():
     info = "processor\t: 0\ncpu MHz\t\t: 2000.000\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n"
     threads = torch.get_num_threads()
     # AVX-512: 16 fp32 lanes, an FMA is 2 FLOPs, two FMA units; AVX512_BF16 doubles it
-    assert configurator.cpu_vector_peak_flops(torch.float32, info) == threads * 2e9 * 16 * 2 * 2
-    assert configurator.cpu_vector_peak_flops(torch.bfloat16, info) == threads * 2e9 * 16 * 2 * 2 * 2
+    assert hardware.cpu_vector_peak_flops(torch.float32, info) == threads * 2e9 * 16 * 2 * 2
+    assert hardware.cpu_vector_peak_flops(torch.bfloat16, info) == threads * 2e9 * 16 * 2 * 2 * 2
     avx2 = info.replace(" avx512f avx512_bf16", "")
-    assert configurator.cpu_vector_peak_flops(torch.bfloat16, avx2) == threads * 2e9 * 8 * 2 * 2
-    assert configurator.cpu_vector_peak_flops(torch.float32, "no such lines") == 0.0
+    assert hardware.cpu_vector_peak_flops(torch.bfloat16, avx2) == threads * 2e9 * 8 * 2 * 2
+    assert hardware.cpu_vector_peak_flops(torch.float32, "no such lines") == 0.0
 
 
 def test_bench_reports_progress_and_no_nan(tmp_path):

@@ -1,4 +1,4 @@
-"""Every path of kernels.grouped_mm against a float64 loop over experts: Triton's scatter2scatter in its
+"""Every path of gemm_kernels.grouped_mm against a float64 loop over experts: Triton's scatter2scatter in its
 interpreter (fp32, fp16), torch._grouped_mm (bf16, the only dtype it takes) and the per-expert loop (fp32).
 
 TRITON_INTERPRET=1 has to be set before triton.jit wraps the kernels, and other test modules may import
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from kernels import grouped_mm
-from kernels import triton_gemm as tg
+from gemm_kernels import grouped_mm
+from gemm_kernels import triton_gemm as tg
 from model import GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ragged edges, while the interpreter's grids stay small.
 CHILD = r"""
 import sys, traceback, torch
-import kernels.triton_gemm as tg
+import gemm_kernels.triton_gemm as tg
 small = [tg.Config(32, 64, 32, 4, 1), tg.Config(32, 32, 32, 4, 1)]  # N < 64 takes the second: both run
 tg.CONFIGS = {2: small, 4: small}
 results = {}
@@ -228,7 +228,7 @@ def test_zero_rows_give_zero_outputs_and_gradients(results, name, shape):
 
 def test_imports_without_triton_and_says_why_on_use():
     code = ("import sys, torch; sys.modules['triton'] = None\n"
-            "from kernels.triton_gemm import scatter2scatter\n"
+            "from gemm_kernels.triton_gemm import scatter2scatter\n"
             "try:\n    scatter2scatter(torch.zeros(2, 3), torch.zeros(1, 3, 4), torch.tensor([0, 2]))\n"
             "except RuntimeError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -296,7 +296,7 @@ def test_grouped_mm_path_refuses_other_dtypes_and_auto_picks_by_device_and_dtype
     c = CASES["neither_float32"]
     with pytest.raises(ValueError, match="bfloat16 only"):
         grouped_mm(c["x"], c["w"], c["offsets"], "grouped_mm")
-    from kernels import pick
+    from gemm_kernels import pick
     x, w = c["x"], c["w"]  # K = 48, N = 40
     assert pick("auto", x.bfloat16(), w.bfloat16()) == "grouped_mm" and pick("auto", x, w) == "loop"
     assert pick("auto", x.bfloat16(), w[:, :36].bfloat16()) == "loop"  # rows of 72 bytes: not for CUTLASS

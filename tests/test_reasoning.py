@@ -205,15 +205,15 @@ def test_the_state_test_runs_the_coda_and_head_once_per_token_and_the_kl_test_ev
 
 def test_dpo_of_a_dre_policy_against_itself_is_ln2_in_training_mode_too():
     # the policy draws r in training; the frozen reference (eval mode) must run the same r, not its threshold's
-    import chat
+    import constitution
     model = make_model(dre_threshold=0.05)
-    ref = chat.reference_model(model, "cpu")
+    ref = constitution.reference_model(model, "cpu")
     x, y = tokens(4, 12), tokens(4, 12, seed=2)
     for train in (True, False):
         for _ in range(3):
-            loss, stats = chat.dpo_forward(model.train(train), ref, x, y, torch.ones(2), beta=0.5)
+            loss, stats = constitution.dpo_forward(model.train(train), ref, x, y, torch.ones(2), beta=0.5)
             assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and stats["margin"].abs().item() < 1e-6
-    loss, _ = chat.dpo_forward(model.train(), make_model(seed=3), x, y, torch.ones(2), beta=0.5)
+    loss, _ = constitution.dpo_forward(model.train(), make_model(seed=3), x, y, torch.ones(2), beta=0.5)
     assert abs(loss.item() - math.log(2)) > 1e-3  # another reference does move it
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import chat
+import data
 from conftest import ROOT, run_train
 
 PREPARE = os.path.join(ROOT, "data", "reasoning", "prepare.py")
@@ -148,7 +148,7 @@ def test_pretrain_batch_has_no_loss_outside_the_mask(tmp_path):
     mask = (np.arange(100) % 3 == 0).astype(np.uint8)
     tokens.tofile(tmp_path / "train.bin")
     mask.tofile(tmp_path / "train_mask.bin")
-    x, y = chat.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 8, 10, torch.Generator().manual_seed(0))
+    x, y = data.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 8, 10, torch.Generator().manual_seed(0))
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         start = row_x[0]
         for t in range(10):  # row_y[t] is the target of token start + t, i.e. token start + t + 1
@@ -156,7 +156,7 @@ def test_pretrain_batch_has_no_loss_outside_the_mask(tmp_path):
     assert (y == -1).any() and (y != -1).any()
     mask[:50].tofile(tmp_path / "train_mask.bin")  # a mask of another file's length is refused, not misaligned
     with pytest.raises(ValueError, match="train_mask.bin has 50 entries for 100 tokens"):
-        chat.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 8, 10, torch.Generator().manual_seed(0))
+        data.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 8, 10, torch.Generator().manual_seed(0))
 
 
 def test_train_weights_set_how_often_each_depth_is_asked_in_training_and_val_stays_even(tmp_path):

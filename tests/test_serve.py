@@ -14,16 +14,16 @@ import time
 import pytest
 import torch
 
-import chat
+import data
 from conftest import ROOT
-from checkpoint import load_run
+from convert import load_run
 from model import GPT, GPTConfig
 
 CHARS = "\n !,.:?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(CHARS))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 BASE_TOKEN_LIMIT = 100000  # a stream this long lasts well over busy_wait (2 s) on any CPU
-tokenizer = chat.Tokenizer({"tokenizer": "char", "chars": CHARS})
+tokenizer = data.Tokenizer({"tokenizer": "char", "chars": CHARS})
 
 
 def save_run(path, model, mode):
@@ -116,17 +116,17 @@ def stream(port, body):
 @pytest.mark.parametrize("text", [" ok\nEND\n\nHuman: hi", "  two words \n", "a line\nEN", "x\n\nHuman: y",
                                   "caf\ufffd", " almost\nEN\nEND", "Assist", "\n\nAssistant: again"])
 def test_partial_reply_only_shows_what_clean_reply_keeps(text):
-    final = chat.clean_reply(text)
-    shown = [chat.partial_reply(text[:i]) for i in range(len(text) + 1)]
+    final = data.clean_reply(text)
+    shown = [data.partial_reply(text[:i]) for i in range(len(text) + 1)]
     assert all(final.startswith(s) for s in shown)
     assert all(a == b[:len(a)] for a, b in zip(shown, shown[1:]))  # it only grows
-    assert chat.partial_reply(text) == final or not any(m in text for m in chat.MARKERS)
+    assert data.partial_reply(text) == final or not any(m in text for m in data.MARKERS)
 
 
 def test_partial_reply_holds_back_a_marker_start():
-    assert chat.partial_reply(" ok\nEN") == "ok"
-    assert chat.partial_reply(" ok then\nHum") == "ok then"
-    assert chat.partial_reply(" ok\nEND more") == "ok"
+    assert data.partial_reply(" ok\nEN") == "ok"
+    assert data.partial_reply(" ok then\nHum") == "ok then"
+    assert data.partial_reply(" ok\nEND more") == "ok"
 
 
 # -----------------------------------------------------------------------------
@@ -141,8 +141,8 @@ def test_generate_stop_ends_early_on_the_same_tokens(work):
 
 
 def test_sample_stops_at_end_for_a_chat_tuned_model(work):
-    reference = greedy(work, "chat", chat.encode_chat(tokenizer, "hi")[0], 40)
-    n = next(k for k in range(1, 41) if chat.END in reference[:k])  # a character per token
+    reference = greedy(work, "chat", data.encode_chat(tokenizer, "hi")[0], 40)
+    n = next(k for k in range(1, 41) if data.END in reference[:k])  # a character per token
     assert reference[:n] == " ok\nEND"  # the fixture's model has learnt its turn
     (work / "prompt.txt").write_text("Human: hi\n\nAssistant:")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir=chat", "--device=cpu",
@@ -154,7 +154,7 @@ def test_sample_stops_at_end_for_a_chat_tuned_model(work):
 
 
 def test_chat_reply_is_the_greedy_generation_up_to_end(work, chat_server):
-    reference = chat.clean_reply(greedy(work, "chat", chat.encode_chat(tokenizer, "hi")[0], 40))
+    reference = data.clean_reply(greedy(work, "chat", data.encode_chat(tokenizer, "hi")[0], 40))
     status, answer = request(chat_server, body={"prompt": "hi", "temperature": 0, "max_new_tokens": 40})
     assert status == 200
     assert answer["text"] == reference == "ok"
@@ -179,8 +179,8 @@ def test_continuation_streams_token_by_token_and_matches_the_json_answer(work, b
 
 def test_history_is_part_of_the_chat_context(work, chat_server):
     history = [["hi", "ok"]]
-    ids = chat.encode_chat(tokenizer, "hi", history=[("hi", "ok")])[0]
-    reference = chat.clean_reply(greedy(work, "chat", ids, 30))
+    ids = data.encode_chat(tokenizer, "hi", history=[("hi", "ok")])[0]
+    reference = data.clean_reply(greedy(work, "chat", ids, 30))
     status, answer = request(chat_server, body={"prompt": "hi", "history": history, "temperature": 0,
                                                 "max_new_tokens": 30})
     assert status == 200 and answer["text"] == reference

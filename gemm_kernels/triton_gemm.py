@@ -190,7 +190,7 @@ def scatter2scatter(x, w, offsets, gather_idx=None, scatter_idx=None, out_rows=N
     writes are zero; out_rows defaults to M) in x's dtype, accumulated in fp32. Differentiable w.r.t. x and w.
     """
     if triton is None:
-        raise RuntimeError("kernels.triton_gemm.scatter2scatter needs triton (pip install triton)")
+        raise RuntimeError("gemm_kernels.triton_gemm.scatter2scatter needs triton (pip install triton)")
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
         raise ValueError(f"expected x [rows, K] and w [E, N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
     if any(t is not None and t.device != x.device for t in (w, offsets, gather_idx, scatter_idx)):

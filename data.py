@@ -1,19 +1,15 @@
-"""The data train.py reads: token files for pretraining (with the tokenizer that wrote them), and the chat template,
-fine-tuning data and DPO loss of mode='sft' and mode='dpo'. A turn is
+"""The data train.py reads: the tokenizer, token files for pretraining and their batches, and the chat template and
+fine-tuning data of mode='sft' and mode='dpo'. A turn is
 "Human: {prompt}\\n\\nAssistant: {response}\\nEND", and turns are joined by a blank line. The markers are text, not
 special ids (a character vocabulary has none to spare; a pretrained model knows text), so no text may hold one."""
 
-import copy
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from checkpoint import load_run
-from reasoning import RecurrentDepth
 
 HUMAN, ASSISTANT, END, TURN_SEP = "Human: ", "\n\nAssistant:", "\nEND", "\n\n"
 GPT2_BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiktoken")  # shipped BPE files
@@ -27,12 +23,22 @@ def type_name(value):
     return JSON_TYPES.get(type(value), "a number")
 
 
+def tokenizer_spec(meta):
+    """What a meta.json says of the tokenizer that wrote its ids, alone: what every checkpoint keeps."""
+    name = meta.get("tokenizer", "gpt2")
+    if name.startswith("hf:"):  # absolute: the run may be loaded from another directory
+        name = "hf:" + os.path.abspath(name[3:])
+    return {"tokenizer": name, **{k: meta[k] for k in ("chars", "eot_id") if k in meta}}
+
+
 class Tokenizer:
     """The tokenizer described by a dataset's meta.json: 'char' (its "chars" string) or a tiktoken encoding; or
-    'hf:FOLDER', the tokenizer of a local Hugging Face model folder (transformers' AutoTokenizer)."""
+    'hf:FOLDER', the tokenizer of a local Hugging Face model folder (transformers' AutoTokenizer). `spec` is that
+    description alone, which every checkpoint keeps: a run is sampled, served and resumed with its own tokenizer."""
 
     def __init__(self, meta):
-        self.name = meta.get("tokenizer", "gpt2")
+        self.spec = tokenizer_spec(meta)
+        self.name = self.spec["tokenizer"]
         if self.name == "char":
             self.chars = meta["chars"]
             self.stoi = {ch: i for i, ch in enumerate(self.chars)}
@@ -261,59 +267,3 @@ def finetune_batch(examples, batch_size, block_size, generator, rank=0, world=1)
         return pad_batch(drawn, block_size)
     chosen, rejected, p = zip(*drawn)
     return (*pad_batch(chosen + rejected, block_size), torch.tensor(p))
-
-
-def sequence_logprobs(logits, targets):
-    """Sum over each row of log p(target) for the targets that are not -1 (the response tokens): (B,)."""
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-    return logp.view(targets.shape).sum(-1)  # ignored positions contribute 0
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, p=1.0):
-    """-(p log sigmoid(beta h) + (1 - p) log sigmoid(-beta h)), h the log-ratio margin, and the implicit rewards.
-    p < 1 (conservative DPO) keeps a finite optimum, beta h = log(p / (1 - p)), on a pair that may be mislabelled."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    z = chosen_reward - rejected_reward
-    loss = -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z)).mean()
-    return loss, chosen_reward.detach(), rejected_reward.detach()
-
-
-def preference_accuracy(margins):
-    """Share of pairs with a positive reward margin; a tie counts half, so a policy equal to its reference is 0.5."""
-    return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean()
-
-
-def policy_steps(model):
-    """The core steps each token of a DRE policy's last forward ran (an int when all ran the same), so that its
-    reference runs at the same depth: a reference that drew r again, or exited by its threshold while the policy
-    trained at a drawn r, would differ from an identical policy and move the loss off ln 2. None for a dense model.
-    The policy may be wrapped (DDP, torch.compile): its RecurrentDepth is found among its modules."""
-    depth = next((m for m in model.modules() if isinstance(m, RecurrentDepth)), None)
-    if depth is None or depth.last_steps is None:
-        return None
-    steps = depth.last_steps
-    return int(steps.flatten()[0]) if bool((steps == steps.flatten()[0]).all()) else steps
-
-
-def dpo_forward(model, ref_model, x, y, p, beta, soft_labels=True):
-    """DPO loss and statistics of a batch of finetune_batch's pairs: chosen rows, then rejected rows. The frozen
-    reference runs each token at the policy's core steps (policy_steps)."""
-    policy = sequence_logprobs(model(x)[0], y)
-    with torch.no_grad():
-        ref = sequence_logprobs(ref_model(x, steps=policy_steps(model))[0], y)
-    loss, chosen, rejected = dpo_loss(*policy.chunk(2), *ref.chunk(2), beta, p if soft_labels else 1.0)
-    margin = chosen - rejected
-    return loss, {"accuracy": preference_accuracy(margin), "margin": margin.mean(),
-                  "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
-
-
-def describe(stats):  # dpo_forward's statistics, as floats
-    return (f"dpo: accuracy {stats['accuracy']:.3f}, reward margin {stats['margin']:.4f}, "
-            f"chosen {stats['chosen_reward']:.4f}, rejected {stats['rejected_reward']:.4f}")
-
-
-def reference_model(source, device):
-    """DPO's frozen reference: the model in source/ckpt.pt when source is a directory, else a copy of the model."""
-    ref = load_run(source)[0] if isinstance(source, str) else copy.deepcopy(source)
-    return ref.requires_grad_(False).eval().to(device)

@@ -8,10 +8,12 @@ Rows at or past offsets[-1] belong to no expert: they come back zero and pass no
 chosen by moe_kernel (GPTConfig):
 - 'grouped_mm': PyTorch's torch._grouped_mm (CUTLASS on sm90+ GPUs, also on the CPU), bfloat16 only;
 - 'triton': one Triton launch for all experts, gather and scatter fused into the loads and stores (ScatterMoE's
-  scatter2scatter, kernels/triton_gemm.py), for other CUDA GPUs and other dtypes;
+  scatter2scatter, gemm_kernels/triton_gemm.py), for other CUDA GPUs and other dtypes;
 - 'loop': one matmul per expert on its contiguous slice, anywhere (it reads the group sizes on the host);
 - 'auto': grouped_mm where PyTorch supports it (bfloat16 on the CPU or an sm90+ GPU, widths multiples of 8), else
   triton on CUDA, else loop.
+The folder is not called kernels/: that is a PyPI package transformers imports, which a folder of that name in
+the working directory would hide.
 """
 
 import os
@@ -46,7 +48,7 @@ def grouped_mm(x, w, offsets, kernel="auto", gather_idx=None, scatter_idx=None, 
     if kernel == "triton":
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("moe_kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
-        from kernels.triton_gemm import scatter2scatter  # imported only here: CPU machines never touch Triton
+        from gemm_kernels.triton_gemm import scatter2scatter  # imported only here: CPU machines never touch Triton
         return scatter2scatter(x, w, offsets, gather_idx, scatter_idx, out_rows)
     if kernel == "loop":
         return _grouped_mm_loop(x, w, offsets, gather_idx, scatter_idx, out_rows)
