@@ -43,7 +43,7 @@ def apply(config, argv, skip_unknown_in_files=False):
     for arg in argv:
         if not arg.startswith("--"):
             # a config file: run it in a namespace that starts as the current config, so it may read earlier values
-            namespace = dict(config)
+            namespace = {**config, "__file__": os.path.abspath(arg)}  # a file may build on a sibling
             try:
                 with open(arg) as f:
                     code = compile(f.read(), arg, "exec")

@@ -51,7 +51,7 @@ def load_run(source, device="cpu", **settings):
     no dropout or gradient checkpointing unless `settings` (GPTConfig fields a run may change) say otherwise. The
     run settings are the train.py config a run saved ({} for the others). FileNotFoundError when there is nothing
     to load, CheckpointError (a ValueError) when it cannot be read."""
-    settings = {"dropout": 0.0, "grad_checkpoint": False, **settings}
+    source, settings = str(source), {"dropout": 0.0, "grad_checkpoint": False, **settings}
     if source.startswith(("hf:", "gpt2")):
         model = from_hf(source[3:], settings["dropout"]) if source.startswith("hf:") else \
             from_gpt2(source, settings["dropout"])
@@ -257,7 +257,7 @@ def export_hf(run_dir, hf_dir, force=False):
         raise FileExistsError(f"{hf_dir} already exists; pass --force to replace it")
     run = read_run(run_dir)
     config = GPTConfig(**{**run["model_args"], "dropout": 0.0})
-    meta = run.get("tokenizer") or old_run_tokenizer(run["config"])
+    meta = run.get("tokenizer") or old_run_tokenizer(run["config"], config.vocab_size)
     n_vocab = min(config.vocab_size, data.Tokenizer(meta).vocab_size)  # padded rows are not tokens
     arch, hf = hf_config(config, n_vocab)
     tensors = to_hf_weights(config, run["model"], n_vocab)

@@ -1,9 +1,9 @@
 # The dense baseline of config/reasoning_dre.py: the same 3 blocks of 128 (the same parameters), each run once, on
 # the same pointer-chasing data. About 18 minutes on 2 CPU cores, one thread (0.35 s an iteration):
 #   python data/reasoning/prepare.py && python train.py config/reasoning_dense.py
-#   python bench.py --reasoning --out_dir=out-reasoning-dense   # accuracy per depth (at 1 step: there is no core)
-# From scratch on depths 1-4 it stays at guessing; by stages (README, "Reasoning benchmark"; data as in
-# config/reasoning_dre.py) it learns depth 1 in 500 iterations and about two thirds of depth 2, and no more:
+#   python bench.py reasoning --out_dir=out-reasoning-dense   # accuracy per depth (at 1 step: there is no core)
+# From scratch on depths 1-4 it stays at guessing; by stages (data as in config/reasoning_dre.py; what each
+# learns is in docs/reasoning.md):
 #   python train.py config/reasoning_dense.py --dataset=reasoning1 --out_dir=out-dense1 --max_iters=500 \
 #       --lr_decay_iters=500
 #   python train.py config/reasoning_dense.py --dataset=reasoning2 --out_dir=out-dense2 --init_from=out-dense1 \
@@ -24,7 +24,7 @@ n_layer = 3
 n_head = 4
 n_embd = 128
 dropout = 0.0
-optimizer = "muon"  # with qk_norm and a high rate: off the recall plateau in hundreds of steps, not thousands
+optimizer = "muon"  # with qk_norm and a high rate: off the recall plateau sooner (docs/reasoning.md)
 qk_norm = True
 learning_rate = 5e-3
 max_iters = 3000

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # config/reasoning_dre.py's curriculum in one command: data for depth 1, 1-2 and 1-4, then four stages, each starting
-# from the last one's weights (README, "Reasoning benchmark", row 4 of the table). 39 min on 2 idle CPU cores.
+# from the last one's weights (docs/reasoning.md, "The staged recipe"). About 40 minutes on 2 idle CPU cores.
 #   bash config/reasoning_dre_stages.sh                      # runs out-dre1 .. out-dre4, then the benchmark
 #   OUT=out-inj bash config/reasoning_dre_stages.sh --dre_inject=True   # arguments go to every train.py stage
 # Data goes to data/reasoning1, data/reasoning2 and data/reasoning (DATA=dir puts all three under dir instead).
@@ -25,4 +25,4 @@ stage 1 reasoning1 500 --dre_mean_steps=3 --max_reasoning_steps=6
 stage 2 reasoning2 1000 --dre_mean_steps=3 --max_reasoning_steps=6
 stage 3 reasoning 1000 --learning_rate=3e-3 --min_lr=1e-4
 stage 4 reasoning 1500 --learning_rate=2e-3 --min_lr=1e-4
-if [ "${BENCH:-1}" = 1 ]; then $PY bench.py --reasoning --out_dir="${OUT}4"; fi  # BENCH=0: train only
+if [ "${BENCH:-1}" = 1 ]; then $PY bench.py reasoning --out_dir="${OUT}4"; fi  # BENCH=0: train only

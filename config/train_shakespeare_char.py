@@ -1,7 +1,7 @@
-# A character-level GPT on Tiny Shakespeare, sized for a laptop CPU: about 4 minutes on 2 cores, val loss ~1.57.
+# A character-level GPT on Tiny Shakespeare, sized for a laptop CPU (minutes on 2 cores; docs/results.md):
 #   python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char.py
 # nanoGPT's CPU recipe (--n_layer=4 --n_embd=128 --block_size=64 --batch_size=12 --max_iters=2000 ...) runs on top
-# of this file unchanged. At this size fp32 is faster than bf16 autocast and compiling does not pay (README).
+# of this file unchanged. At this size fp32 beats bf16 autocast, and compiling does not pay.
 out_dir = "out-shakespeare-char"
 eval_interval = 250
 eval_iters = 20

@@ -340,3 +340,37 @@ def test_sample_generates_from_an_hf_folder_with_its_own_tokenizer(workdir):
     tok = data.Tokenizer({"tokenizer": "char", "chars": CHARS})
     want = tok.decode(ours.generate(torch.tensor([tok.encode("ROMEO:")]), 12, temperature=0)[0].tolist())
     assert proc.stdout.startswith(want + "\n")
+
+
+def test_a_run_from_an_hf_folder_keeps_its_tokenizer_through_resume_and_fine_tuning(workdir):
+    """B1: a run started from hf:FOLDER encodes its conversations with that folder's tokenizer, saves it with every
+    checkpoint, and keeps it when resumed (as torchrun's restart does) and when another run fine-tunes from it;
+    sample.py then decodes with it, from any directory. The dataset's own meta.json (same size, another order of
+    the characters) is what a run fell back to before."""
+    make_run("run", vocab_size=len(CHARS))
+    convert.export_hf("run", "hf")
+    os.makedirs("data/other")
+    with open("data/other/meta.json", "w") as f:  # the same characters in another order: same vocab_size
+        json.dump({"vocab_size": len(CHARS), "tokenizer": "char", "chars": CHARS[::-1], "dtype": "uint16"}, f)
+    with open("chat.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in ("yes", "no", "maybe") * 4)
+    args = ["--dataset=other", "--mode=sft", "--train_jsonl=chat.jsonl", "--block_size=32", "--batch_size=2",
+            "--eval_iters=1", "--eval_interval=2", "--device=cpu", "--dtype=float32", "--learning_rate=1e-6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_train([*args, "--init_from=hf:hf", "--out_dir=sft", "--max_iters=2"], workdir, env=env)
+    run_train([*args, "--init_from=resume", "--out_dir=sft", "--max_iters=4"], workdir, env=env)
+    run_train([*args, "--init_from=sft", "--out_dir=tuned", "--max_iters=2"], workdir, env=env)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    for out in ("sft", "tuned"):
+        spec = torch.load(workdir / out / "ckpt.pt", weights_only=True)["tokenizer"]
+        assert spec == {"tokenizer": f"hf:{workdir / 'hf'}"}, (out, spec)
+        tokenizer = convert.load_run(out)[1]
+        assert tokenizer.encode("Say maybe.") == hf_tok.encode("Say maybe.", add_special_tokens=False)
+    os.makedirs("elsewhere")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={workdir / 'tuned'}",
+                           "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=12", "--temperature=0",
+                           "--device=cpu"], capture_output=True, text=True, cwd=workdir / "elsewhere")
+    assert proc.returncode == 0, proc.stderr
+    tuned = convert.load_run("tuned")[0]
+    ids = tuned.generate(torch.tensor([hf_tok.encode("ROMEO:", add_special_tokens=False)]), 12, temperature=0)
+    assert proc.stdout.startswith(hf_tok.decode(ids[0].tolist()) + "\n")

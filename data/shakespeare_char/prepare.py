@@ -1,9 +1,12 @@
 """
-Tiny Shakespeare at the character level, each distinct character one token. Writes train.bin / val.bin (uint16
-token ids of the first 90% / last 10% of the text) and meta.json next to this file.
+Tiny Shakespeare, tokenized at the character level (each distinct character one token) or, with --tokenizer=gpt2,
+by GPT-2's BPE (tiktoken's "gpt2" encoding: what data/shakespeare/prepare.py runs). Writes train.bin / val.bin
+(uint16 token ids of the first 90% / last 10% of the text) and meta.json into --out_dir, by default next to this file.
 
     python data/shakespeare_char/prepare.py                      # data/tinyshakespeare.txt, shipped in the repo
     python data/shakespeare_char/prepare.py --input path/to/other.txt
+
+Needs no network: the text and GPT-2's BPE files (data/tiktoken, found through TIKTOKEN_CACHE_DIR) ship in the repo.
 """
 
 import argparse
@@ -18,6 +21,8 @@ SHIPPED = os.path.join(here, "..", "tinyshakespeare.txt")  # one copy in the rep
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--input", default=SHIPPED, help="the text to use (default: the Tiny Shakespeare that ships "
                                                      "in data/tinyshakespeare.txt)")
+parser.add_argument("--tokenizer", choices=("char", "gpt2"), default="char")
+parser.add_argument("--out_dir", default=here, help="where the files go (default: next to this script)")
 args = parser.parse_args()
 
 path = args.input
@@ -33,13 +38,23 @@ except UnicodeDecodeError as e:
 if len(text) < 100:
     raise SystemExit(f"error: --input {path} holds {len(text)} characters; train.bin and val.bin need far more")
 
-chars = sorted(set(text))
-stoi = {c: i for i, c in enumerate(chars)}
-ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-n_train = int(0.9 * len(ids))
-ids[:n_train].tofile(os.path.join(here, "train.bin"))
-ids[n_train:].tofile(os.path.join(here, "val.bin"))
-with open(os.path.join(here, "meta.json"), "w") as f:
-    json.dump({"vocab_size": len(chars), "dtype": "uint16", "tokenizer": "char", "chars": "".join(chars),
-               "eot_id": None}, f)
-print(f"{len(text):,} characters, vocab {len(chars)}: train {n_train:,} tokens, val {len(ids) - n_train:,} tokens")
+if args.tokenizer == "char":
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    encode = lambda s: [stoi[c] for c in s]  # noqa: E731
+    meta = {"vocab_size": len(chars), "dtype": "uint16", "tokenizer": "char", "chars": "".join(chars), "eot_id": None}
+else:
+    import tiktoken
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(here, "..", "tiktoken"))  # GPT-2's shipped BPE files
+    enc = tiktoken.get_encoding("gpt2")
+    encode = enc.encode_ordinary  # a literal "<|endoftext|>" in the text is plain text, not the separator token
+    meta = {"vocab_size": enc.n_vocab, "dtype": "uint16", "tokenizer": "gpt2", "eot_id": enc.eot_token}
+# split the text, not the tokens, so that each file decodes to whole characters on its own
+n_chars = int(0.9 * len(text))
+train, val = (np.array(encode(part), dtype=np.uint16) for part in (text[:n_chars], text[n_chars:]))
+os.makedirs(args.out_dir, exist_ok=True)
+train.tofile(os.path.join(args.out_dir, "train.bin"))
+val.tofile(os.path.join(args.out_dir, "val.bin"))
+with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
+    json.dump(meta, f)
+print(f"{len(text):,} characters, vocab {meta['vocab_size']}: train {len(train):,} tokens, val {len(val):,} tokens")
