@@ -42,26 +42,36 @@ class Tokenizer:
         if self.name == "char":
             self.chars = meta["chars"]
             self.stoi = {ch: i for i, ch in enumerate(self.chars)}
-            self.vocab_size = len(self.chars)
-        elif self.name.startswith("hf:"):
+        self._loaded = None  # the tiktoken encoding or HF tokenizer, loaded at first use (a run may start from an
+                             # HF folder's weights alone, and pretraining never encodes text)
+
+    @property
+    def backend(self):
+        if self._loaded is None and self.name.startswith("hf:"):
             try:
                 from transformers import AutoTokenizer
             except ImportError:
                 raise ImportError("a Hugging Face tokenizer needs transformers: pip install transformers") from None
-            self.hf = AutoTokenizer.from_pretrained(self.name[3:], local_files_only=True)
-            self.vocab_size = len(self.hf)
-        else:
+            self._loaded = AutoTokenizer.from_pretrained(self.name[3:], local_files_only=True)
+        elif self._loaded is None:
             import tiktoken
             if self.name == "gpt2":  # GPT-2's BPE files ship with the code: no download, no network
                 os.environ.setdefault("TIKTOKEN_CACHE_DIR", GPT2_BPE_DIR)
-            self.enc = tiktoken.get_encoding(self.name)
-            self.vocab_size = self.enc.n_vocab
+            self._loaded = tiktoken.get_encoding(self.name)
+        return self._loaded
+
+    @property
+    def vocab_size(self):
+        if self.name == "char":
+            return len(self.chars)
+        return len(self.backend) if self.name.startswith("hf:") else self.backend.n_vocab
 
     def encode(self, text, special=False):
         if self.name.startswith("hf:"):  # special tokens written in the text are text unless special=True
-            return self.hf.encode(text, add_special_tokens=False, split_special_tokens=not special)
+            return self.backend.encode(text, add_special_tokens=False, split_special_tokens=not special)
         if self.name != "char":  # a literal "<|endoftext|>" is text, not a separator, unless special=True
-            return self.enc.encode(text, allowed_special={"<|endoftext|>"} if special else set(), disallowed_special=())
+            return self.backend.encode(text, allowed_special={"<|endoftext|>"} if special else set(),
+                                       disallowed_special=())
         unknown = ", ".join(map(repr, sorted(set(text) - self.stoi.keys())))
         if unknown:
             raise ValueError(f"characters outside the {len(self.chars)}-character vocabulary: {unknown}")
@@ -70,9 +80,7 @@ class Tokenizer:
     def decode(self, ids):
         if self.name == "char":
             return "".join(self.chars[i] for i in ids)
-        if self.name.startswith("hf:"):
-            return self.hf.decode([i for i in ids if i < self.vocab_size])
-        return self.enc.decode([i for i in ids if i < self.enc.n_vocab])  # padded ids are not text
+        return self.backend.decode([i for i in ids if i < self.vocab_size])  # padded ids are not text
 
 
 # -----------------------------------------------------------------------------

@@ -35,12 +35,11 @@ from parallel import (agree, check_layout, compile_blocks, exit_process, fail_fa
 
 
 def report(kind, error, traceback):
-    """The one place an expected failure (a bad setting, a missing or damaged file) becomes one `error:` line and a
-    non-zero exit; anything else keeps its traceback."""
+    """The one place an expected failure (a bad setting, a missing or damaged file) becomes one `error:` line, with
+    the interpreter's exit status 1 after it; anything else keeps its traceback."""
     if not issubclass(kind, (ValueError, FileNotFoundError, ImportError)):
         return sys.__excepthook__(kind, error, traceback)
     print(f"error: {error}", file=sys.stderr)
-    exit_process(1)
 
 
 sys.excepthook = report

@@ -374,3 +374,15 @@ def test_a_run_from_an_hf_folder_keeps_its_tokenizer_through_resume_and_fine_tun
     tuned = convert.load_run("tuned")[0]
     ids = tuned.generate(torch.tensor([hf_tok.encode("ROMEO:", add_special_tokens=False)]), 12, temperature=0)
     assert proc.stdout.startswith(hf_tok.decode(ids[0].tolist()) + "\n")
+
+
+def test_transformers_and_lm_eval_import_from_the_repository_root_beside_our_modules():
+    """Run from the repository root, as every command here is, our modules must not hide a package transformers or
+    lm-eval imports (a kernels/ folder hid the PyPI package `kernels`, which transformers 5.25 imports). CI runs
+    this with the newest releases."""
+    code = ("import model, moe, gemm_kernels, data, convert, evaluation\n"
+            "import transformers, lm_eval\n"
+            "from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralForCausalLM\n"
+            "from lm_eval.models.huggingface import HFLM\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

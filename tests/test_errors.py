@@ -14,7 +14,8 @@ from conftest import ROOT
 from model import GPT, GPTConfig
 
 # Forks one child per case: each runs the script as __main__ with its argv and cwd, its output in a file, and exits
-# as the interpreter would (sys.exit("message") prints the message to stderr, status 1).
+# as the interpreter would (sys.exit("message") prints the message to stderr, status 1; an uncaught exception goes
+# to sys.excepthook, status 1).
 HARNESS = r"""
 import json, os, runpy, sys, traceback
 sys.path.insert(0, ROOT)
@@ -37,7 +38,7 @@ for script, args, cwd, log in json.load(sys.stdin):
             sys.stdout.flush()
             code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
         except BaseException:
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())  # as the interpreter does with an uncaught exception
             code = 1
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code or 0)
