@@ -1,7 +1,8 @@
 """Constitutional AI (Bai et al. 2022) with DPO (Rafailov et al. 2023) in place of PPO: stage 1 (revise) writes
 revised answers, an SFT set; stage 2 (label) AI-feedback preference pairs, a DPO set, each one JSON line per prompt so
-that an interrupted run resumes. The DPO loss that stage 2 trains with (train.py mode='dpo') is here too. With C a constitution and P a JSONL of prompts (both in data/constitutions/), and
-the "..." from config/finetune_shakespeare_char.py (add --choices=A,B to `label` there):
+that an interrupted run resumes. The DPO loss that stage 2 trains with (train.py mode='dpo') is here too. With C a
+constitution and P a JSONL of prompts (both in data/constitutions/), and the "..." from
+config/finetune_shakespeare_char.py (add --choices=A,B to `label` there):
 
     python constitution.py validate C
     python train.py ... --mode=sft --init_from=out-base --train_jsonl=chat.jsonl --out_dir=out-sft    # a chat model

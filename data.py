@@ -106,7 +106,8 @@ def read_meta(data_dir):
 
 def check_token_files(data_dir, splits, dtype, block_size, vocab_size=None):
     """ValueError, saying how to fix it, unless each split's file holds a whole number of tokens, more than a block of
-    them, and (files up to ~128M tokens are scanned, a second or so; larger ones batch by batch) none past vocab_size."""
+    them, and (files up to ~128M tokens are scanned, a second or so; larger ones batch by batch) none past
+    vocab_size."""
     for split in splits:
         check_token_file(os.path.join(data_dir, f"{split}.bin"), dtype, block_size, vocab_size)
 

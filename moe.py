@@ -2,12 +2,12 @@
 Mixture-of-Experts: a router picks top_k of n_expert SwiGLU MLPs for each token, and only those run.
 
 In forward order: route (fp32 scores, top_k, DeepSeek-V3's optional balancing bias), sort the token-expert pairs by
-expert (capacity applied if set), the experts on those sorted rows (two grouped GEMMs, gemm_kernels/), and combine (each
-pair's output weighted by its score, summed per token, shared experts added). Every shape depends on the batch
+expert (capacity applied if set), the experts on those sorted rows (two grouped GEMMs, gemm_kernels/), and combine
+(each pair's output weighted by its score, summed per token, shared experts added). Every shape depends on the batch
 alone, never on the routing, and nothing waits for the host: a dropped pair stays in the sorted order, past the
 kept ones, and comes back zero. The balancing losses (Switch's aux loss, ST-MoE's router z-loss) reach train.py
-through GPT.moe_loss(); routing metrics are counted on the device and read only at log time. The README's MoE
-section has the formulas.
+through GPT.moe_loss(); routing metrics are counted on the device and read only at log time. docs/moe.md has the
+formulas. The gradient-checkpoint helper is here because MoE layers read its rerun flag (to count routing once).
 """
 
 import contextlib

@@ -1,7 +1,7 @@
 """
-Plots the metrics.jsonl that train.py writes (its MetricsLog) into each run's out_dir as one PNG: train and val loss against iterations
-and against training time, and the MoE load balance and DRE core steps when a run logged them. Several runs are
-overlaid, each labelled with its directory:
+Plots the metrics.jsonl that train.py writes (its MetricsLog) into each run's out_dir as one PNG: train and val loss
+against iterations and against training time, and the MoE load balance and DRE core steps when a run logged them.
+Several runs are overlaid, each labelled with its directory:
 
     python plot.py out-shakespeare-char                       # writes out-shakespeare-char/metrics.png
     python plot.py out-shakespeare-char out-shakespeare-char-moe --out=moe_vs_dense.png
