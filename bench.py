@@ -399,34 +399,34 @@ def bench_dre():
     batches = torch.from_numpy(val[starts.numpy() + np.arange(T + 1)].astype(np.int64)).to(device)  # (n, B, T + 1)
     prompt = torch.from_numpy(val[:32].astype(np.int64))[None].to(device)
     dt, S = dtype.split(",")[0], cfg.max_reasoning_steps
-    settings = [(f"{r} step{'s' * (r > 1)}", r, 0.0) for r in range(1, S + 1)]
-    settings += [(f"threshold {t}", S, float(t)) for t in dre_thresholds.split(",")]
+    depths = [(f"{r} step{'s' * (r > 1)}", r, 0.0) for r in range(1, S + 1)]  # (name, core steps, threshold)
+    depths += [(f"threshold {t}", S, float(t)) for t in dre_thresholds.split(",")]
     rows = {}
 
-    def generate(setting):  # batch 1, the same seed for every setting
-        name, cfg.max_reasoning_steps, cfg.dre_threshold = setting
+    def generate(depth):  # batch 1, the same seed for every depth
+        name, r, t = depth
         torch.manual_seed(seed)
-        model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200, observe=recur.observe)
+        model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200, observe=recur.observe, steps=r, threshold=t)
         rows[name]["gen_steps"] = recur.metrics()["mean_steps"]
 
     with torch.no_grad(), autocast(dt):
-        for name, cfg.max_reasoning_steps, cfg.dre_threshold in settings:  # each token's steps and loss
+        for name, r, t in depths:  # each token's steps and loss
             print(f"  val loss at {name}...", file=sys.stderr, flush=True)
             losses = []
             for b in batches:
-                logits, loss = model(b[:, :-1], b[:, 1:])
+                logits, loss = model(b[:, :-1], b[:, 1:], steps=r, threshold=t)
                 recur.observe(logits, b[:, 1:])
                 losses.append(loss.item())
             rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics())
-        gen_s = timed(settings, generate, 1, skip=1, what="generation round")
+        gen_s = timed(depths, generate, 1, skip=1, what="generation round")
     print(f"DRE checkpoint {path}: {cfg.n_prelude} prelude + {recur.n_core} core + {cfg.n_coda} coda blocks, "
           f"{cfg.n_embd} wide, trained with mean {cfg.dre_mean_steps:g} core steps; {device}, {dt}")
     print(f"val: {dre_eval_batches} batches of {B} x {T} tokens. generation: batch 1, {dre_new_tokens} tokens after a "
           f"32-token prompt, median of {rounds} rounds")
     print(f"{'core steps':<16} {'val loss':>9} {'vs max':>7} {'steps/token':>12} {'core compute':>13} "
           f"{'core MFLOPs/tok':>16} {'Spearman':>9} {'gen steps':>10} {'gen tok/s':>10} {'vs max':>7}")
-    top, top_tok_s = rows[settings[S - 1][0]], dre_new_tokens / gen_s[S - 1]
-    for (name, _, _), t in zip(settings, gen_s):
+    top, top_tok_s = rows[depths[S - 1][0]], dre_new_tokens / gen_s[S - 1]
+    for (name, _, _), t in zip(depths, gen_s):
         row, tok_s = rows[name], dre_new_tokens / t
         # Spearman's rho is undefined when every token took the same steps: a blank, not nan
         rho = f"{row['spearman']:>+9.3f}" if math.isfinite(row["spearman"]) else " " * 9
@@ -436,8 +436,8 @@ def bench_dre():
 
 
 def bench_reasoning():
-    try:
-        model, _, run_cfg = load_run(out_dir)
+    try:  # the exit test is a setting of the model's: built with the one asked for
+        model, _, run_cfg = load_run(out_dir, **({"dre_exit": reasoning_exit} if reasoning_exit else {}))
     except FileNotFoundError as e:
         sys.exit(f"error: {e} (python data/reasoning/prepare.py && python train.py config/reasoning_dre.py)")
     except CheckpointError as e:
@@ -455,8 +455,6 @@ def bench_reasoning():
         sys.exit(f"error: the reasoning test set ({test_path}, {data_dir}/meta.json): {type(e).__name__}: {e}; "
                  f"prepare it with python data/reasoning/prepare.py")
     model.to(device)
-    if reasoning_exit:
-        model.config.dre_exit = reasoning_exit
     threshold = reasoning_threshold if reasoning_threshold >= 0 else model.config.dre_threshold
     mean = model.config.dre_mean_steps if model.config.dre else 1
     top = math.ceil(reasoning_max_factor * mean)  # every count up to the training maximum, then every other one
