@@ -1,15 +1,17 @@
 """
-Measures training speed: forward + backward + optimizer step of a model on random tokens, after warm-up.
+Benchmarks, one per subcommand; after it come config files and --key=value, as train.py takes them (keys bench.py
+lacks are ignored in files). With none (or `throughput`): training speed, forward + backward + optimizer step on
+random tokens, after warm-up, of the model GPTConfig's settings describe (--dre=True: a DRE model).
 
     python bench.py           # the CPU default, config/train_shakespeare_char.py: about a minute on a CPU
     python bench.py config/train_gpt2.py   # GPT-2 124M (hours on a CPU)
     python bench.py --n_layer=6 --n_embd=384 --block_size=256 --batch_size=64 --dtype=float32,bfloat16
-    python bench.py --moe     # one MoE layer by each moe_kernel path, a naive loop, and a dense MLP of equal FLOPs
-    python bench.py --dre --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
-    python bench.py --reasoning --out_dir=out-reasoning-dre   # accuracy per difficulty vs core steps, exit, speed
-    python bench.py --memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
-    python bench.py --memory config/shakespeare_char_moe.py   # MoE models add expert-parallel (ep_size) rows
-    python bench.py --memory --estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
+    python bench.py moe       # one MoE layer by each moe_kernel path, a naive loop, and a dense MLP of equal FLOPs
+    python bench.py memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
+    python bench.py memory config/shakespeare_char_moe.py   # MoE models add expert-parallel (ep_size) rows
+    python bench.py estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
+    python bench.py depth --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
+    python bench.py reasoning --out_dir=out-reasoning-dre   # accuracy per difficulty vs core steps, exit, speed
 
 `dtype`, `compile` and `optimizer` take comma-separated lists: every combination is measured in the same run
 (`--optimizer=adamw,muon`: what Muon's step costs).
@@ -39,8 +41,7 @@ from model import GPT, MLP, GPTConfig
 from moe import MoE, local
 from pipeline import PP_SCHEDULES
 
-# model and batch, as in train.py, whose config files work here (keys bench.py lacks are ignored)
-globals().update(GPTConfig.defaults())
+# bench.py's own settings; the model's are GPTConfig's fields (--n_layer=6), read from `config` below
 dataset = ""                # as in train.py: vocab_size from data/<dataset>/meta.json when it exists
 batch_size = 12
 optimizer = "adamw"         # or muon, or adamw,muon for both
@@ -54,31 +55,26 @@ rounds = 5                  # timed rounds; each times `steps` steps of every va
 steps = 5
 peak_flops = 0.0            # the MFU denominator; 0: hardware.hardware_peak_flops
 seed = 1337
-# --moe: one layer on moe_tokens tokens of width moe_embd, 8 experts (or n_expert) of moe_hidden, top_k of them
-moe = False
+# moe: one layer on moe_tokens tokens of width moe_embd, 8 experts (or n_expert) of moe_hidden, top_k of them
 moe_tokens = 4096
 moe_embd = 256
 moe_hidden = 1024
-# --memory: one step of each parallel.py layout on 2 CPU processes (4 for fsdp+tp); --estimate: for `gpus` GPUs
-memory = False
+# memory: one step of each parallel.py layout on 2 CPU processes (4 for fsdp+tp); estimate: for `gpus` GPUs
 memory_layout = ""          # set for the worker processes bench.py starts itself
-estimate = False
 gpus = 8
 tp_size = 2
 ep_size = 2                 # the expert-parallel rows' group size (MoE models): ddp or fsdp with ep_size ranks a group
-pp_size = 2                 # the pipeline rows' stages; --estimate: also its schedule, micro-batches, virtual stages
+pp_size = 2                 # the pipeline rows' stages; estimate: also its schedule, micro-batches, virtual stages
 pp_schedule = "1F1B"
 pp_microbatches = 8
 pp_virtual_stages = 1
-# --dre: out_dir's DRE checkpoint at core steps 1..max_reasoning_steps and at each of dre_thresholds
-dre = False
+# depth: out_dir's DRE checkpoint at core steps 1..max_reasoning_steps and at each of dre_thresholds
 out_dir = "out"
 dre_thresholds = "3e-4,1e-3,3e-3,1e-2"  # KL between successive steps' predictions, nats
 dre_eval_batches = 20       # val batches of the checkpoint's batch_size x block_size
 dre_new_tokens = 200        # tokens generated per timed round
-# --reasoning: out_dir's model on its dataset's test.jsonl (data/reasoning/prepare.py), at fixed core steps 1 ..
+# reasoning: out_dir's model on its dataset's test.jsonl (data/reasoning/prepare.py), at fixed core steps 1 ..
 # reasoning_max_factor x the training mean and with exit by dre_threshold (the checkpoint's unless set here)
-reasoning = False
 reasoning_test = ""         # default: data/<the run's dataset>/test.jsonl
 reasoning_max_factor = 4
 reasoning_per = 100         # test problems per difficulty (the first of each in the file)
@@ -86,64 +82,88 @@ reasoning_threshold = -1.0  # < 0: the checkpoint's dre_threshold
 reasoning_exit = ""         # '', 'kl' or 'state': the checkpoint's dre_exit unless set
 reasoning_plot = ""         # default: out_dir/reasoning.png
 
-settings = configurator.hyperparameters(globals())
-# no arguments: the CPU default config (its dataset has 65 characters)
-args = sys.argv[1:] or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_shakespeare_char.py"),
-                        "--vocab_size=65"]
+# the settings each subcommand uses ("model": GPTConfig's), each checked before anything is measured
+USES = {
+    "throughput": "model batch_size optimizer learning_rate device dtype compile warmup rounds steps peak_flops",
+    "moe": "moe_tokens moe_embd moe_hidden device dtype warmup rounds steps",
+    "memory": "model learning_rate tp_size ep_size pp_size memory_layout",
+    "estimate": "model batch_size gpus tp_size ep_size pp_size pp_schedule pp_microbatches pp_virtual_stages",
+    "depth": "dre_thresholds dre_eval_batches dre_new_tokens device dtype rounds",
+    "reasoning": "reasoning_max_factor reasoning_per reasoning_exit device rounds",
+}
+# the switches of the old command line, now subcommands (--dre=True is the model setting: a DRE model's speed)
+MOVED = {"--estimate": "estimate", "--memory": "memory", "--moe": "moe", "--dre": "depth", "--reasoning": "reasoning"}
+
+own = configurator.hyperparameters(globals())  # the settings above
+args = sys.argv[1:]
+mode = args.pop(0) if args and args[0] in USES else "throughput"
+if args and args[0].isidentifier():  # a word where a config file or --key=value goes: a mistyped subcommand
+    sys.exit(f"error: unknown subcommand {args[0]!r}; the subcommands are {', '.join(USES)} (none: throughput)")
+for flag, new in MOVED.items():
+    if flag in args:
+        sys.exit(f"error: {flag} is now a subcommand: python bench.py {new} ...")
+if mode == "throughput" and not args:  # the CPU default config (its dataset has 65 characters)
+    args = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_shakespeare_char.py"),
+            "--vocab_size=65"]
 try:
-    globals().update(configurator.apply(settings, args, skip_unknown_in_files=True))
+    settings = configurator.apply({**GPTConfig.defaults(), **own}, args, skip_unknown_in_files=True)
 except configurator.ConfigError as e:
     sys.exit(f"error: {e}")
-meta_path = os.path.join("data", dataset, "meta.json")
-if dataset and vocab_size == settings["vocab_size"] and os.path.exists(meta_path):  # unless --vocab_size is given
-    with open(meta_path) as f:
-        vocab_size = json.load(f)["vocab_size"]
+globals().update({k: settings[k] for k in own})  # bench.py's own; the model's stay in settings
 
-# every setting checked before anything is measured: one line naming it
-for name in ("batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "gpus", "tp_size",
-             "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor", "reasoning_per", "pp_size",
-             "pp_microbatches", "pp_virtual_stages"):
-    if globals()[name] < 1:
-        sys.exit(f"error: {name} must be at least 1, got {globals()[name]}")
+# what is wrong with each setting that cannot work; the subcommand's own are then checked, one line naming the first
+wrong = {name: f"{name} must be at least 1, got {settings[name]}" for name in (
+    "batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "gpus", "tp_size", "ep_size", "pp_size",
+    "pp_microbatches", "pp_virtual_stages", "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor",
+    "reasoning_per") if settings[name] < 1}
 try:
     thresholds = [float(t) for t in dre_thresholds.split(",")]
 except ValueError:
     thresholds = [-1.0]
-for bad, message in [
-    (warmup < 0, f"warmup must be >= 0, got {warmup}"),
-    (dtype != "auto" and not set(dtype.split(",")) <= {"float32", "bfloat16", "float16"},
+for name, bad, message in [
+    ("warmup", warmup < 0, f"warmup must be >= 0, got {warmup}"),
+    ("dtype", dtype != "auto" and not set(dtype.split(",")) <= {"float32", "bfloat16", "float16"},
      f"dtype must be a comma-separated list of float32, bfloat16, float16 (or 'auto'), got {dtype!r}"),
-    (not all(type(c) is bool for c in (compile if isinstance(compile, tuple) else (bool(compile),))),
+    ("compile", not all(type(c) is bool for c in (compile if isinstance(compile, tuple) else (bool(compile),))),
      f"compile must be True, False or a list of them (False,True), got {compile!r}"),
-    (not set(optimizer.split(",")) <= {"adamw", "muon"}, f"optimizer must be 'adamw', 'muon' or both "
-                                                         f"('adamw,muon'), got {optimizer!r}"),
-    (not learning_rate > 0 or weight_decay < 0, f"learning_rate must be > 0 and weight_decay >= 0, got "
-                                                 f"{learning_rate}, {weight_decay}"),
-    (peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
-    (min(thresholds) < 0, f"dre_thresholds must be comma-separated numbers >= 0, got {dre_thresholds!r}"),
-    (reasoning_exit not in ("", "kl", "state"), f"reasoning_exit must be '', 'kl' or 'state', got {reasoning_exit!r}"),
-    (moe and not 1 <= top_k <= (n_expert or 8), f"--moe: top_k={top_k} must be between 1 and n_expert={n_expert or 8}"),
-    (memory and estimate and gpus % tp_size, f"--estimate: gpus={gpus} is not divisible by tp_size={tp_size}"),
-    (memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
-    (pp_schedule not in PP_SCHEDULES, f"pp_schedule must be one of {PP_SCHEDULES}"),
+    ("optimizer", not set(optimizer.split(",")) <= {"adamw", "muon"},
+     f"optimizer must be 'adamw', 'muon' or both ('adamw,muon'), got {optimizer!r}"),
+    ("learning_rate", not learning_rate > 0 or weight_decay < 0,
+     f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate}, {weight_decay}"),
+    ("peak_flops", peak_flops < 0, f"peak_flops must be >= 0 (0 measures it), got {peak_flops}"),
+    ("dre_thresholds", min(thresholds) < 0,
+     f"dre_thresholds must be comma-separated numbers >= 0, got {dre_thresholds!r}"),
+    ("reasoning_exit", reasoning_exit not in ("", "kl", "state"),
+     f"reasoning_exit must be '', 'kl' or 'state', got {reasoning_exit!r}"),
+    ("gpus", tp_size >= 1 and gpus % tp_size, f"gpus={gpus} is not divisible by tp_size={tp_size}"),
+    ("memory_layout", memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
+    ("pp_schedule", pp_schedule not in PP_SCHEDULES, f"pp_schedule must be one of {PP_SCHEDULES}"),
 ]:
     if bad:
-        sys.exit(f"error: {message}")
+        wrong.setdefault(name, message)
+uses = USES[mode].split()
+for name in uses:
+    if name in wrong:
+        sys.exit(f"error: {wrong[name]}")
+config = None  # the model: GPTConfig of the settings; moe: one layer's, of 8 experts unless n_expert is set
 try:
-    device = hardware.pick_device(device)
-    config = GPTConfig.from_settings(globals(), dre=False)  # here `dre` is bench.py's own switch (--dre)
+    if "model" in uses:
+        if dataset and settings["vocab_size"] == GPTConfig.vocab_size:  # unless --vocab_size is given
+            settings["vocab_size"] = data.read_meta(os.path.join("data", dataset)).get("vocab_size",
+                                                                                        GPTConfig.vocab_size)
+        config = GPTConfig.from_settings(settings)
+    if mode == "moe":
+        config = GPTConfig(n_layer=1, n_head=1, n_embd=moe_embd, n_expert=settings["n_expert"] or 8,
+                           top_k=settings["top_k"], expert_hidden=moe_hidden)
+    device = hardware.pick_device(device) if "device" in uses else "cpu"
 except ValueError as e:
     sys.exit(f"error: {e}")
 device_type = device.split(":")[0]
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32,bfloat16"
-if "float16" in dtype.split(",") and device_type == "cpu":
+if "float16" in dtype.split(",") and device_type == "cpu" and "dtype" in uses:
     sys.exit("error: dtype float16 is not supported on the CPU; use float32 or bfloat16")
 torch.manual_seed(seed)
-
-
-def autocast(dt):
-    return torch.autocast(device_type, dtype=getattr(torch, dt), enabled=dt != "float32")
 
 
 def timed(cases, fn, calls, n_rounds=rounds, skip=0, what="round"):
@@ -166,14 +186,15 @@ def timed(cases, fn, calls, n_rounds=rounds, skip=0, what="round"):
 
 def bench_throughput():
     compile_modes = compile if isinstance(compile, tuple) else (bool(compile),)  # --compile=False,True is a tuple
-    x = torch.randint(vocab_size, (batch_size, block_size + 1), device=device)  # every variant's batch
+    T = config.block_size
+    x = torch.randint(config.vocab_size, (batch_size, T + 1), device=device)  # every variant's batch
     runs = []
     optimizers = optimizer.split(",")
     for dt, comp, opt in itertools.product(dtype.split(","), compile_modes, optimizers):
         model = GPT(config).to(device)
         opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, opt)
         name = f"{dt}{' compiled' if comp else ''}{f' {opt}' if len(optimizers) > 1 else ''}"
-        runs.append(dict(name=name, model=model, opts=opts, ctx=autocast(dt),
+        runs.append(dict(name=name, model=model, opts=opts, ctx=hardware.autocast(device_type, dt),
                          fwd=parallel.compile_blocks(model) if comp else model, dtype=getattr(torch, dt)))
 
     def step(run):
@@ -186,13 +207,14 @@ def bench_throughput():
 
     warmup_s = timed(runs, step, warmup, n_rounds=1, what="warm-up")
     times = [t / steps for t in timed(runs, step, steps)]
-    tokens = batch_size * block_size
-    print(f"{n_layer} layers x {n_embd} wide, {layout}, batch {batch_size} x {block_size} tokens, {device}, "
-          f"{runs[0]['model'].num_params(False) / 1e6:.2f}M parameters, median of {rounds} rounds x {steps} steps")
+    tokens = batch_size * T
+    print(f"{config.n_layer} layers x {config.n_embd} wide, {config.layout}, batch {batch_size} x {T} tokens, "
+          f"{device}, {runs[0]['model'].num_params(False) / 1e6:.2f}M parameters, median of {rounds} rounds x "
+          f"{steps} steps")
     print(f"{'variant':<22} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6} {'vs first':>9} {'warm-up s':>10}")
     for run, t, w in zip(runs, times, warmup_s):
         peak = hardware.hardware_peak_flops(device_type, run["dtype"], peak_flops)
-        mfu = run["model"].flops_per_token(block_size) * tokens / t / peak
+        mfu = run["model"].flops_per_token(T) * tokens / t / peak
         print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu:>6.1%} {times[0] / t:>8.2f}x {w:>10.1f}")
     print("peak memory:", f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated" if device_type == "cuda"
           else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (process)")
@@ -222,9 +244,9 @@ def bench_moe():
     """Forward + backward of one MoE layer by each of moe.py's kernel paths (moe_kernel) that runs here, against
     the naive loop, every expert on every token, and a dense SwiGLU of the same FLOPs; a path that cannot run on
     this device and dtype is listed with the reason."""
-    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=moe_embd, n_expert=n_expert or 8, top_k=top_k, expert_hidden=moe_hidden)
-    layer = MoE(cfg).to(device)
-    dense = MLP(cfg, hidden=top_k * moe_hidden).to(device)  # a dense SwiGLU with the FLOPs of top_k experts
+    top_k = config.top_k
+    layer = MoE(config).to(device)
+    dense = MLP(config, hidden=top_k * moe_hidden).to(device)  # a dense SwiGLU with the FLOPs of top_k experts
     x = torch.randn(moe_tokens, moe_embd, device=device, requires_grad=True)
     grad = torch.randn(moe_tokens, moe_embd, device=device)
 
@@ -240,7 +262,7 @@ def bench_moe():
               (f"dense SwiGLU, {top_k * moe_hidden} wide", lambda: dense(x))]
 
     def fwd_bwd(case):
-        with autocast(case[1]):
+        with hardware.autocast(device_type, case[1]):
             out = case[2]()
         out.backward(grad)
 
@@ -256,7 +278,7 @@ def bench_moe():
             except (ValueError, RuntimeError) as e:
                 skipped[name, dt] = str(e).splitlines()[0].split("; ")[0][:70]
     times = {case[:2]: t / steps for case, t in zip(cases, timed(cases, fwd_bwd, steps, skip=warmup))}
-    print(f"MoE layer: {moe_tokens} tokens x {moe_embd} wide, {cfg.n_expert} experts of {moe_hidden}, top-{top_k}, "
+    print(f"MoE layer: {moe_tokens} tokens x {moe_embd} wide, {config.n_expert} experts of {moe_hidden}, top-{top_k}, "
           f"{device}; forward + backward, median of {rounds} rounds x {steps}")
     print(f"{'implementation':<32} {'dtype':<9} {'ms':>8} {'vs dense':>9}")
     for dt in dtype.split(","):
@@ -269,10 +291,11 @@ def bench_moe():
 
 
 def bench_memory():  # one torchrun per layout, rank 0 reporting the largest rank's bytes
+    n_layer, n_expert = config.n_layer, config.n_expert
     with torch.device("meta"):
         n = GPT(config).num_params(non_embedding=False)
-    print(f"{n_layer} layers x {n_embd} wide{f', {n_expert} experts' if n_expert else ''}: {n / 1e6:.1f}M parameters, "
-          f"fp32 + AdamW; MiB per rank, measured on the CPU (gloo)")
+    print(f"{n_layer} layers x {config.n_embd} wide{f', {n_expert} experts' if n_expert else ''}: {n / 1e6:.1f}M "
+          f"parameters, fp32 + AdamW; MiB per rank, measured on the CPU (gloo)")
     print(f"{'layout':<10} {'ranks':>5} {'params':>9} {'grads':>9} {'optimizer':>10} {'total':>9} {'vs none':>8}")
     base = None
     rows = [(name, name, ranks, 1, 1) for name, ranks in (("none", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2),
@@ -302,8 +325,8 @@ def memory_worker():
     rank, _, world, _ = parallel.init_distributed("cpu")
     model = GPT(config)  # the same seeded weights on every rank
     mesh, _, _ = parallel.mesh_and_ranks(memory_layout, tp_size, world, "cpu", pp_size)
-    T = min(block_size, 64)
-    x = torch.randint(vocab_size, (pp_size, T + 1))  # pipeline: one sequence per micro-batch, one per stage
+    T = min(config.block_size, 64)
+    x = torch.randint(config.vocab_size, (pp_size, T + 1))  # pipeline: one sequence per micro-batch, one per stage
     pipeline = dict(schedule="1F1B", microbatches=pp_size, virtual=1, accumulation=1, batch=pp_size, seq_len=T)
     wrapped = parallel.parallelize(model, memory_layout, mesh, "cpu", ep_size=ep_size,
                                    pipeline=pipeline if pp_size > 1 else None)
@@ -338,10 +361,11 @@ def estimate_memory():
     total = model.num_params(non_embedding=False)
     blocks = sum(p.numel() for p in model.transformer.h.parameters())
     experts = sum(w.numel() for m in model.moe_layers() for w in (m.w1, m.w3, m.w2))
+    n_expert, top_k, grad_checkpoint = config.n_expert, config.top_k, config.grad_checkpoint
     if n_expert and (n_expert % ep_size or gpus % ep_size):
         sys.exit(f"error: ep_size={ep_size} must divide both n_expert={n_expert} and gpus={gpus}")
-    s, b, h, L = block_size, batch_size, n_embd, n_layer
-    width = (top_k + n_shared_expert) * config.expert_hidden if n_expert else config.mlp_hidden
+    s, b, h, L = config.block_size, batch_size, config.n_embd, config.n_layer
+    width = (top_k + config.n_shared_expert) * config.expert_hidden if n_expert else config.mlp_hidden
     per_layer = s * b * h * 34 * width / (8 / 3 * h)  # 34 is for a 4h GELU MLP: scale by the SwiGLU's real width
     act = L * 2 * s * b * h + per_layer if grad_checkpoint else L * per_layer  # before TP's split
     print(f"{L} layers x {h} wide{f', {n_expert} experts top-{top_k}' if n_expert else ''}: {total / 1e9:.2f}B "
@@ -379,7 +403,7 @@ def estimate_memory():
               f"{b / m:g} sequences: bubble {idle:g} / ({m} + {idle:g}) = {idle / (m + idle):.1%} of each step idle")
 
 
-def bench_dre():
+def bench_depth():
     path = os.path.join(out_dir, "ckpt.pt")
     try:
         model, _, run_cfg = load_run(out_dir)
@@ -399,34 +423,34 @@ def bench_dre():
     batches = torch.from_numpy(val[starts.numpy() + np.arange(T + 1)].astype(np.int64)).to(device)  # (n, B, T + 1)
     prompt = torch.from_numpy(val[:32].astype(np.int64))[None].to(device)
     dt, S = dtype.split(",")[0], cfg.max_reasoning_steps
-    settings = [(f"{r} step{'s' * (r > 1)}", r, 0.0) for r in range(1, S + 1)]
-    settings += [(f"threshold {t}", S, float(t)) for t in dre_thresholds.split(",")]
+    depths = [(f"{r} step{'s' * (r > 1)}", r, 0.0) for r in range(1, S + 1)]  # (name, core steps, threshold)
+    depths += [(f"threshold {t}", S, float(t)) for t in dre_thresholds.split(",")]
     rows = {}
 
-    def generate(setting):  # batch 1, the same seed for every setting
-        name, cfg.max_reasoning_steps, cfg.dre_threshold = setting
+    def generate(depth):  # batch 1, the same seed for every depth
+        name, r, t = depth
         torch.manual_seed(seed)
-        model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200, observe=recur.observe)
+        model.generate(prompt, dre_new_tokens, temperature=0.8, top_k=200, observe=recur.observe, steps=r, threshold=t)
         rows[name]["gen_steps"] = recur.metrics()["mean_steps"]
 
-    with torch.no_grad(), autocast(dt):
-        for name, cfg.max_reasoning_steps, cfg.dre_threshold in settings:  # each token's steps and loss
+    with torch.no_grad(), hardware.autocast(device_type, dt):
+        for name, r, t in depths:  # each token's steps and loss
             print(f"  val loss at {name}...", file=sys.stderr, flush=True)
             losses = []
             for b in batches:
-                logits, loss = model(b[:, :-1], b[:, 1:])
+                logits, loss = model(b[:, :-1], b[:, 1:], steps=r, threshold=t)
                 recur.observe(logits, b[:, 1:])
                 losses.append(loss.item())
             rows[name] = dict(loss=sum(losses) / len(losses), **recur.metrics())
-        gen_s = timed(settings, generate, 1, skip=1, what="generation round")
+        gen_s = timed(depths, generate, 1, skip=1, what="generation round")
     print(f"DRE checkpoint {path}: {cfg.n_prelude} prelude + {recur.n_core} core + {cfg.n_coda} coda blocks, "
           f"{cfg.n_embd} wide, trained with mean {cfg.dre_mean_steps:g} core steps; {device}, {dt}")
     print(f"val: {dre_eval_batches} batches of {B} x {T} tokens. generation: batch 1, {dre_new_tokens} tokens after a "
           f"32-token prompt, median of {rounds} rounds")
     print(f"{'core steps':<16} {'val loss':>9} {'vs max':>7} {'steps/token':>12} {'core compute':>13} "
           f"{'core MFLOPs/tok':>16} {'Spearman':>9} {'gen steps':>10} {'gen tok/s':>10} {'vs max':>7}")
-    top, top_tok_s = rows[settings[S - 1][0]], dre_new_tokens / gen_s[S - 1]
-    for (name, _, _), t in zip(settings, gen_s):
+    top, top_tok_s = rows[depths[S - 1][0]], dre_new_tokens / gen_s[S - 1]
+    for (name, _, _), t in zip(depths, gen_s):
         row, tok_s = rows[name], dre_new_tokens / t
         # Spearman's rho is undefined when every token took the same steps: a blank, not nan
         rho = f"{row['spearman']:>+9.3f}" if math.isfinite(row["spearman"]) else " " * 9
@@ -436,8 +460,8 @@ def bench_dre():
 
 
 def bench_reasoning():
-    try:
-        model, _, run_cfg = load_run(out_dir)
+    try:  # the exit test is a setting of the model's: built with the one asked for
+        model, _, run_cfg = load_run(out_dir, **({"dre_exit": reasoning_exit} if reasoning_exit else {}))
     except FileNotFoundError as e:
         sys.exit(f"error: {e} (python data/reasoning/prepare.py && python train.py config/reasoning_dre.py)")
     except CheckpointError as e:
@@ -455,8 +479,6 @@ def bench_reasoning():
         sys.exit(f"error: the reasoning test set ({test_path}, {data_dir}/meta.json): {type(e).__name__}: {e}; "
                  f"prepare it with python data/reasoning/prepare.py")
     model.to(device)
-    if reasoning_exit:
-        model.config.dre_exit = reasoning_exit
     threshold = reasoning_threshold if reasoning_threshold >= 0 else model.config.dre_threshold
     mean = model.config.dre_mean_steps if model.config.dre else 1
     top = math.ceil(reasoning_max_factor * mean)  # every count up to the training maximum, then every other one
@@ -497,13 +519,6 @@ def bench_reasoning():
 
 if memory_layout:
     memory_worker()
-elif reasoning:
-    bench_reasoning()
-elif dre:
-    bench_dre()
-elif memory:
-    estimate_memory() if estimate else bench_memory()
-elif moe:
-    bench_moe()
 else:
-    bench_throughput()
+    {"throughput": bench_throughput, "moe": bench_moe, "memory": bench_memory, "estimate": estimate_memory,
+     "depth": bench_depth, "reasoning": bench_reasoning}[mode]()

@@ -101,19 +101,14 @@ def load_problems(path, per=None):
     return problems
 
 
-def set_depth(model, steps, threshold):
-    """A DRE model runs `steps` core steps (threshold 0) or up to `steps`, exiting by `threshold`."""
-    if model.config.dre:
-        model.config.max_reasoning_steps, model.config.dre_threshold = steps, threshold
-
-
 @torch.no_grad()
-def solve(model, problems, batch_size=256):
+def solve(model, problems, steps=None, threshold=None, batch_size=256):
     """Greedy decoding of each problem's "target" token ids after its "ids" (the prompt), a batch of equal-length
-    prompts at a time, with the model's KV cache (as generation runs). Returns per problem: whether every target
-    token came out, and the mean core steps of the forwards that produced the answer's tokens, target[lo:hi]
-    (the target may frame the answer: a leading space, a closing newline)."""
-    right, steps = [None] * len(problems), [None] * len(problems)
+    prompts at a time, with the model's KV cache (as generation runs); a DRE model at `steps` core steps, or up to
+    them exiting by `threshold` (as model.generate). Returns per problem: whether every target token came out, and
+    the mean core steps of the forwards that produced the answer's tokens, target[lo:hi] (the target may frame the
+    answer: a leading space, a closing newline)."""
+    right, answer_steps = [None] * len(problems), [None] * len(problems)
     groups = {}
     for i, p in enumerate(problems):
         groups.setdefault((len(p["ids"]), len(p["target"])), []).append(i)
@@ -125,13 +120,14 @@ def solve(model, problems, batch_size=256):
             target = torch.tensor([problems[i]["target"] for i in ix], device=device)
             taken = []  # (B,) per generated token: the steps of the position that predicted it
             observe = (lambda logits, nxt: taken.append(model.depth.last_steps[:, -1])) if model.config.dre else None
-            out = model.generate(idx, n, temperature=0.0, observe=observe)[:, idx.size(1):]
+            out = model.generate(idx, n, temperature=0.0, observe=observe, steps=steps, threshold=threshold)
+            out = out[:, idx.size(1):]
             ok = (out == target).all(1).tolist()
             taken = torch.stack(taken, 1).float() if taken else torch.ones(len(ix), n)
             for j, i in enumerate(ix):
                 lo, hi = problems[i]["answer_at"]
-                right[i], steps[i] = ok[j], taken[j, lo:hi].mean().item()
-    return right, steps
+                right[i], answer_steps[i] = ok[j], taken[j, lo:hi].mean().item()
+    return right, answer_steps
 
 
 def by_difficulty(problems, values):
@@ -143,18 +139,18 @@ def by_difficulty(problems, values):
 
 
 @torch.no_grad()
-def generation_speed(model, prompts, new_tokens, rounds=3):
+def generation_speed(model, prompts, new_tokens, rounds=3, steps=None, threshold=None):
     """Generated tokens per second at batch 1, `new_tokens` after each prompt (the answer and whatever the model
-    writes next), median over rounds, and the mean core steps those tokens ran."""
-    times, steps = [], []
-    observe = (lambda logits, nxt: steps.append(model.depth.last_steps[0, -1].item())) if model.config.dre else None
+    writes next), median over rounds, and the mean core steps those tokens ran (steps, threshold: as solve())."""
+    times, taken = [], []
+    observe = (lambda logits, nxt: taken.append(model.depth.last_steps[0, -1].item())) if model.config.dre else None
     for _ in range(rounds):
-        steps.clear()
+        taken.clear()
         t0 = time.perf_counter()
         for p in prompts:
-            model.generate(p, new_tokens, temperature=0.0, observe=observe)
+            model.generate(p, new_tokens, temperature=0.0, observe=observe, steps=steps, threshold=threshold)
         times.append(time.perf_counter() - t0)
-    return new_tokens * len(prompts) / sorted(times)[len(times) // 2], sum(steps) / len(steps) if steps else 1.0
+    return new_tokens * len(prompts) / sorted(times)[len(times) // 2], sum(taken) / len(taken) if taken else 1.0
 
 
 def forward_flops_per_token(model, mean_steps, seq_len):
@@ -174,14 +170,12 @@ def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=16
     = {"acc": {difficulty: accuracy}, "steps": {difficulty: mean steps per answer token}, "all", "flops", "tok_s"},
     summary the JSON line's values."""
     cfg = model.config
-    saved = (cfg.max_reasoning_steps, cfg.dre_threshold)
     settings = [(f"{r} steps", r, 0.0) for r in (step_counts if cfg.dre else [1])]  # (name, steps, threshold)
     if cfg.dre:
         settings.append((f"exit {cfg.dre_exit} < {threshold:g}", max(step_counts), threshold))
     rows, answer_steps = {}, {}
     for name, r, t in settings:
-        set_depth(model, r, t)
-        right, steps = solve(model, problems)
+        right, steps = solve(model, problems, r, t)
         rows[name] = {"acc": by_difficulty(problems, right), "steps": by_difficulty(problems, steps),
                       "all": sum(right) / len(right)}
         answer_steps[name] = steps
@@ -191,9 +185,7 @@ def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=16
     top, ext = settings[-2] if cfg.dre else settings[0], settings[-1]
     speed = {}
     for name, r, t in dict.fromkeys([top, ext]):  # one setting for a dense model
-        set_depth(model, r, t)
-        speed[name] = generation_speed(model, prompts, gen_tokens, rounds)
-    cfg.max_reasoning_steps, cfg.dre_threshold = saved
+        speed[name] = generation_speed(model, prompts, gen_tokens, rounds, r, t)
     seq = len(problems[0]["ids"]) + gen_tokens // 2  # the mean number of keys a generated token attends to
     flops = {name: forward_flops_per_token(model, s, seq) for name, (_, s) in speed.items()}
     for name in rows:
@@ -208,7 +200,7 @@ def benchmark(model, problems, train_max, step_counts, threshold, gen_prompts=16
     ood = lambda row: mean_acc(row, lambda d: d >= 1.5 * train_max)  # noqa: E731 (the targets' 1.5-2x)
     fixed = [rows[name] for name, _, _ in settings[:len(settings) - cfg.dre]]
     train_r = round(cfg.dre_mean_steps) if cfg.dre else 1
-    default = rows[f"{min(saved[0], max(step_counts)) if cfg.dre else 1} steps"]
+    default = rows[f"{min(cfg.max_reasoning_steps, max(step_counts)) if cfg.dre else 1} steps"]
     summary = {"id_acc": iid(default), "ood_acc": max((ood(r) for r in fixed), default=None, key=lambda v: v or 0),
                "ood_acc_train_steps": ood(rows[f"{train_r if cfg.dre else 1} steps"]),
                "exit_step_ratio": 1.0, "exit_acc_drop": 0.0, "rho_steps_difficulty": None, "exit_speedup": 1.0,

@@ -287,13 +287,13 @@ class Sequential(nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(self, x, blocks, cos, sin, caches=None, steps=None, head=None):
+    def forward(self, x, blocks, cos, sin, caches=None, steps=None, head=None, threshold=None):
         for i, block in enumerate(blocks):
             x = run_block(block, x, cos, sin, caches[i] if caches else None,
                           self.config.grad_checkpoint and self.training)
         return x
 
-    def new_caches(self, length):
+    def new_caches(self, length, steps=None):
         return [KVCache(length) for _ in range(self.config.n_layer)]
 
     def training_flops_per_token(self, active_params, seq_len):
@@ -362,9 +362,9 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
-    def hidden(self, idx, caches=None, steps=None):
+    def hidden(self, idx, caches=None, steps=None, threshold=None):
         """The final normalised hidden states, (B, T, n_embd); `caches` (one KVCache per layer) for generation;
-        `steps` sets a DRE model's core steps (see RecurrentDepth.forward)."""
+        `steps` and `threshold` set a DRE model's core steps (see RecurrentDepth.forward)."""
         B, T = idx.shape
         start = caches[0].pos if caches else 0
         if start + T > self.config.block_size:
@@ -375,13 +375,14 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         head = lambda y: self.lm_head(self.transformer.ln_f(y))  # noqa: E731 (the DRE's exit test reads predictions)
-        return self.transformer.ln_f(self.depth(x, self.transformer.h, cos, sin, caches, steps, head))
+        return self.transformer.ln_f(self.depth(x, self.transformer.h, cos, sin, caches, steps, head, threshold))
 
-    def forward(self, idx, targets=None, steps=None):
+    def forward(self, idx, targets=None, steps=None, threshold=None):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -1.
         `steps`: a DRE model's core steps, an int or one per token (B, T); None samples them in training and lets
-        each token stop by dre_threshold at inference."""
-        logits = self.lm_head(self.hidden(idx, steps=steps))
+        each token stop by dre_threshold at inference, after at most max_reasoning_steps. `threshold` (inference):
+        each token stops by this instead, `steps` being the most it runs (None: max_reasoning_steps)."""
+        logits = self.lm_head(self.hidden(idx, steps=steps, threshold=threshold))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -389,23 +390,24 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, observe=None,
-                 stop=None):
+                 stop=None, steps=None, threshold=None):
         """Continues idx (B, T) by max_new_tokens tokens. With the KV cache each new token costs one position's
         forward. When the context window is full the cache restarts from the newest half of it, so the context a
         token sees stays between block_size/2 and block_size tokens while the re-encoding cost is amortised.
         observe(logits (B, 1, vocab), next_ids (B, 1)) is called for each new token (sample.py: DRE metrics);
-        stop(idx) after each, and a true result ends generation early (the chat template's END, serve.py's stream)."""
+        stop(idx) after each, and a true result ends generation early (the chat template's END, serve.py's stream).
+        steps (an int) and threshold: a DRE model's core steps, as in forward()."""
         block_size, caches = self.config.block_size, None
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = self.lm_head(self.hidden(idx[:, -block_size:])[:, -1])
+                logits = self.lm_head(self.hidden(idx[:, -block_size:], steps=steps, threshold=threshold)[:, -1])
             else:
                 if caches is None or caches[0].pos == block_size:
                     keep = block_size if caches is None else block_size // 2
-                    caches = self.depth.new_caches(block_size)
-                    h = self.hidden(idx[:, -keep:], caches)
+                    caches = self.depth.new_caches(block_size, steps)
+                    h = self.hidden(idx[:, -keep:], caches, steps, threshold)
                 else:
-                    h = self.hidden(idx[:, -1:], caches)
+                    h = self.hidden(idx[:, -1:], caches, steps, threshold)
                 logits = self.lm_head(h[:, -1])
             idx_next = sample_next(logits.float(), temperature, top_k, top_p)
             if observe is not None:

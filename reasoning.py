@@ -114,7 +114,7 @@ class RecurrentDepth(nn.Module):
 
     def __init__(self, config, blocks):
         super().__init__()
-        self.config = config  # shared with GPT: dre_threshold and max_reasoning_steps may be changed for inference
+        self.config = config  # shared with GPT; inference takes its own steps and threshold as arguments
         self.n_prelude, self.n_core = config.n_prelude, config.n_layer - config.n_prelude - config.n_coda
         # parameters one core step uses per token, for FLOP counts
         self.step_params = sum(active_params(b) for b in blocks[self.n_prelude:self.n_prelude + self.n_core])
@@ -165,11 +165,11 @@ class RecurrentDepth(nn.Module):
         attn = 12 * outside * d * seq_len + (4 * fwd + 8 * bwd) * self.n_core * d * seq_len
         return 6 * (active_params - self.step_params) + (2 * fwd + 4 * bwd) * self.step_params + attn
 
-    def new_caches(self, length):
-        """One cache per block of transformer.h for generate(): a step per core step in the core, one outside it."""
-        P, C = self.n_prelude, self.n_core
-        return [StepCache(length, self.config.max_reasoning_steps if P <= i < P + C else 1)
-                for i in range(self.config.n_layer)]
+    def new_caches(self, length, steps=None):
+        """One cache per block of transformer.h for generate(): a step per core step in the core (`steps`, the most
+        a token will run; None: max_reasoning_steps), one outside it."""
+        P, C, S = self.n_prelude, self.n_core, steps or self.config.max_reasoning_steps
+        return [StepCache(length, S if P <= i < P + C else 1) for i in range(self.config.n_layer)]
 
     def run(self, blocks, x, cos, sin, caches=None):
         for block, cache in zip(blocks, caches or [None] * len(blocks)):
@@ -179,11 +179,13 @@ class RecurrentDepth(nn.Module):
                 x = block(x, cos, sin, cache)
         return x
 
-    def forward(self, x, blocks, cos, sin, caches=None, steps=None, head=None):
+    def forward(self, x, blocks, cos, sin, caches=None, steps=None, head=None, threshold=None):
         """x: the embedded tokens (B, T, d) -> the coda's output. steps: None draws r in training and decides per
-        token by dre_threshold at inference; an int runs every token that many core steps; a (B, T) tensor gives
-        each token its own count. caches: from new_caches(), for generation. head: the coda's output -> logits,
-        which the exit test compares from step to step."""
+        token by dre_threshold at inference (up to max_reasoning_steps); an int runs every token that many core
+        steps; a (B, T) tensor gives each token its own count. threshold (inference): each token stops by this
+        exit threshold instead, after at most `steps`; None: dre_threshold if steps is None, else no exit.
+        caches: from new_caches(), for generation. head: the coda's output -> logits, which the exit test compares
+        from step to step."""
         P, C = self.n_prelude, self.n_core
         caches = caches or [None] * len(blocks)
         x = self.run(blocks[:P], x, cos, sin, caches[:P])
@@ -193,11 +195,13 @@ class RecurrentDepth(nn.Module):
             steps = self.sample_steps()
             if self.config.dre_progressive > 0:  # the progressive loss's n, 0 .. r-1 (seeded apart from r's draw)
                 cut = random.Random(None if self.iteration is None else ~self.iteration).randrange(steps)
-        if self.training and not isinstance(steps, int):
-            raise ValueError("training runs the same number of core steps for every token (an int or None)")
-        if isinstance(steps, int) and caches[0] is None:
+        if self.training and (not isinstance(steps, int) or threshold is not None):
+            raise ValueError("training runs the same number of core steps for every token (an int or None, and no "
+                             "threshold)")
+        if isinstance(steps, int) and threshold is None and caches[0] is None:
             return self.run(coda, self.iterate(x, core, cos, sin, steps, cut), cos, sin)
-        return self.iterate_per_token(x, core, coda, cos, sin, caches[P:P + C], caches[P + C:], steps, head)
+        return self.iterate_per_token(x, core, coda, cos, sin, caches[P:P + C], caches[P + C:], steps, head,
+                                      threshold)
 
     def step(self, core, s, e, cos, sin, caches=None):
         """One core step: s_i = core(s_{i-1}), or with dre_inject e + (core(s_{i-1}) - s_{i-1})."""
@@ -230,11 +234,12 @@ class RecurrentDepth(nn.Module):
         return s
 
     @torch.no_grad()
-    def iterate_per_token(self, e, core, coda, cos, sin, caches, coda_caches, steps, head):
-        """Inference: each token runs until its prediction stops changing (steps=None) or for its given count;
-        returns the coda's output. caches, coda_caches: StepCaches, or Nones without generation caches."""
+    def iterate_per_token(self, e, core, coda, cos, sin, caches, coda_caches, steps, head, threshold):
+        """Inference: each token runs until its exit test falls below the threshold, or for its given count (as
+        forward()); returns the coda's output. caches, coda_caches: StepCaches, or Nones without generation caches."""
         B, T, _ = e.shape
-        threshold = self.config.dre_threshold if steps is None else 0.0
+        if threshold is None:  # the model's own exit, or none when the steps are given
+            threshold = self.config.dre_threshold if steps is None else 0.0
         by_kl = self.config.dre_exit == "kl"
         if threshold > 0 and by_kl and head is None:
             raise ValueError("exiting by dre_threshold needs the head, to compare successive predictions")
@@ -247,7 +252,7 @@ class RecurrentDepth(nn.Module):
         if least < 1:
             raise ValueError(f"the core needs at least 1 step, got {least}")
         if caches[0] is not None and most > caches[0].steps:
-            raise ValueError(f"{most} steps but the generation cache holds {caches[0].steps} (max_reasoning_steps)")
+            raise ValueError(f"{most} steps but the generation cache holds {caches[0].steps} (new_caches' steps)")
         # coda_kvs: each look at the prediction overwrites the last one's keys, and the last look is the final one
         kvs, coda_kvs = [StepKV(c) for c in caches], [StepKV(c) for c in coda_caches]
         s, y, logp = e, None, None
@@ -294,17 +299,18 @@ class RecurrentDepth(nn.Module):
                                reduction="none")
         self.observed.append((self.last_steps[:, -targets.size(1):].reshape(-1), loss, targets.reshape(-1) != -1))
 
-    def metrics(self):
+    def metrics(self, max_steps=None):
         """Statistics of the tokens observed since the last call (then reset): mean steps, histogram of steps 1..max,
-        the core's forward FLOPs per token (attention over block_size keys) and Spearman(a token's steps, its loss)."""
+        the core's forward FLOPs per token (attention over block_size keys) and Spearman(a token's steps, its loss).
+        max_steps: the most a token could run (the steps passed to the forwards); None: max_reasoning_steps."""
         if not self.observed:
             return {}
         steps, loss, keep = (torch.cat(t) for t in zip(*self.observed))
         self.observed = []
         steps, loss = steps[keep], loss[keep]
-        mean = steps.float().mean().item()
-        return {"tokens": steps.numel(), "mean_steps": mean, "max_steps": self.config.max_reasoning_steps,
-                "histogram": torch.bincount(steps, minlength=self.config.max_reasoning_steps + 1)[1:].tolist(),
+        mean, most = steps.float().mean().item(), max_steps or self.config.max_reasoning_steps
+        return {"tokens": steps.numel(), "mean_steps": mean, "max_steps": most,
+                "histogram": torch.bincount(steps, minlength=most + 1)[1:].tolist(),
                 "core_flops_per_token": mean * self.core_flops_per_step(self.config.block_size),
                 "spearman": spearman(steps.float(), loss)}
 

@@ -75,11 +75,8 @@ except (ValueError, ImportError) as e:
 chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
 if init_from == "resume":
     print(f"sampling {out_dir}, iter {run_config.get('iter_num', '?')}", file=sys.stderr)
-if model.config.dre:  # the exit settings this sampling asks for, instead of the model's
-    if dre_threshold is not None:
-        model.config.dre_threshold = dre_threshold
-    if max_reasoning_steps is not None:
-        model.config.max_reasoning_steps = max_reasoning_steps
+if dre_threshold is None:  # DRE models: the exit this sampling asks for, passed to generate (dense ones ignore it)
+    dre_threshold = model.config.dre_threshold
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -101,7 +98,7 @@ with torch.no_grad(), autocast:
     for _ in range(num_samples):
         t0 = time.perf_counter()
         y = raw_model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                               observe=observe, stop=stop)
+                               observe=observe, stop=stop, steps=max_reasoning_steps, threshold=dre_threshold)
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
@@ -111,4 +108,4 @@ with torch.no_grad(), autocast:
 print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:,.0f} tokens/s "
       f"(batch 1, KV cache, {device}, {dtype})")
 if observe is not None:  # at dre_threshold; "loss" is each sampled token's surprisal
-    print(f"{reasoning.describe(raw_model.depth.metrics())} (dre_threshold {raw_model.config.dre_threshold})")
+    print(f"{reasoning.describe(raw_model.depth.metrics(max_reasoning_steps))} (dre_threshold {dre_threshold})")

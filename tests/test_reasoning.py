@@ -3,6 +3,7 @@ reduces to the fixed depth at threshold 0 and stops where the prediction settles
 equals the full forward and skips the steps, truncated backprop cuts the gradient, a trained toy spends its steps on
 the tokens it cannot predict, training draws depend on the step alone, and train.py trains, logs and resumes a DRE
 model."""
+import copy
 import json
 import math
 import os
@@ -107,19 +108,40 @@ def test_core_weights_appear_once_in_the_parameters():
 @pytest.mark.parametrize("exit", EXITS)
 def test_threshold_zero_runs_every_token_max_steps_and_equals_the_fixed_depth(exit):
     model = make_model(**EXITS[exit])
-    threshold = model.config.dre_threshold
     idx = tokens(2, 20)
     with torch.no_grad():
-        model.config.dre_threshold = 0.0
-        adaptive = model(idx)[0]
+        adaptive = model(idx, threshold=0.0)[0]
         assert (model.depth.last_steps == 6).all()
         model.train()
         fixed = model(idx, steps=6)[0]  # the training path: 6 steps for everyone, no exit machinery
         model.eval()
         torch.testing.assert_close(adaptive, fixed)
-        model.config.dre_threshold = threshold  # and a positive threshold does stop some tokens early
-        model(idx)
+        model(idx)  # and the model's positive threshold does stop some tokens early
         assert model.depth.last_steps.min() < 6
+
+
+@pytest.mark.parametrize("exit", EXITS)
+def test_steps_and_threshold_as_arguments_equal_the_same_settings_written_into_the_config(exit):
+    # before the arguments, callers wrote the settings into model.config: here into a copy's
+    model = make_model(**EXITS[exit])
+    config = dict(vars(model.config))
+    idx, prompt, t = tokens(2, 12), tokens(2, 4), EXITS[exit]["dre_threshold"]
+
+    def run(m, **depth):  # a forward's logits and steps, and the logits each generated token was drawn from
+        generated = []
+        with torch.no_grad():
+            logits = m(idx, **depth)[0]
+            steps = m.depth.last_steps.clone()
+            m.generate(prompt, 12, temperature=0.0, observe=lambda x, _: generated.append(x), **depth)
+        return logits, steps, torch.cat(generated, 1)
+
+    for steps, threshold in ((None, t / 2), (3, 0.0), (3, t), (8, 0.0), (8, t)):  # 8: more than the config's 6
+        old = copy.deepcopy(model)
+        old.config.max_reasoning_steps = steps or old.config.max_reasoning_steps
+        old.config.dre_threshold = threshold
+        for new, was in zip(run(model, steps=steps, threshold=threshold), run(old)):
+            assert torch.equal(new, was), (steps, threshold)
+    assert vars(model.config) == config
 
 
 @pytest.mark.parametrize("exit", EXITS)

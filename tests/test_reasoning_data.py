@@ -1,6 +1,6 @@
 """data/reasoning/prepare.py and the reasoning benchmark: the generator's answers and difficulties agree with solvers
 written here, training data stays below the test set's hardest problems, the files are what train.py and bench.py
-read, and bench.py --reasoning runs end to end on a tiny model (DRE and dense)."""
+read, and bench.py reasoning runs end to end on a tiny model (DRE and dense)."""
 import importlib.util
 import json
 import os
@@ -224,7 +224,7 @@ def test_bench_reasoning_end_to_end(reasoning_data, dre):
     extra = ["--dre=True", "--max_reasoning_steps=3", "--dre_mean_steps=2", "--dre_exit=state",
              "--dre_threshold=0.05"] if dre else []
     run_train([*TINY, *extra, f"--out_dir={out}"], cwd=reasoning_data)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--reasoning", f"--out_dir={out}",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "reasoning", f"--out_dir={out}",
                            "--device=cpu", "--rounds=1"], cwd=reasoning_data, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -250,6 +250,6 @@ def test_bench_reasoning_refuses_a_missing_test_set_and_a_bad_exit_test(reasonin
                   cwd=reasoning_data)
     for arg, message in (("--reasoning_test=nowhere.jsonl", "error: the reasoning test set (nowhere.jsonl"),
                          ("--reasoning_exit=halt", "error: reasoning_exit must be '', 'kl' or 'state'")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--reasoning", f"--out_dir={out}",
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "reasoning", f"--out_dir={out}",
                                "--device=cpu", arg], cwd=reasoning_data, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-500:]
