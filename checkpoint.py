@@ -277,8 +277,8 @@ def read_run(run_dir):
             weights = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)["model"]
         return {**read_meta(path), "model": weights}
     if kind is None:
-        raise FileNotFoundError(f"{run_dir} is not a run: it holds neither ckpt.pt nor a distributed checkpoint "
-                                f"(ckpt_dcp/); train one first (python train.py ...)")
+        raise FileNotFoundError(f"{os.path.join(run_dir, 'ckpt.pt')} not found, nor a distributed checkpoint "
+                                f"(ckpt_dcp/); train a model first (python train.py ...)")
     ckpt = read_checkpoint(path)
     if "model" not in ckpt:
         raise CheckpointError(f"{path} holds no model weights")

@@ -72,7 +72,7 @@ def apply(config, argv, skip_unknown_in_files=False):
             key, sep, text = arg[2:].partition("=")  # partition: the value itself may contain '='
             if key not in defaults:
                 raise _unknown(key, list(defaults))
-            if not sep:  # a bare --flag switches a bool on (bench.py --moe); anything else needs a value
+            if not sep:  # a bare --flag switches a bool on (--compile); anything else needs a value
                 if not isinstance(defaults[key], bool):
                     raise ConfigError(f"expected --key=value, got '{arg}'")
                 text = "True"

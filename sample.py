@@ -16,6 +16,7 @@ import configurator
 import data
 import hardware
 import reasoning
+from checkpoint import newest
 from convert import load_run
 
 init_from = "resume"     # 'resume' (from out_dir), a GPT-2 variant ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
@@ -74,7 +75,7 @@ except (ValueError, ImportError) as e:
     sys.exit(f"error: {'out_dir=' + repr(out_dir) if init_from == 'resume' else 'init_from=' + repr(init_from)}: {e}")
 chat_tuned = run_config.get("mode", "pretrain") != "pretrain"  # sft/dpo: a sample ends at the template's END
 if init_from == "resume":
-    print(f"sampling {out_dir}, iter {run_config.get('iter_num', '?')}", file=sys.stderr)
+    print(f"sampling {newest(out_dir)[1]}", file=sys.stderr)  # the run's later checkpoint, by iteration
 if dre_threshold is None:  # DRE models: the exit this sampling asks for, passed to generate (dense ones ignore it)
     dre_threshold = model.config.dre_threshold
 raw_model = model

@@ -25,8 +25,8 @@ import evaluation
 import hardware
 import moe
 import reasoning
-from checkpoint import (RUN_SETTINGS, CheckpointError, checkpoint_group, find_sharded, load_weights, read_start,
-                        restore, save)
+from checkpoint import (RUN_SETTINGS, CheckpointError, checkpoint_group, find_sharded, load_weights, newest,
+                        read_start, restore, save)
 from constitution import describe_dpo, dpo_forward, reference_model
 from convert import load_run
 from model import GPT, GPTConfig
@@ -210,6 +210,8 @@ def init_model():
         if not init_from.startswith(("gpt2", "hf:")) and not os.path.isdir(init_from):
             raise ValueError(f"init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding "
                              f"a run, got {init_from!r}")
+        if os.path.isdir(init_from) and newest(init_from)[0] is None:
+            raise ValueError(f"init_from={init_from!r} but {os.path.join(init_from, 'ckpt.pt')} does not exist")
         model, tokenizer, _ = load_run(init_from, device, **{k: config[k] for k in RUN_SETTINGS})
         if init_from.startswith(("gpt2", "hf:")) and block_size < model.config.block_size:
             model.crop_block_size(block_size)

@@ -25,10 +25,12 @@ def run(*args):
 
 
 def prepare_copy(tmp_path, name):
-    """Runs data/<name>/prepare.py from a copy, since it writes next to itself; returns the copy's folder."""
+    """Runs data/<name>/prepare.py from a copy of both Shakespeare scripts (the BPE one runs the character one),
+    since they write next to themselves; returns the copy's folder."""
+    for copy in ("shakespeare", "shakespeare_char"):
+        (tmp_path / "data" / copy).mkdir(parents=True)
+        shutil.copy(os.path.join(ROOT, "data", copy, "prepare.py"), tmp_path / "data" / copy)
     folder = tmp_path / "data" / name
-    folder.mkdir(parents=True)
-    shutil.copy(os.path.join(ROOT, "data", name, "prepare.py"), folder)
     r = run(folder / "prepare.py", "--input", SHAKESPEARE)
     assert r.returncode == 0, r.stderr
     return folder

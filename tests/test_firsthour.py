@@ -153,11 +153,12 @@ def test_the_sample_command_a_torchrun_run_prints_works_as_printed(char_data, tm
                            "--parallel=fsdp", f"--out_dir={out}"], cwd=char_data, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    command = proc.stdout.split("sample it: ")[1].splitlines()[0]
-    for cmd in (command, f"python {ROOT}/convert.py {out} --ckpt && {command}"):
-        cmd = cmd.replace("python sample.py", f"{sys.executable} {ROOT}/sample.py --max_new_tokens=20 --num_samples=1")
-        ran = subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    printed = proc.stdout.split("sample it: ")[1].splitlines()[0]
+    assert printed == f"python sample.py --out_dir={out}", printed
+    for cmd in (printed, f"python convert.py {out} --ckpt && {printed}"):  # the second: what it printed before
+        cmd = cmd.replace("python convert.py", f"{sys.executable} {ROOT}/convert.py").replace(
+            "python sample.py", f"{sys.executable} {ROOT}/sample.py --max_new_tokens=20 --num_samples=1")
+        ran = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert ran.returncode == 0 and "tokens/s" in ran.stdout, (cmd, ran.stdout[-1000:], ran.stderr[-2000:])
 
 

@@ -28,8 +28,8 @@ tokenizer = data.Tokenizer({"tokenizer": "char", "chars": CHARS})
 
 def save_run(path, model, mode):
     path.mkdir()
-    torch.save({"model": model.state_dict(), "model_args": TINY, "config": {"dataset": "tiny", "mode": mode}},
-               path / "ckpt.pt")
+    torch.save({"model": model.state_dict(), "model_args": TINY, "config": {"dataset": "tiny", "mode": mode},
+                "tokenizer": tokenizer.spec}, path / "ckpt.pt")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """
-Problems with a difficulty dial, for the DRE's reasoning benchmark (python bench.py --reasoning). Offline and seeded.
+Problems with a difficulty dial, for the DRE's reasoning benchmark (python bench.py reasoning). Offline and seeded.
 
     python data/reasoning/prepare.py                      # pointer chasing, train depth 1-4, test depth 1-8
     python data/reasoning/prepare.py --task=addition      # a+b, train up to 8 digits, test up to 16
