@@ -12,6 +12,8 @@ Also here: train.py's checks of its settings.
 import ast
 import difflib
 import os
+import re
+import sys
 import traceback
 import types
 
@@ -38,7 +40,11 @@ def _check_type(key, value, default, source):
 
 def apply(config, argv, skip_unknown_in_files=False):
     """Updates the dict `config` (a script's globals, filtered to its hyperparameters) from argv; returns it.
-    skip_unknown_in_files lets a script with fewer knobs (bench.py, sample.py) read train.py's config files."""
+    skip_unknown_in_files lets a script with fewer knobs (bench.py, sample.py) read train.py's config files.
+    --help (or -h) prints the settings (usage) and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(sys.argv[0], config))
+        raise SystemExit(0)
     defaults = dict(config)
     for arg in argv:
         if not arg.startswith("--"):
@@ -85,6 +91,37 @@ def apply(config, argv, skip_unknown_in_files=False):
                     value = text
             config[key] = _check_type(key, value, defaults[key], "command line")
     return config
+
+
+def usage(script, config):
+    """What --help prints: each setting of `config` with its default and the comment beside it in the script, under
+    the script's own headings, then the model's (GPTConfig's fields, commented in model.py) when it takes them."""
+    model_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")
+    out, done = [f"usage: python {os.path.basename(script)} [CONFIG_FILE ...] [--key=value ...]", ""], set()
+    for path, title in ((script, []), (model_py, ["model settings (GPTConfig, model.py)"])):
+        shown, continuing = [], False
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = re.match(r"( *)(\w+)\s*(?::\s*[\w.\[\], ]+)?\s*=\s*[^=].*?(?:#\s*(.*))?$", line)
+                if m and m.group(2) in config and m.group(2) not in done and (path == script) == (m.group(1) == ""):
+                    done.add(m.group(2))
+                    shown.append(f"  --{m.group(2)}={config[m.group(2)]!r}" + f"  {m.group(3)}" * bool(m.group(3)))
+                    continuing = True
+                elif continuing and re.match(r"\s+# ", line):  # a setting's comment, continued
+                    shown.append(" " * 8 + line.strip()[2:])
+                else:
+                    continuing = False
+                    if path == script and re.match(r"# [A-Za-z]", line) and not line.startswith("# ---"):
+                        shown.append(line.strip())  # a heading of the script's settings (# I/O, # data, ...)
+        keep, settings_follow = [], False  # headings only where settings follow them
+        for s in reversed(shown):
+            if not s.startswith("#") or settings_follow:
+                keep.append(s)
+            settings_follow = settings_follow or not s.startswith("#")
+        shown = keep[::-1]
+        if any(s.startswith("  --") for s in shown):
+            out += title + shown + [""]
+    return "\n".join(out).rstrip()
 
 
 def hyperparameters(namespace):

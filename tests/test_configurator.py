@@ -166,3 +166,26 @@ def test_train_py_rejects_unknown_key_before_doing_any_work():
     assert result.returncode != 0
     assert "no_such_key" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr  # a clean message, not a crash
+
+
+@pytest.mark.parametrize("script, line", [
+    ("train.py", "  --max_iters=600000  total optimizer steps"),
+    ("sample.py", "  --top_p=1.0  sample from the smallest set of tokens holding this much probability; 1.0 disables"),
+    ("serve.py", "  --busy_wait=60.0  seconds a request waits while another generation runs, then 503"),
+    ("bench.py", "  --n_layer=12"),
+])
+def test_help_lists_every_setting_with_its_default_and_comment_and_exits_0(script, line, tmp_path):
+    """N1: --help, the first thing a newcomer types, lists the settings (the model's too where the script takes
+    them) under the file's own headings, and exits 0 having touched nothing."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert line in proc.stdout.splitlines(), proc.stdout
+    assert list(tmp_path.iterdir()) == []
+    if script == "train.py":
+        lines = proc.stdout.splitlines()
+        assert lines.index("# optimizer") < lines.index("  --learning_rate=0.0006  peak learning rate")
+        assert "  --n_expert=0" in lines and "model settings (GPTConfig, model.py)" in lines
+        # every setting train.py takes is listed once
+        listed = [s.split("=")[0][4:] for s in lines if s.startswith("  --")]
+        assert sorted(listed) == sorted(set(listed)) and len(listed) > 80
