@@ -54,7 +54,8 @@ def apply(config, argv, skip_unknown_in_files=False):
                 with open(arg) as f:
                     code = compile(f.read(), arg, "exec")
             except FileNotFoundError:
-                raise ConfigError(f"config file not found: {arg}") from None
+                hint = f"; a setting is given as --{arg}" if "=" in arg and arg.split("=")[0].isidentifier() else ""
+                raise ConfigError(f"config file not found: {arg}{hint}") from None
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"config file {arg} cannot be read: {e}") from None
             except SyntaxError as e:

@@ -218,7 +218,7 @@ def policy_steps(model):
     return int(steps.flatten()[0]) if bool((steps == steps.flatten()[0]).all()) else steps
 
 
-def dpo_forward(model, ref_model, x, y, p, beta, soft_labels=True):
+def dpo_forward(model, ref_model, x, y, p, beta, soft_labels=False):
     """DPO loss and statistics of a batch of finetune_batch's pairs: chosen rows, then rejected rows. The frozen
     reference runs each token at the policy's core steps (policy_steps)."""
     policy = sequence_logprobs(model(x)[0], y)

@@ -92,6 +92,8 @@ def hf_config(c, n_vocab):
                    ("router_score", c.router_score != "softmax", "Mixtral's router is a softmax"),
                    ("router_renormalize", not c.router_renormalize, "Mixtral renormalises the top_k weights"),
                    ("moe_balance", c.moe_balance == "bias", "Mixtral has no expert bias in its routing"),
+                   ("top_k", c.top_k == 1, "Mixtral weighs a token's one expert by 1, nanothink by its router "
+                                           "probability (as Switch does, so that the router learns)"),
                    ("capacity_factor", c.capacity_factor > 0, "Mixtral is dropless"),
                    ("moe_every", c.moe_every != 1, "every Mixtral layer is MoE"),
                    ("qk_norm", c.qk_norm, "Mixtral has no QK-norm"),
@@ -103,7 +105,8 @@ def hf_config(c, n_vocab):
         refuse += [("bias", c.bias, "Qwen3's MLP has no biases")]
     for name, bad, why in refuse:
         if bad:
-            raise ValueError(f"{name}={getattr(c, name)!r} cannot be exported: {why}")
+            raise ValueError(f"{name}={getattr(c, name)!r} cannot be exported: {why}; a run trained with "
+                             f"--{name}={GPTConfig.defaults()[name]} can be")
     common = {"vocab_size": n_vocab, "tie_word_embeddings": c.tie_embeddings, "dtype": "float32",
               "torch_dtype": "float32"}
     if c.layout == "gpt2":
@@ -271,6 +274,11 @@ def export_hf(run_dir, hf_dir, force=False):
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:  # sample.py's defaults
             json.dump({**ids, "do_sample": True, "temperature": 0.8, "top_k": 200},
                       f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)  # (read it: there is no other way) the folder is made private; give it the usual modes
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if os.path.exists(hf_dir):
             shutil.rmtree(hf_dir)
         os.replace(tmp, hf_dir)
@@ -389,7 +397,12 @@ def from_hf_weights(hf_config, w, dropout=0.0, source="the weights"):
             i, rest = name[len("model.layers."):].split(".", 1)
             if ".experts." in rest:
                 continue
-            key = next(t for t in theirs if rest == t or rest.startswith(t + "."))
+            key = next((t for t in theirs if rest == t or rest.startswith(t + ".")), None)
+            if key is None and rest.endswith("rotary_emb.inv_freq"):  # older Llama files: a table we compute
+                w.pop(name)
+                continue
+            if key is None:
+                raise ValueError(f"{source} has a weight nanothink has no place for: {name}")
             sd[f"transformer.h.{i}.{theirs[key]}{rest[len(key):]}"] = w.pop(name)
         for i in range(config.n_layer if config.n_expert else 0):
             for kind in ("w1", "w2", "w3"):

@@ -189,3 +189,10 @@ def test_help_lists_every_setting_with_its_default_and_comment_and_exits_0(scrip
         # every setting train.py takes is listed once
         listed = [s.split("=")[0][4:] for s in lines if s.startswith("  --")]
         assert sorted(listed) == sorted(set(listed)) and len(listed) > 80
+
+
+def test_a_setting_without_its_dashes_is_answered_with_the_form_that_works():
+    """N5: `max_iters=200` is read as a config file; the error says to write --max_iters=200."""
+    with pytest.raises(ConfigError, match=r"config file not found: max_iters=200; a setting is given as "
+                                          r"--max_iters=200$"):
+        configurator.apply(defaults(), ["max_iters=200"])

@@ -100,11 +100,40 @@ def test_config_states_the_values_whose_hugging_face_defaults_differ(workdir):
 
 @pytest.mark.parametrize("option, value", [("dre", True), ("n_shared_expert", 1), ("router_score", "sigmoid"),
                                            ("moe_balance", "bias"), ("capacity_factor", 1.25), ("moe_every", 2),
-                                           ("router_renormalize", False)])
-def test_options_with_no_hugging_face_equivalent_are_refused_by_name(option, value):
+                                           ("router_renormalize", False), ("top_k", 1)])
+def test_options_with_no_hugging_face_equivalent_are_refused_by_name_with_the_fix(option, value):
+    """N3: a refusal names the option and the setting that exports; B10: top_k=1 is one of them (Mixtral would weigh
+    the one expert by 1, nanothink by its router probability)."""
     config = GPTConfig(**{**SMALL, "n_layer": 4, "n_expert": 4, option: value})
-    with pytest.raises(ValueError, match=f"^{option}="):
+    with pytest.raises(ValueError, match=f"^{option}=.*; a run trained with --{option}="
+                                         f"{GPTConfig.defaults()[option]} can be$"):
         convert.hf_config(config, 60)
+
+
+def test_a_top_1_mixture_would_compute_something_else_in_mixtral():
+    """B10, the reason for the refusal above: Mixtral's top-1 weighs the expert by 1, ours by its probability."""
+    torch.manual_seed(0)
+    ours = perturbed(GPT(GPTConfig(**{**SMALL, "n_expert": 4, "top_k": 1})))
+    hf_cfg = convert.hf_config(GPTConfig(**{**SMALL, "n_expert": 4, "top_k": 2}), 64)[1]
+    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**hf_cfg, "num_experts_per_tok": 1})).eval()
+    hf.load_state_dict(convert.to_hf_weights(ours.config, ours.state_dict(), 64), strict=False)
+    idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max() > 1e-3
+
+
+def test_import_skips_a_rotary_table_and_names_a_weight_it_has_no_place_for(tmp_path):
+    """B2: older Llama files hold self_attn.rotary_emb.inv_freq (skipped: nanothink computes it); any other weight
+    without a place is named, not a bare StopIteration."""
+    hf = random_hf("llama")
+    config, w = {**hf.config.to_dict(), "architectures": ["LlamaForCausalLM"]}, dict(hf.state_dict())
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    ours = convert.from_hf_weights(config, {**w, **extra}).eval()
+    idx = torch.randint(0, 80, (1, 16))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="no place for: model.layers.1.mlp.extra_proj.weight"):
+        convert.from_hf_weights(config, {**w, "model.layers.1.mlp.extra_proj.weight": torch.ones(2, 2)})
 
 
 def test_a_distributed_checkpoint_exports_and_becomes_a_ckpt_pt(workdir):
@@ -386,3 +415,16 @@ def test_transformers_and_lm_eval_import_from_the_repository_root_beside_our_mod
             "from lm_eval.models.huggingface import HFLM\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_an_exported_folder_is_readable_like_any_other(workdir):
+    """N6: the export is written in a private temporary folder and renamed; the folder and its files then get the
+    modes the umask gives any new file, not the temporary folder's 0700."""
+    make_run("run")
+    umask = os.umask(0o022)
+    try:
+        convert.export_hf("run", "hf")
+    finally:
+        os.umask(umask)
+    assert os.stat("hf").st_mode & 0o777 == 0o755
+    assert {os.stat(os.path.join("hf", f)).st_mode & 0o777 for f in os.listdir("hf")} == {0o644}

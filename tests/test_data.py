@@ -170,6 +170,21 @@ def test_text_prepare_bad_input_is_one_clear_error(tmp_path, case):
     assert not out.exists() or os.listdir(out) == []  # nothing half-written left behind
 
 
+def test_text_prepare_says_how_to_read_unnamed_and_non_utf8_files_and_prints_its_summary_once(tmp_path):
+    """N5, N6: a folder of files without .txt/.md is answered with how to read them (name them: FOLDER/*), which
+    works; a non-UTF-8 file with how to convert it; a run logged to a file says its summary once, on stdout."""
+    texts = tmp_path / "my_texts"
+    texts.mkdir()
+    (texts / "notes").write_text("Some words of a first note.\n" * 40)
+    r = prepare_text(texts, "--tokenizer=char", "--out_dir", tmp_path / "a")
+    assert r.returncode != 0 and f"{os.path.join(texts, '*')}" in r.stderr and "FOLDER/*" in r.stderr, r.stderr
+    r = prepare_text(texts / "notes", "--tokenizer=char", "--out_dir", tmp_path / "a")
+    assert r.returncode == 0 and r.stderr == "" and len(r.stdout.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 40)
+    r = prepare_text(tmp_path / "latin.txt", "--out_dir", tmp_path / "b")
+    assert r.returncode != 0 and "not UTF-8" in r.stderr and "iconv" in r.stderr, r.stderr
+
+
 # -----------------------------------------------------------------------------
 # train.py on missing or bad data and bad settings: a clear message, not a traceback from deep inside.
 # The runs start together (each pays for importing torch) and the tests read their results.

@@ -195,6 +195,8 @@ def test_page_is_served(chat_server):
     assert '"chat": true' in page and '"token_limit": 64' in page
     assert request(chat_server, "GET", "/nowhere")[0] == 404
     assert request(chat_server, "POST", "/", body={})[0] == 405
+    status, answer = request(chat_server, "GET", "/api/generate")  # N6: the API, asked with the wrong method
+    assert status == 405 and "use POST" in answer["error"], answer
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -51,7 +51,8 @@ for path in args.inputs:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found += [os.path.join(root, f) for f in files if f.endswith((".txt", ".md")) and not f.startswith(".")]
     if not found:
-        print(f"warning: no .txt or .md files under {path}", file=sys.stderr)
+        print(f"warning: no .txt or .md files under {path}; files of other names are read when named: "
+              f"{os.path.join(path, '*')}", file=sys.stderr)
     sources += sorted(found)
 
 
@@ -95,7 +96,8 @@ def documents():
                     if text:
                         yield text, True
         except UnicodeDecodeError as e:
-            raise SystemExit(f"error: {path} is not UTF-8 text ({e.reason})")
+            raise SystemExit(f"error: {path} is not UTF-8 text ({e.reason}); convert it (iconv -f LATIN1 -t UTF-8 "
+                             f"{path} > converted.txt, with its real encoding) or leave it out")
 
 
 class CharEncoding:
@@ -158,10 +160,12 @@ try:
                 ids += tokens
             np.array(ids, dtype=dtype).tofile(out)
             n_tokens += len(ids)
-            print(f"\r{len(doc_starts) + 1:,} documents, {n_tokens:,} tokens, {time.time() - t0:.0f} s", end="",
-                  file=sys.stderr)
+            if sys.stderr.isatty():  # progress on a terminal; a log gets the summary line alone
+                print(f"\r{len(doc_starts) + 1:,} documents, {n_tokens:,} tokens, {time.time() - t0:.0f} s", end="",
+                      file=sys.stderr)
     if n_tokens == 0:
-        raise SystemExit(f"error: no text found in {' '.join(args.inputs)}")
+        raise SystemExit(f"error: no text found in {' '.join(args.inputs)} (in a folder only .txt and .md files are "
+                         f"read; name other files to read them, e.g. FOLDER/*)")
     if n_tokens < 2:
         raise SystemExit("error: the input is a single token; train.bin and val.bin need at least one each")
 
@@ -177,7 +181,7 @@ try:
     os.replace(tmp_train, train_path)
     os.replace(tmp_val, val_path)
 finally:
-    if n_tokens:
+    if n_tokens and sys.stderr.isatty():
         print(file=sys.stderr)  # end the progress line, before any error message
     for path in (tmp_train, tmp_val):
         if os.path.exists(path):
