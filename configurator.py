@@ -149,6 +149,9 @@ def check_training(config):
         (c.lr_schedule not in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {c.lr_schedule!r}"),
         (c.decay_lr and c.lr_decay_iters < 1,
          f"lr_decay_iters must be at least 1 (or decay_lr=False), got {c.lr_decay_iters}"),
+        (c.decay_lr and c.warmup_iters > c.lr_decay_iters,
+         f"warmup_iters={c.warmup_iters} exceeds lr_decay_iters={c.lr_decay_iters}: the learning rate would drop "
+         f"from its peak to min_lr at once; set warmup_iters below lr_decay_iters (or decay_lr=False)"),
         (c.lr_schedule == "wsd" and not 0 < c.cooldown_frac <= 1,
          f"cooldown_frac must be in (0, 1], got {c.cooldown_frac}"),
         (c.optimizer not in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {c.optimizer!r}"),

@@ -61,6 +61,7 @@ CASES = [
     ("train.py", ["--eval_iters=0"], "eval_iters"),
     ("train.py", ["--log_interval=0"], "log_interval"),
     ("train.py", ["--max_iters=-1"], "max_iters"),
+    ("train.py", ["--warmup_iters=200", "--lr_decay_iters=100"], "warmup_iters=200 exceeds lr_decay_iters=100"),
     ("train.py", ["--dropout=1.5"], "dropout"),
     ("train.py", ["--learning_rate=-0.001"], "learning_rate"),
     ("train.py", ["--beta2=1.5"], "beta2"),

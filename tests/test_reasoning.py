@@ -464,7 +464,7 @@ def start_stages(tmp_path, *args):
 def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
     """The script makes the data it documents and runs four stages, each one's settings and starting weights as the
     README's table says."""
-    proc = start_stages(tmp_path, "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    proc = start_stages(tmp_path, "--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=1", "--eval_interval=2")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     for name, train_max in (("reasoning1", 1), ("reasoning2", 2), ("reasoning", 4)):
