@@ -128,6 +128,12 @@ def set_rng_states(rng, data_gen):  # the inverse of rng_states
     data_gen.set_state(rng["data"])
 
 
+def saved_config(out_dir):
+    """The train.py settings of the run in out_dir (its later checkpoint), or None where there is none yet."""
+    kind, path = newest(out_dir)
+    return None if kind is None else (read_meta(path) if kind == "dcp" else read_checkpoint(path))["config"]
+
+
 def read_start(init_from, out_dir, sharded=False):
     """(checkpoint, path) a run starts from: for init_from='resume' the newer of out_dir's ckpt.pt and ckpt_dcp/ (a
     distributed one as its meta plus 'dcp', its contents loaded once the model is parallelized: load_sharded), for

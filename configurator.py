@@ -38,10 +38,12 @@ def _check_type(key, value, default, source):
                       f"(default {default!r})")
 
 
-def apply(config, argv, skip_unknown_in_files=False):
+def apply(config, argv, skip_unknown_in_files=False, given=None):
     """Updates the dict `config` (a script's globals, filtered to its hyperparameters) from argv; returns it.
     skip_unknown_in_files lets a script with fewer knobs (bench.py, sample.py) read train.py's config files.
-    --help (or -h) prints the settings (usage) and exits."""
+    `given`, a set, receives the keys argv sets: every --key, and the keys a file changes (a resumed run takes the
+    others from its checkpoint). --help (or -h) prints the settings (usage) and exits."""
+    given = set() if given is None else given
     if "--help" in argv or "-h" in argv:
         print(usage(sys.argv[0], config))
         raise SystemExit(0)
@@ -74,7 +76,10 @@ def apply(config, argv, skip_unknown_in_files=False):
                     if skip_unknown_in_files:
                         continue
                     raise _unknown(key, list(defaults)) from None
-                config[key] = _check_type(key, value, defaults[key], arg)
+                value = _check_type(key, value, defaults[key], arg)
+                if value != config[key]:
+                    given.add(key)
+                config[key] = value
         else:
             key, sep, text = arg[2:].partition("=")  # partition: the value itself may contain '='
             if key not in defaults:
@@ -91,6 +96,7 @@ def apply(config, argv, skip_unknown_in_files=False):
                 except (SyntaxError, ValueError):
                     value = text
             config[key] = _check_type(key, value, defaults[key], "command line")
+            given.add(key)
     return config
 
 

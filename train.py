@@ -26,7 +26,7 @@ import hardware
 import moe
 import reasoning
 from checkpoint import (RUN_SETTINGS, CheckpointError, checkpoint_group, find_sharded, load_weights, newest,
-                        read_start, restore, save)
+                        read_start, restore, save, saved_config)
 from constitution import describe_dpo, dpo_forward, reference_model
 from convert import load_run
 from model import GPT, GPTConfig
@@ -113,7 +113,14 @@ peak_flops = 0.0                 # FLOP/s that MFU is measured against; 0: look 
 # -----------------------------------------------------------------------------
 globals().update({k: v for k, v in GPTConfig.defaults().items() if k not in globals() and k != "vocab_size"})
 config_keys = list(configurator.hyperparameters(globals()))
-globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:]))
+given = set()  # the settings this command line sets; a resumed run takes the others from its checkpoint
+globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:], given=given))
+if init_from == "resume" and (saved := saved_config(out_dir)):  # the run goes on as it was started...
+    for key in sorted(set(config_keys) & set(saved) - {"init_from", "out_dir", "device", "overwrite"}):
+        if key not in given:
+            globals()[key] = saved[key]
+        elif saved[key] != globals()[key] and os.environ.get("RANK", "0") == "0":  # ...but for what is asked
+            print(f"{key}: {saved[key]!r} -> {globals()[key]!r}")
 config = {k: globals()[k] for k in config_keys}
 
 # every setting is checked before any work: a bad one ends the run in one line naming it, nothing touched
