@@ -3,7 +3,7 @@ A web page and a JSON endpoint over a checkpoint: chat with a fine-tuned model (
 continue text with any, the tokens streamed as they are generated. Standard library only (http.server):
 
     python serve.py --out_dir=out-shakespeare-char --port=8000      # then open http://127.0.0.1:8000
-    curl -N localhost:8000/api/generate -d '{"prompt": "ROMEO:", "mode": "continue", "stream": true}'
+    curl -N localhost:8000/api/generate -H 'Content-Type: application/json' -d '{"prompt": "ROMEO:", "stream": true}'
 
 POST /api/generate takes a JSON object: "prompt" (required), "mode" ('chat' or 'continue'; by default 'chat' for a
 chat-tuned model), "history" (chat: earlier [prompt, reply] pairs), "max_new_tokens", "temperature", "top_k", "top_p"
@@ -17,6 +17,7 @@ seconds, then gets a 503. A client that goes away mid-stream stops its generatio
 import http.server
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -200,6 +201,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status, what = (405, "/ is the page (GET)") if self.path == "/" else (404, f"nothing at {self.path}")
             return self.send(status, {"error": f"{what}; the API is POST /api/generate"})
         try:
+            self.check_origin()
             r = parse_request(self.read_body())
         except BadRequest as e:
             return self.send(e.status, {"error": str(e)})
@@ -208,6 +210,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              headers=[("Retry-After", "5")])
         try:
             answer = self.stream(r) if r["stream"] else complete(r, emit=lambda piece: None)
+        except Exception as e:  # a generation that fails still gets its answer: a 500 that says why
+            self.log_message("generation failed: %s: %s", type(e).__name__, e)
+            return self.send(500, {"error": f"generation failed: {type(e).__name__}: {e}"})
         finally:
             lock.release()
         try:
@@ -218,13 +223,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if answer["stopped"] == "disconnected":
             self.log_message("client went away after %d tokens", answer["tokens"])
 
+    def check_origin(self):
+        """Requests only from this server's own page or a program: a JSON Content-Type (which a web page elsewhere
+        cannot send without a CORS preflight, which this server never grants), and, on a loopback address, a Host
+        header naming it (a DNS-rebinding page's names another)."""
+        if self.headers.get_content_type() != "application/json":
+            self.close_connection = True
+            raise BadRequest("the body must be JSON, sent with Content-Type: application/json", 415)
+        name = urlsplit("//" + self.headers.get("Host", "")).hostname
+        if host in ("127.0.0.1", "localhost", "::1") and name not in ("127.0.0.1", "localhost", "::1"):
+            self.close_connection = True
+            raise BadRequest(f"Host {self.headers.get('Host')!r} is not this server's; use "
+                             f"http://{host}:{self.server.server_address[1]}", 403)
+
     def read_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        length = self.headers.get("Content-Length", "")
+        if not re.fullmatch(r"[0-9]{1,12}", length):
             self.close_connection = True
             raise BadRequest("a JSON body with a Content-Length is required", 411)
         if int(length) > 6 * prompt_limit + 4096:  # a JSON-escaped character is at most 6 bytes
-            self.close_connection = True  # the unread body would be taken for the next request
+            left = int(length)
+            while 0 < left <= 2**26:  # read (up to 64 MB) and drop it, so that the client reads the answer
+                chunk = self.rfile.read(min(left, 2**16))
+                left = left - len(chunk) if chunk else 0
+            self.close_connection = True
             raise BadRequest(f"the body is {length} bytes, too long for the server's prompt_limit of {prompt_limit} "
                              f"characters", 413)
         return self.rfile.read(int(length))
@@ -242,7 +264,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
             self.wfile.flush()
 
-        answer = complete(r, emit=lambda piece: event({"text": piece}))
+        try:
+            answer = complete(r, emit=lambda piece: event({"text": piece}))
+        except Exception as e:  # the status is sent: the stream ends with the error instead
+            self.log_message("generation failed: %s: %s", type(e).__name__, e)
+            answer = {"error": f"generation failed: {type(e).__name__}: {e}", "stopped": "error", "tokens": 0}
         try:
             if answer["stopped"] != "disconnected":
                 event({**answer, "done": True})
@@ -316,6 +342,7 @@ async function send(event) {
   $("stop").disabled = false;
   try {
     const response = await fetch("/api/generate", {method: "POST", body: JSON.stringify(body),
+                                                   headers: {"Content-Type": "application/json"},
                                                    signal: controller.signal});
     if (!response.ok) throw new Error((await response.json()).error);
     const reader = response.body.getReader(), decoder = new TextDecoder();

@@ -91,7 +91,8 @@ def base_server(work):
 
 def request(port, method="POST", path="/api/generate", body=None, raw=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request(method, path, body=raw if raw is not None else json.dumps(body) if body is not None else None)
+    conn.request(method, path, body=raw if raw is not None else json.dumps(body) if body is not None else None,
+                 headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     data = resp.read().decode()
     conn.close()
@@ -101,7 +102,8 @@ def request(port, method="POST", path="/api/generate", body=None, raw=None):
 def stream(port, body):
     """The events of a streamed request, each read off the connection as it comes."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", "/api/generate", body=json.dumps({**body, "stream": True}))
+    conn.request("POST", "/api/generate", body=json.dumps({**body, "stream": True}),
+                 headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
     assert resp.headers["Transfer-Encoding"] == "chunked"
@@ -224,10 +226,46 @@ def test_malformed_or_over_the_limits_gets_400_with_the_reason(chat_server, raw,
     assert status == 400 and message in answer["error"]
 
 
-def test_a_body_too_long_for_the_prompt_limit_is_refused_unread(chat_server):
-    status, answer = request(chat_server, raw=json.dumps({"prompt": "h" * 10000}))
-    assert status == 413 and "prompt_limit of 100" in answer["error"]
+def test_a_body_too_long_for_the_prompt_limit_gets_its_413(chat_server):
+    """B8: even a 20 MB body gets its answer (read and dropped), not a broken pipe."""
+    for size in (10_000, 20_000_000):
+        status, answer = request(chat_server, raw=json.dumps({"prompt": "h" * size}))
+        assert status == 413 and "prompt_limit of 100" in answer["error"], size
     assert request(chat_server, "GET", "/")[0] == 200  # still serving
+
+
+def raw_post(port, headers, body=b'{"prompt": "hi"}'):
+    """A POST with exactly these headers (http.client would add its own Host and Content-Length)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers)
+                     + b"\r\n" + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_only_json_from_this_host_with_a_plain_length_is_read(chat_server):
+    """B8: a text/plain POST (what any web page may send without a CORS preflight) is a 415, a Host naming another
+    server (DNS rebinding) a 403, a Content-Length of other digits than 0-9 a 411; each with its JSON answer."""
+    ok = [("Host", f"127.0.0.1:{chat_server}"), ("Content-Type", "application/json"), ("Content-Length", "16"),
+          ("Connection", "close")]
+    assert raw_post(chat_server, ok)[0] == 200
+    for change, status in [(("Content-Type", "text/plain"), 415), (("Host", "evil.example:80"), 403),
+                           (("Content-Length", "1\u00b2"), 411)]:
+        headers = [change if k == change[0] else (k, v) for k, v in ok]
+        got, answer = raw_post(chat_server, headers)
+        assert got == status and answer["error"], (change, got, answer)
+
+
+def test_a_generation_that_fails_gets_a_json_500(chat_server):
+    """B8: a request the checks pass whose generation raises (a temperature so small that the scores overflow)."""
+    status, answer = request(chat_server, body={"prompt": "hi", "temperature": 1e-300, "max_new_tokens": 3})
+    assert status == 500 and answer["error"].startswith("generation failed"), (status, answer)
+    events = stream(chat_server, {"prompt": "hi", "temperature": 1e-300, "max_new_tokens": 3})
+    assert events[-1]["done"] and events[-1]["error"].startswith("generation failed"), events
+    assert request(chat_server, body={"prompt": "hi", "max_new_tokens": 3})[0] == 200  # the model is free again
 
 
 # -----------------------------------------------------------------------------
@@ -238,7 +276,8 @@ def test_busy_waits_then_503_and_a_client_leaving_mid_stream_frees_the_model(bas
     short = {"prompt": "hi", "mode": "continue", "max_new_tokens": 5}
     body = json.dumps({"prompt": "hi", "mode": "continue", "max_new_tokens": BASE_TOKEN_LIMIT, "stream": True})
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    sock.sendall(f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
     received = b""
     while b"data: " not in received:
         received += sock.recv(4096)
