@@ -361,10 +361,33 @@ def from_hf(path, dropout=0.0):
 
 
 def from_gpt2(name, dropout=0.0):
-    """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), downloaded by transformers."""
+    """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'): from the Hugging Face cache, else downloaded
+    by transformers; offline and not cached, a ValueError at once saying what to do, rather than a minute of retries."""
     if name not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         raise ValueError(f"unknown GPT-2 model {name!r}")
-    return from_hf_model(need("transformers", "loading GPT-2 weights").GPT2LMHeadModel.from_pretrained(name), dropout)
+    gpt2 = need("transformers", "loading GPT-2 weights (not in requirements.txt)").GPT2LMHeadModel
+    try:
+        return from_hf_model(gpt2.from_pretrained(name, local_files_only=True), dropout)
+    except OSError:  # not cached
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        raise ValueError(f"{name}'s weights are not in the Hugging Face cache and the Hub cannot be reached: "
+                         f"download them where there is a network (python -c \"from transformers import "
+                         f"GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{name}')\") and copy "
+                         f"~/.cache/huggingface here, or give a local folder: init_from=hf:FOLDER")
+    return from_hf_model(gpt2.from_pretrained(name), dropout)
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face Hub answers a TCP connection within timeout seconds (HF_ENDPOINT's host if set)."""
+    import socket
+    from urllib.parse import urlsplit
+    host = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def from_hf_model(hf, dropout=0.0):

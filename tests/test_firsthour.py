@@ -210,3 +210,14 @@ def test_bench_reports_progress_and_no_nan(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warm-up" in proc.stderr and "round 1/2" in proc.stderr and "round 2/2" in proc.stderr
     assert "nan" not in proc.stdout.lower() and "float32" in proc.stdout
+
+
+def test_gpt2_offline_is_one_line_at_once(tmp_path):
+    """N4: GPT-2's weights neither cached nor reachable end sample.py in one line saying what to do offline, at once
+    (the Hub's address is pointed at a closed port here, so that no test ever downloads)."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://127.0.0.1:9", HF_HUB_OFFLINE="0")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--init_from=gpt2", "--device=cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: init_from='gpt2'"), proc.stderr
+    assert "not in the Hugging Face cache" in lines[0] and "init_from=hf:FOLDER" in lines[0]
