@@ -79,8 +79,8 @@ if init_from == "resume":
 if dre_threshold is None:  # DRE models: the exit this sampling asks for, passed to generate (dense ones ignore it)
     dre_threshold = model.config.dre_threshold
 raw_model = model
-if compile:
-    model = torch.compile(model)
+if compile:  # what generate runs for each new token (dynamic: the context and the cache grow)
+    raw_model.hidden = torch.compile(raw_model.hidden, dynamic=True)
 # DRE models: each generated token's core steps against its surprisal, for the line at the end
 observe = raw_model.depth.observe if raw_model.config.dre else None
 

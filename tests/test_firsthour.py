@@ -221,3 +221,24 @@ def test_gpt2_offline_is_one_line_at_once(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: init_from='gpt2'"), proc.stderr
     assert "not in the Hugging Face cache" in lines[0] and "init_from=hf:FOLDER" in lines[0]
+
+
+def test_sample_compile_compiles_what_generation_runs(tmp_path):
+    """B4: --compile=True compiles what raw_model.generate calls for every token, not a model nothing calls.
+    torch.compile is replaced by a stand-in that counts the calls of what it was given (no compilation here)."""
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=65)
+    torch.save({"model": GPT(cfg).state_dict(), "model_args": vars(cfg), "config": {"dataset": "none"},
+                "iter_num": 1, "best_val_loss": 1.0,
+                "tokenizer": {"tokenizer": "char", "chars": "".join(map(chr, range(32, 97)))}}, tmp_path / "ckpt.pt")
+    script = (f"import runpy, sys, torch\nsys.path.insert(0, {ROOT!r})\ncalls = []\n"
+              "def stand_in(fn, **kw):\n"
+              "    def counted(*a, **k):\n        calls.append(fn.__name__)\n        return fn(*a, **k)\n"
+              "    return counted\n"
+              "torch.compile = stand_in\n"
+              f"sys.argv = ['sample.py', '--out_dir={tmp_path}', '--compile=True', '--num_samples=1',\n"
+              "            '--max_new_tokens=5', '--device=cpu', '--start=AB']\n"
+              f"runpy.run_path({os.path.join(ROOT, 'sample.py')!r}, run_name='__main__')\n"
+              "print('calls', calls)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "calls " + str(["hidden"] * 5), proc.stdout
