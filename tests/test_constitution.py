@@ -541,3 +541,13 @@ def test_finetuning_data_errors_are_clear(char_data, tmp_path):
                            f"init_from='{tmp_path}' but {tmp_path / 'ckpt.pt'} does not exist")]:
         proc = run_train([*TRAIN_TINY, f"--out_dir={tmp_path / 'out'}", *args], char_data, check=False)
         assert proc.returncode == 1 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_dpo_forward_defaults_to_what_train_py_does():
+    """B5: dpo_forward's soft_labels default is train.py's dpo_soft_labels default (hard labels), so that a caller
+    who leaves it out trains what train.py trains."""
+    import inspect
+    import re
+    with open(os.path.join(ROOT, "train.py")) as f:
+        train_default = re.search(r"^dpo_soft_labels = (\w+)", f.read(), re.M).group(1)
+    assert str(inspect.signature(C.dpo_forward).parameters["soft_labels"].default) == train_default == "False"
