@@ -121,6 +121,7 @@ class RecurrentDepth(nn.Module):
         self.iteration = None  # the optimizer step r is drawn for (set by train.py); None: a fresh draw per forward
         self.sampled = []  # r of each training forward since pop_sampled()
         self.last_steps = None  # (B, T) core steps each token of the last forward ran
+        self.last_r = None  # the same as an int when every token ran alike (known on the host: no read back)
         self.observed = []  # (steps, loss, mask) per observe() call since metrics()
         # FSDP (set by parallel.py): the ranks whose core all-gathers must pair up, so at inference every one of them
         # runs as many core steps as the slowest, each its tokens' own number of steps in effect
@@ -230,7 +231,7 @@ class RecurrentDepth(nn.Module):
             aux = [a + moe.aux_loss for a, moe in zip(aux, moes)]
         for a, moe in zip(aux, moes):  # each MoE core layer's balancing loss: the mean over the steps with gradients
             moe.aux_loss = a / with_grad
-        self.last_steps = torch.full(e.shape[:2], r, dtype=torch.long, device=e.device)
+        self.last_steps, self.last_r = torch.full(e.shape[:2], r, dtype=torch.long, device=e.device), r
         return s
 
     @torch.no_grad()
@@ -281,7 +282,7 @@ class RecurrentDepth(nn.Module):
             y = self.run(coda, s, cos, sin, coda_kvs)
         for kv in kvs + coda_kvs:
             kv.finish(i)
-        self.last_steps = taken
+        self.last_steps, self.last_r = taken, None
         return y
 
     def anyone_running(self, running, device):

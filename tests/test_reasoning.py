@@ -239,6 +239,29 @@ def test_dpo_of_a_dre_policy_against_itself_is_ln2_in_training_mode_too():
     assert abs(loss.item() - math.log(2)) > 1e-3  # another reference does move it
 
 
+def test_the_reference_learns_a_training_policy_s_steps_without_a_host_sync():
+    """B3: in training every token ran the drawn r, which is known on the host: policy_steps reads nothing back from
+    the device (no .item(), no boolean of a tensor) on each DPO micro-step."""
+    import constitution
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model = make_model().train()
+    model(tokens(2, 12))
+    with Syncs() as syncs:
+        steps = constitution.policy_steps(model)
+    assert syncs.ops == [] and steps == model.depth.sampled[-1] and isinstance(steps, int)
+
+
 def test_backprop_depth_cuts_the_gradient_before_the_last_k_steps():
     model = make_model(dre_backprop_steps=2).train()
     idx = tokens(2, 10)
