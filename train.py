@@ -35,8 +35,7 @@ from parallel import (agree, check_layout, compile_blocks, exit_process, fail_fa
 
 
 def report(kind, error, traceback):
-    """The one place an expected failure (a bad setting, a missing or damaged file) becomes one `error:` line, with
-    the interpreter's exit status 1 after it; anything else keeps its traceback."""
+    """The one place an expected failure (a bad setting, a missing or damaged file) becomes one `error:` line."""
     if not issubclass(kind, (ValueError, FileNotFoundError, ImportError)):
         return sys.__excepthook__(kind, error, traceback)
     print(f"error: {error}", file=sys.stderr)
@@ -214,11 +213,9 @@ def init_model():
         args = dict(vars(GPTConfig.from_settings(config, vocab_size=vocab)))
         return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
     if init_from != "resume":  # weights to start from: this run's settings, the source's architecture and tokenizer
-        if not init_from.startswith(("gpt2", "hf:")) and not os.path.isdir(init_from):
-            raise ValueError(f"init_from must be 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a directory holding "
-                             f"a run, got {init_from!r}")
-        if os.path.isdir(init_from) and newest(init_from)[0] is None:
-            raise ValueError(f"init_from={init_from!r} but {os.path.join(init_from, 'ckpt.pt')} does not exist")
+        if not init_from.startswith(("gpt2", "hf:")) and not (os.path.isdir(init_from) and newest(init_from)[0]):
+            raise ValueError(f"init_from={init_from!r} but {os.path.join(init_from, 'ckpt.pt')} does not exist "
+                             f"(init_from is 'scratch', 'resume', 'gpt2*', 'hf:FOLDER' or a run's out_dir)")
         model, tokenizer, _ = load_run(init_from, device, **{k: config[k] for k in RUN_SETTINGS})
         if init_from.startswith(("gpt2", "hf:")) and block_size < model.config.block_size:
             model.crop_block_size(block_size)
@@ -394,8 +391,7 @@ def feature_logs(stats, moe_loss):
 
 
 class MetricsLog:
-    """One JSON record a line appended to out_dir/metrics.jsonl (plot.py draws it), starting with `first`, and each
-    record after it also to a Weights & Biases run when given one."""
+    """A JSON line a record in out_dir/metrics.jsonl (plot.py draws it): `first`, then each logged (to wandb too)."""
 
     def __init__(self, out_dir, first, wandb=None):
         self.file, self.wandb = open(os.path.join(out_dir, "metrics.jsonl"), "a"), None
