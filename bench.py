@@ -332,13 +332,10 @@ def memory_worker():
                                    pipeline=pipeline if pp_size > 1 else None)
     opt = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), "cpu", "adamw",
                                      parallel.optimizer_kwargs(model, "cpu"))[0]
-    if pp_size > 1:
-        wrapped(x[:, :-1], x[:, 1:])  # forward and backward
-        wrapped.finish_backward()
-    else:
-        _, loss = wrapped(x[:, :-1], x[:, 1:])
-        (loss + model.moe_loss()).backward()
-        parallel.sync_expert_grads(model)
+    _, loss = wrapped(x[:, :-1], x[:, 1:])  # train.py's step, which every layout (a pipeline too) answers alike
+    wrapped.backward(loss + wrapped.moe_loss())
+    parallel.sync_expert_grads(model)
+    wrapped.finish_backward()
     opt.step()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
