@@ -28,6 +28,12 @@ RUN_SETTINGS = ("dropout", "grad_checkpoint", "capacity_factor", "eval_capacity_
                 "z_loss_coef", "dre_threshold", "dre_exit", "max_reasoning_steps", "dre_sample_steps", "dre_mean_steps",
                 "dre_backprop_steps", "dre_progressive")
 
+# train.py settings of where and how a run runs, not of what it computes: a resumed run takes them from its own
+# command line (it may resume on another layout or world size), the others from its checkpoint (saved_config)
+MACHINE_SETTINGS = ("init_from", "out_dir", "overwrite", "device", "compile", "backend", "parallel", "tp_size",
+                    "ep_size", "pp_size", "pp_schedule", "pp_microbatches", "pp_virtual_stages",
+                    "fsdp_reshard_after_forward", "fsdp_cpu_offload", "peak_flops")
+
 
 def _flat():
     """Optimizer state keyed by parameter name, param groups too: pipeline stages' groups of the same index hold
@@ -129,9 +135,13 @@ def set_rng_states(rng, data_gen):  # the inverse of rng_states
 
 
 def saved_config(out_dir):
-    """The train.py settings of the run in out_dir (its later checkpoint), or None where there is none yet."""
+    """The train.py settings of the run in out_dir (its later checkpoint) but MACHINE_SETTINGS, or None where there
+    is none yet: what a resumed run goes on with, unless its command line says otherwise."""
     kind, path = newest(out_dir)
-    return None if kind is None else (read_meta(path) if kind == "dcp" else read_checkpoint(path))["config"]
+    if kind is None:
+        return None
+    config = (read_meta(path) if kind == "dcp" else read_checkpoint(path))["config"]
+    return {k: v for k, v in config.items() if k not in MACHINE_SETTINGS}
 
 
 def read_start(init_from, out_dir, sharded=False):

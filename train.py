@@ -115,7 +115,7 @@ config_keys = list(configurator.hyperparameters(globals()))
 given = set()  # the settings this command line sets; a resumed run takes the others from its checkpoint
 globals().update(configurator.apply(configurator.hyperparameters(globals()), sys.argv[1:], given=given))
 if init_from == "resume" and (saved := saved_config(out_dir)):  # the run goes on as it was started...
-    for key in sorted(set(config_keys) & set(saved) - {"init_from", "out_dir", "device", "overwrite"}):
+    for key in sorted(set(config_keys) & set(saved)):
         if key not in given:
             globals()[key] = saved[key]
         elif saved[key] != globals()[key] and os.environ.get("RANK", "0") == "0":  # ...but for what is asked
