@@ -465,11 +465,13 @@ def bench_reasoning():
         sys.exit(f"error: out_dir={out_dir!r}: {e}")
     data_dir = os.path.join("data", run_cfg["dataset"])
     test_path = reasoning_test or os.path.join(data_dir, "test.jsonl")
+    select_path = os.path.join(data_dir, "select.jsonl")  # where the step count ood_acc reports is chosen
     try:
         meta = data.read_meta(data_dir)
         problems, tokenizer = evaluation.load_problems(test_path, reasoning_per), data.Tokenizer(meta)
+        select = evaluation.load_problems(select_path, reasoning_per) if os.path.exists(select_path) else []
         train_max = meta["train_max"]
-        for p in problems:  # the answer, then what must follow it (addition: a newline)
+        for p in problems + select:  # the answer, then what must follow it (addition: a newline)
             p["ids"], p["target"] = tokenizer.encode(p["prompt"]), tokenizer.encode(p["answer"] + meta["answer_end"])
             p["answer_at"] = (0, len(tokenizer.encode(p["answer"])))
     except (OSError, ValueError, KeyError) as e:
@@ -481,7 +483,7 @@ def bench_reasoning():
     top = math.ceil(reasoning_max_factor * mean)  # every count up to the training maximum, then every other one
     limit = model.config.max_reasoning_steps if model.config.dre else 1
     counts = sorted({*range(1, min(limit, top) + 1), *range(limit, top + 1, 2), top})
-    rows, summary = evaluation.benchmark(model, problems, train_max, counts, threshold, rounds=rounds)
+    rows, summary = evaluation.benchmark(model, problems, train_max, counts, threshold, select, rounds=rounds)
     diffs = sorted({p["difficulty"] for p in problems})
     print(f"{out_dir}: {'DRE' if model.config.dre else 'dense'} model, {model.config.n_layer} blocks x "
           f"{model.config.n_embd}, trained on difficulty 1-{train_max}{f' at mean {mean:g} core steps' * (mean > 1)}; "
@@ -511,6 +513,9 @@ def bench_reasoning():
         ax.legend(fontsize=7)
         fig.savefig(plot_path, dpi=120, bbox_inches="tight")
         print(f"plot: {plot_path}")
+    if not select:
+        print(f"note: no {select_path} (data prepared before it was written): ood_acc's step count was chosen on "
+              f"the test problems themselves; prepare the data again for a fair one")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
 
 

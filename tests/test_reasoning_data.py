@@ -135,9 +135,13 @@ def test_prepare_splits_by_difficulty_and_writes_what_bench_reads(tmp_path, task
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert [t["difficulty"] for t in test] == [d for d in range(1, 2 * train_max + 1) for _ in range(20)]
     assert all(solver(t["prompt"]) == (t["answer"], t["difficulty"]) for t in test)
+    select = [json.loads(line) for line in (tmp_path / "select.jsonl").read_text().splitlines()]
+    assert {s["difficulty"] for s in select} == set(range(1, 2 * train_max + 1))  # B7: a choice set of every kind,
+    assert not {s["prompt"] for s in select} & {t["prompt"] for t in test}  # and none of the test's problems
+    assert all(solver(s["prompt"]) == (s["answer"], s["difficulty"]) for s in select)
     again = tmp_path / "again"  # seeded: the same files again
     subprocess.run(args[:-1] + [f"--out_dir={again}"], check=True, capture_output=True)
-    for name in ("train.bin", "val.bin", "test.jsonl", "train_mask.bin"):
+    for name in ("train.bin", "val.bin", "test.jsonl", "select.jsonl", "train_mask.bin"):
         assert (again / name).read_bytes() == (tmp_path / name).read_bytes()
     subprocess.run(args[:-1] + [f"--out_dir={again}", "--loss=all"], check=True, capture_output=True)
     assert not (again / "train_mask.bin").exists() and not (again / "val_mask.bin").exists()  # no stale mask
@@ -253,3 +257,25 @@ def test_bench_reasoning_refuses_a_missing_test_set_and_a_bad_exit_test(reasonin
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "reasoning", f"--out_dir={out}",
                                "--device=cpu", arg], cwd=reasoning_data, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-500:]
+
+
+def test_ood_acc_is_the_test_accuracy_at_the_step_count_chosen_on_the_selection_problems(monkeypatch):
+    """B7: the reported out-of-distribution accuracy is read at the step count that does best on select.jsonl's
+    problems, not at the best of the test's own (which flatters it). solve is a stand-in: on the test problems 3
+    steps answer everything, on the selection problems 2 do."""
+    import evaluation
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=16, dre=True, n_coda=0,
+                          max_reasoning_steps=4, dre_mean_steps=2.0))
+    test = [{"difficulty": d, "ids": [1, 2], "target": [3], "answer_at": (0, 1)} for d in (1, 2, 3, 4)]
+    select = [dict(p) for p in test]
+
+    def solve(model, problems, steps=None, threshold=None, batch_size=256):
+        return [steps == (2 if problems is select else 3)] * len(problems), [float(steps)] * len(problems)
+
+    monkeypatch.setattr(evaluation, "solve", solve)
+    monkeypatch.setattr(evaluation, "generation_speed", lambda *args, **kwargs: (1.0, 1.0))
+    summary = evaluation.benchmark(model, test, 2, [1, 2, 3, 4], 0.01, select)[1]
+    assert (summary["ood_steps"], summary["ood_acc"], summary["ood_steps_chosen_on"]) == (2, 0.0, "select")
+    summary = evaluation.benchmark(model, test, 2, [1, 2, 3, 4], 0.01)[1]  # without a selection set: the old way
+    assert (summary["ood_steps"], summary["ood_acc"], summary["ood_steps_chosen_on"]) == (3, 1.0, "test")

@@ -26,7 +26,7 @@ number of digits of the larger operand.
 Writes, next to this file or to --out_dir: train.bin / val.bin (one problem a line, characters as tokens, difficulties
 1..train_max), train_mask.bin / val_mask.bin (the loss falls on the answers only; --loss=all: on every token),
 meta.json, and test.jsonl: {"prompt", "answer", "difficulty"} lines, --test_per at each difficulty
-1..test_max. A model is right when greedy decoding after the prompt gives the answer followed by meta.json's
+1..test_max; select.jsonl, more of the same kinds and none of the test's, on which bench.py chooses a step count. A model is right when greedy decoding after the prompt gives the answer followed by meta.json's
 answer_end (addition: a newline; pointer: nothing, the next question's letter is not asked for).
 """
 
@@ -171,7 +171,7 @@ def main():
         raise SystemExit("error: --train_problems, --val_problems and --test_per must be at least 1")
     os.makedirs(args.out_dir, exist_ok=True)
     # one generator per split, so that each is reproducible on its own
-    rngs = {split: random.Random(f"{args.seed}-{args.task}-{split}") for split in ("train", "val", "test")}
+    rngs = {split: random.Random(f"{args.seed}-{args.task}-{split}") for split in ("train", "val", "test", "select")}
     trained = list(range(1, train_max + 1))
     # the weights shape what training sees; val stays even, so that its loss compares across runs
     sizes = {split: write_tokens(os.path.join(args.out_dir, f"{split}.bin"),
@@ -179,11 +179,18 @@ def main():
                                             weights=weights if split == "train" else None), args.task,
                                  args.loss == "answers")
              for split, n in (("train", args.train_problems), ("val", args.val_problems))}
-    with open(os.path.join(args.out_dir, "test.jsonl"), "w") as f:
-        for d in range(1, test_max + 1):
-            for t in make_tests(args.task, rngs["test"], d, args.test_per, args.chains,
-                                distractor_max=min(4, train_max)):
-                f.write(json.dumps(t) + "\n")
+    # test.jsonl, and select.jsonl: problems of the same kinds, none of the test's, on which bench.py chooses the
+    # step count it reports test accuracy at (a choice made on the test problems would flatter that accuracy)
+    tests = {}
+    for split in ("test", "select"):
+        with open(os.path.join(args.out_dir, f"{split}.jsonl"), "w") as f:
+            for d in range(1, test_max + 1):
+                made = make_tests(args.task, rngs[split], d, args.test_per, args.chains,
+                                  distractor_max=min(4, train_max))
+                tests.setdefault(split, set()).update(t["prompt"] for t in made)
+                for t in made:
+                    if split == "test" or t["prompt"] not in tests["test"]:
+                        f.write(json.dumps(t) + "\n")
     with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
         json.dump({"vocab_size": len(CHARS), "dtype": "uint16", "tokenizer": "char", "chars": CHARS, "eot_id": None,
                    "task": args.task, "train_max": train_max, "test_max": test_max, "chains": args.chains,
