@@ -179,14 +179,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     timeout = 60                   # seconds a silent or stalled client may hold its connection (and mid-stream, the model)
 
     def send(self, status, body, content_type="application/json", headers=()):
-        data = (json.dumps(body) if content_type == "application/json" else body).encode()
+        payload = (json.dumps(body) if content_type == "application/json" else body).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type + ("; charset=utf-8" if "charset" not in content_type else ""))
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(len(payload)))
         for key, value in headers:
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        self.wfile.write(payload)
 
     def do_GET(self):
         if urlsplit(self.path).path == "/api/generate":
@@ -259,8 +259,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
 
-        def event(data):
-            body = f"data: {json.dumps(data)}\n\n".encode()
+        def event(fields):
+            body = f"data: {json.dumps(fields)}\n\n".encode()
             self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
             self.wfile.flush()
 
