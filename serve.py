@@ -190,7 +190,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if urlsplit(self.path).path == "/api/generate":
-            return self.send(405, {"error": "use POST for /api/generate, with a JSON body"}, headers=[("Allow", "POST")])
+            return self.send(405, {"error": "use POST for /api/generate, with a JSON body"},
+                             headers=[("Allow", "POST")])
         if urlsplit(self.path).path != "/":
             return self.send(404, {"error": f"nothing at {self.path}: the page is / and the API POST /api/generate"})
         self.send(200, PAGE, "text/html")

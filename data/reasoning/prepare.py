@@ -26,8 +26,9 @@ number of digits of the larger operand.
 Writes, next to this file or to --out_dir: train.bin / val.bin (one problem a line, characters as tokens, difficulties
 1..train_max), train_mask.bin / val_mask.bin (the loss falls on the answers only; --loss=all: on every token),
 meta.json, and test.jsonl: {"prompt", "answer", "difficulty"} lines, --test_per at each difficulty
-1..test_max; select.jsonl, more of the same kinds and none of the test's, on which bench.py chooses a step count. A model is right when greedy decoding after the prompt gives the answer followed by meta.json's
-answer_end (addition: a newline; pointer: nothing, the next question's letter is not asked for).
+1..test_max; select.jsonl, more of the same kinds and none of the test's, on which bench.py chooses a step count.
+A model is right when greedy decoding after the prompt gives the answer followed by meta.json's answer_end
+(addition: a newline; pointer: nothing, the next question's letter is not asked for).
 """
 
 import argparse
