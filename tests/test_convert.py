@@ -310,6 +310,7 @@ def test_malformed_choice_items_name_the_line_and_field(tmp_path):
             evaluation.read_choices(path)
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_agrees_with_our_accuracy_on_an_exported_run(workdir, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
     from lm_eval.tasks import TaskManager
@@ -404,6 +405,7 @@ def test_a_run_from_an_hf_folder_keeps_its_tokenizer_through_resume_and_fine_tun
     assert proc.stdout.startswith(hf_tok.decode(ids[0].tolist()) + "\n")
 
 
+@pytest.mark.slow
 def test_transformers_and_lm_eval_import_from_the_repository_root_beside_our_modules():
     """Run from the repository root, as every command here is, our modules must not hide a package transformers or
     lm-eval imports (a kernels/ folder hid the PyPI package `kernels`, which transformers 5.25 imports). CI runs

@@ -142,6 +142,7 @@ def test_the_later_checkpoint_by_iteration_is_the_runs_whatever_the_file_times(t
             assert newest(tmp_path)[0] == want, (file_iter, dcp_iter, stamp)
 
 
+@pytest.mark.slow
 def test_the_sample_command_a_torchrun_run_prints_works_as_printed(char_data, tmp_path):
     """B6: after a sharded run (fsdp, a distributed checkpoint), the command its last line prints samples it, and
     so does the conversion to one file first; both from the run's own tokenizer, wherever they are run from."""
@@ -176,6 +177,7 @@ def test_export_refuses_to_replace_a_newer_ckpt(tmp_path):
 # a finished distributed run exits 0, every time
 
 
+@pytest.mark.slow
 def test_finished_torchrun_job_exits_0_five_times_in_a_row(char_data, tmp_path):
     # the five jobs run at once: a busy machine is when exit-time races show
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -358,6 +358,7 @@ def browse(url, expression, user_dir, timeout=60, screenshot=None):
 DONE_REPLY = '(e => e && [e.firstChild.textContent, e.lastChild.textContent])(document.querySelector(".model[data-done]"))'
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed (apt-get install chromium)")
 def test_the_page_answers_in_headless_chromium(work, chat_server, base_server, tmp_path):
     # the page fills its form from ?prompt=... and sends it on load; DONE_REPLY: the finished reply and its footer

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, run_script, run_train
@@ -129,6 +130,7 @@ def test_sample_generates_from_a_checkpoint(char_data, tmp_path):
     assert "80 tokens in" in proc.stdout and "tokens/s" in proc.stdout
 
 
+@pytest.mark.slow
 def test_ddp_under_torchrun_trains_and_rank0_saves(char_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path}", "--max_iters=6", "--eval_interval=6",
