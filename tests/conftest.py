@@ -47,14 +47,15 @@ for line in sys.stdin:
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code or 0)
     deadline = time.monotonic() + timeout
-    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+    while not (done := os.wait4(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
         time.sleep(0.02)
     if not done[0]:
         os.killpg(pid, signal.SIGKILL)
-        done = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(done[1]), flush=True)
+        done = os.wait4(pid, 0)
+    print(os.waitstatus_to_exitcode(done[1]), done[2].ru_utime + done[2].ru_stime, flush=True)  # status, CPU s
 """.replace("ROOT", repr(ROOT))
 _forker = []
+FORKED_CPU = [0.0]  # CPU seconds of all forked runs so far (tests/cpu_times.py reads it)
 
 
 def run_script(script, args, cwd, check=True, env=None, timeout=600):
@@ -71,7 +72,8 @@ def run_script(script, args, cwd, check=True, env=None, timeout=600):
         request = [os.path.join(ROOT, script), [str(a) for a in args], str(cwd), env and dict(env), out, err, timeout]
         forker.stdin.write(json.dumps(request) + "\n")
         forker.stdin.flush()
-        code = int(forker.stdout.readline())
+        code, cpu = forker.stdout.readline().split()
+        code, FORKED_CPU[0] = int(code), FORKED_CPU[0] + float(cpu)
         with open(out) as o, open(err) as e:
             proc = subprocess.CompletedProcess([script, *args], code, o.read(), e.read())
     if check and code != 0:

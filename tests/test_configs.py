@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import configurator
-from conftest import ROOT
+from conftest import ROOT, run_script
 from model import GPT, GPTConfig
 
 SIZES = {"tiny.py": 125e6, "small.py": 350e6, "medium.py": 760e6, "large.py": 1.3e9, "xl.py": 2.7e9}
@@ -47,9 +47,7 @@ def train_py_settings():
 
 
 def test_the_settings_read_here_are_those_train_py_prints_for_help():
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True, text=True)
+    proc = run_script("train.py", ["--help"], ROOT)
     shown = {line.split("=")[0].strip()[2:] for line in proc.stdout.splitlines() if line.startswith("  --")}
     assert proc.returncode == 0 and shown == set(train_py_settings()), shown ^ set(train_py_settings())
 
