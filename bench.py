@@ -86,7 +86,8 @@ reasoning_plot = ""         # default: out_dir/reasoning.png
 
 # the settings each subcommand uses ("model": GPTConfig's), each checked before anything is measured
 USES = {
-    "throughput": "model batch_size optimizer learning_rate device dtype compile warmup rounds steps peak_flops json_out",
+    "throughput": "model batch_size optimizer learning_rate device dtype compile warmup rounds steps peak_flops "
+                  "json_out",
     "moe": "moe_tokens moe_embd moe_hidden device dtype warmup rounds steps",
     "memory": "model learning_rate tp_size ep_size pp_size memory_layout",
     "estimate": "model batch_size gpus tp_size ep_size pp_size pp_schedule pp_microbatches pp_virtual_stages",

@@ -26,11 +26,13 @@ TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=64", "--batch_
 TINY_MOE = [*TINY, "--n_expert=4", "--expert_hidden=64"]
 
 
-def run(cmd, cwd=ROOT, timeout=600):
-    """cmd's exit code, its output's last lines and its seconds; a timeout counts as a failure."""
+def run(cmd, device, cwd=ROOT, timeout=600):
+    """cmd's exit code, its output's last lines and its seconds; a timeout counts as a failure. On the CPU one thread
+    a process, unless OMP_NUM_THREADS says otherwise: tiny models gain nothing from more, a busy machine loses much."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")) if device == "cpu" else None
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
         code, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         code, out = -1, f"timed out after {timeout} s: {(e.stdout or b'')[-2000:]!r}"
@@ -38,7 +40,8 @@ def run(cmd, cwd=ROOT, timeout=600):
 
 
 def gpu_tests(device):
-    code, tail, secs = run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS])
+    code, tail, secs = run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS],
+                            device)
     summary = tail.splitlines()[-1] if tail else ""
     # on the CPU every one skips (needs CUDA); on a GPU none may fail or skip for want of one
     ok = code == 0 if device == "cpu" else code == 0 and "skipped" not in summary
@@ -49,7 +52,8 @@ def gpu_tests(device):
 def speed(part, args, device, tmp):
     """bench.py's throughput of one shape, one row per variant it measures."""
     out = os.path.join(tmp, f"{part.split()[0]}.json")
-    code, tail, secs = run([sys.executable, "bench.py", *args, f"--device={device}", f"--json_out={out}"])
+    code, tail, secs = run([sys.executable, "bench.py", *args, f"--device={device}", f"--json_out={out}"],
+                            device)
     if code or not os.path.exists(out):
         return [dict(part=part, what=" ".join(args), ok=False, result="bench.py failed", s=secs, output=tail)]
     with open(out) as f:
@@ -65,7 +69,7 @@ def train(args, device, tmp):
     """50 steps of train.py on Tiny Shakespeare (GPT-2 BPE, prepared into tmp): the loss must fall."""
     data_dir = os.path.join(tmp, "data", "shakespeare")
     code, tail, secs = run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"),
-                            "--tokenizer=gpt2", f"--out_dir={data_dir}"])
+                            "--tokenizer=gpt2", f"--out_dir={data_dir}"], device)
     if not code:
         out_dir = os.path.join(tmp, "out")
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "medium_moe.py"), *args,
@@ -73,7 +77,7 @@ def train(args, device, tmp):
                f"--out_dir={out_dir}", "--max_iters=50", "--lr_decay_iters=50", "--warmup_iters=5",
                "--gradient_accumulation_steps=1", "--eval_interval=50", "--eval_iters=2", "--log_interval=1",
                f"--device={device}"]
-        code, tail, secs = run(cmd, cwd=tmp)  # where data/shakespeare is
+        code, tail, secs = run(cmd, device, cwd=tmp)  # where data/shakespeare is
     losses = []
     if not code:
         with open(os.path.join(tmp, "out", "metrics.jsonl")) as f:

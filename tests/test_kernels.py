@@ -6,6 +6,7 @@ kernels normally in this same pytest process, so the Triton kernels run in one c
 the inputs, the child runs forward and backward on all of them (and one MoE layer on the triton path), and the
 comparisons happen here.
 """
+import json
 import os
 import subprocess
 import sys
@@ -406,3 +407,56 @@ def test_gpu_paths_match_float64_on_ragged_groups_without_host_syncs(kernel, dty
         err = (got[key].double().cpu() - ref[key]).abs().max().item()
         assert err <= 2e-2 * scale, (kernel, dtype, key, err, scale)
     assert torch.all(got["y"][-40:] == 0) and torch.all(got["dx"][-40:] == 0)
+
+
+# tests/gpu_check.py, the one-command GPU check: its verdicts here with each part's process faked (fast), and its
+# dry form on the CPU for real (slow: seven processes, about a minute on 2 cores)
+def fake_part(losses, pytest_summary):
+    def run(cmd, device, cwd=ROOT, timeout=600):
+        arg = lambda key, default=None: next((a.split("=", 1)[1] for a in cmd if a.startswith(f"--{key}=")), default)
+        if "pytest" in cmd:
+            return 0, f"...\n{pytest_summary}", 1.0
+        if cmd[1] == "bench.py":
+            kernels = arg("moe_kernel", "-").split(",")
+            rows = [dict(variant=k, ms_per_iter=2.0, tokens_per_s=500.0, mfu=0.4) for k in kernels]
+            with open(arg("json_out"), "w") as f:
+                json.dump(dict(params=10, tokens_per_iter=1000, peak_mib=3.0, rows=rows), f)
+        elif cmd[1].endswith("train.py"):
+            os.makedirs(arg("out_dir"))
+            with open(os.path.join(arg("out_dir"), "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps({"iter": i + 1, "loss": loss}) + "\n" for i, loss in enumerate(losses))
+        return 0, "", 1.0
+    return run
+
+
+@pytest.mark.parametrize("device,losses,summary,ok", [
+    ("cpu", [10.0] * 5 + [6.0] * 45, "15 skipped, 52 deselected in 5.0s", True),
+    ("cpu", [10.0] * 5 + [9.5] * 45, "15 skipped, 52 deselected in 5.0s", False),  # fell by 5%, not the 10% it must
+    ("cpu", [10.0] * 5 + [6.0] * 44, "15 skipped, 52 deselected in 5.0s", False),  # 49 steps logged, not 50
+    ("cuda", [10.0] * 5 + [6.0] * 45, "15 passed, 52 deselected in 50.0s", True),
+    ("cuda", [10.0] * 5 + [6.0] * 45, "13 passed, 2 skipped, 52 deselected in 50.0s", False)])  # a GPU skips none
+def test_gpu_check_passes_only_when_every_part_does(monkeypatch, tmp_path, capsys, device, losses, summary, ok):
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "run", fake_part(losses, summary))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    assert gpu_check.main([f"--device={device}", f"--out={tmp_path / 'check.json'}"]) == (0 if ok else 1)
+    res = json.loads((tmp_path / "check.json").read_text())
+    assert res["ok"] == ok and [r["part"] for r in res["rows"]] == ["gpu tests", "dense 124M", *["moe 4 layers"] * (
+        3 if device == "cuda" else 2), "train 50 steps"]
+    assert ("FAIL" in capsys.readouterr().out) != ok
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_form_runs_every_part_on_the_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join("tests", "gpu_check.py"), "--device=cpu",
+                           f"--out={tmp_path / 'check.json'}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "check.json").read_text())
+    rows = {(r["part"], r["what"]): r for r in res["rows"]}
+    assert "skipped" in rows["gpu tests", "pytest -m gpu"]["result"]  # no CUDA: each gpu test skips, none fails
+    assert {k for k in rows if k[0] == "moe 4 layers"} == {("moe 4 layers", "bfloat16 grouped_mm"),
+                                                          ("moe 4 layers", "bfloat16 loop")}
+    assert all(r["tokens_per_s"] > 0 for r in res["rows"] if "tokens_per_s" in r)
+    losses = rows["train 50 steps", "medium_moe tiny"]["losses"]
+    assert len(losses) == 50 and sum(losses[-5:]) < sum(losses[:5]) - 5  # by hand: falls by over 1 nat on average
