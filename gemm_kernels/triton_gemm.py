@@ -316,14 +316,14 @@ def format_table(rows):
     spill bytes ('-' where the GPU never picks the config), then what each GPU picks for wide and narrow layers."""
     ccs = sorted({r["cc"] for r in rows})
     head = [f"sm{cc} {GPUS[cc][0]} {GPUS[cc][1] // 1024} KB" for cc in ccs]
-    lines = [f"{'config (M N K warps stages)':<28}{'dtype':<14}{'bound':>7}  " + "".join(f"{h:<25}" for h in head)]
+    lines = [f"{'config (M N K warps stages)':<28}{'dtype':<14}{'bound':>7}  " + "".join(f"{h:<28}" for h in head)]
     cells = {}
     for r in rows:
         key = (" ".join(map(str, r["config"])), r["dtype"], f"{r['bound'] // 1024} KB")
         cells.setdefault(key, {})[r["cc"]] = f"{'' if r['picked'] else '- '}{r['shared'] // 1024} KB/{r['regs']}/" \
                                              f"{r['spills']}"
     for (cfg, dtype, bound), by_cc in cells.items():
-        lines.append(f"{cfg:<28}{dtype:<14}{bound:>7}  " + "".join(f"{by_cc.get(cc, ''):<25}" for cc in ccs))
+        lines.append(f"{cfg:<28}{dtype:<14}{bound:>7}  " + "".join(f"{by_cc.get(cc, ''):<28}" for cc in ccs))
     lines.append("per GPU: shared memory / registers per thread / spilled bytes per thread, the largest of the forward "
                  "(plain, gather+scatter), dx and dW launches")
     dtypes = {"16-bit": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
