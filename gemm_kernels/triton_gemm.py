@@ -315,17 +315,18 @@ def format_table(rows):
     """rows of compile_table as text: a line per config and dtype, a column per GPU of shared KB / registers /
     spill bytes ('-' where the GPU never picks the config), then what each GPU picks for wide and narrow layers."""
     ccs = sorted({r["cc"] for r in rows})
-    head = [f"sm{cc} {GPUS[cc][0]} {GPUS[cc][1] // 1024} KB" for cc in ccs]
-    lines = [f"{'config (M N K warps stages)':<28}{'dtype':<14}{'bound':>7}  " + "".join(f"{h:<28}" for h in head)]
+    head = [f"sm{cc} {GPUS[cc][1] // 1024} KB" for cc in ccs]
+    lines = [f"{'config (M N K warps stages)':<28}{'dtype':<14}{'bound':>7}  " + "".join(f"{h:<16}" for h in head)]
     cells = {}
     for r in rows:
         key = (" ".join(map(str, r["config"])), r["dtype"], f"{r['bound'] // 1024} KB")
         cells.setdefault(key, {})[r["cc"]] = f"{'' if r['picked'] else '- '}{r['shared'] // 1024} KB/{r['regs']}/" \
                                              f"{r['spills']}"
     for (cfg, dtype, bound), by_cc in cells.items():
-        lines.append(f"{cfg:<28}{dtype:<14}{bound:>7}  " + "".join(f"{by_cc.get(cc, ''):<28}" for cc in ccs))
-    lines.append("per GPU: shared memory / registers per thread / spilled bytes per thread, the largest of the forward "
-                 "(plain, gather+scatter), dx and dW launches")
+        lines.append(f"{cfg:<28}{dtype:<14}{bound:>7}  " + "".join(f"{by_cc.get(cc, ''):<16}" for cc in ccs))
+    lines.append("per GPU: shared memory / registers per thread / spilled bytes per thread, the largest of the")
+    lines.append("forward (plain, gather+scatter), dx and dW launches; '-': that GPU never picks the config")
+    lines.append("; ".join(f"sm{cc}: {GPUS[cc][0]}" for cc in ccs))
     dtypes = {"16-bit": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
     for cc in ccs:
         picks = []
@@ -334,7 +335,7 @@ def format_table(rows):
                 wide, narrow = (" ".join(map(str, pick_config(dtypes[kind], n, GPUS[cc][1]))) for n in (4096, 64))
             picks.append(f"{kind} {wide}" + (f" (N < {wide.split()[1]}: {narrow})" if narrow != wide else ""))
         lines.append(f"sm{cc} picks: " + "; ".join(picks))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 @contextlib.contextmanager
