@@ -24,14 +24,14 @@ except ImportError:  # the CPU-only install may have no triton; fail on use, not
 # Launch configs by kind of input (16-bit; fp32 on tf32 tensor cores; fp32 in full precision, "ieee", which runs
 # on FMA units and is bound by registers), in order of preference: a launch takes the first that fits the GPU's
 # shared memory (by smem_bytes) and whose BLOCK_N is at most its N (else the last that fits). Not timed (no GPU
-# here; autotune would need one): Triton's matmul tiles for A100/H100 first (128 x 128, 8 warps), then 64-row
-# tiles that fit the 99 KB of L4, A10, L40S and RTX cards. compile_table compiles each one for sm80/86/89/90 and
-# the tests check that a picked config fits its GPU and spills no registers (docs/moe.md has the table).
+# here; autotune would need one): 128 x 128 tiles of 8 warps first, for A100 and H100 (ScatterMoE's 128-row tiles),
+# then 64-row tiles that fit the 99 KB of L4, A10, L40S and RTX cards. compile_table compiles each one for
+# sm80/86/89/90 and the tests check that a picked config fits its GPU and spills no registers (docs/moe.md).
 # The interpreter's tests swap in small blocks (never below 16: tl.dot needs 16 per dimension on a GPU).
 Config = namedtuple("Config", "BLOCK_M BLOCK_N BLOCK_K num_warps num_stages")
 CONFIGS = {"16-bit": [Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(64, 64, 64, 4, 4)],
            "tf32": [Config(64, 128, 32, 4, 2), Config(64, 64, 32, 4, 3)],
-           "ieee": [Config(64, 64, 32, 8, 2)]}  # 4 warps or 128 columns spill registers on sm80
+           "ieee": [Config(64, 64, 32, 8, 2)]}  # the tf32 ones spill registers here on sm80
 # compute capability -> (GPUs, shared memory per block that a kernel may opt in to)
 GPUS = {80: ("A100", 163 * 1024), 86: ("A10, RTX 30", 99 * 1024), 89: ("L4, L40S, RTX 40", 99 * 1024),
         90: ("H100", 227 * 1024)}
@@ -246,7 +246,6 @@ def scatter2scatter(x, w, offsets, gather_idx=None, scatter_idx=None, out_rows=N
     return _Scatter2Scatter.apply(x, w, offsets.long(), gather_idx, scatter_idx, out_rows)
 
 
-
 def compile_for(cc, kernel, args, meta):
     """One launch compiled as the JIT would compile it on a GPU of compute capability cc, on this machine, no GPU
     needed: the JIT's own specialization of the arguments (16-byte alignment, strides of 1), then triton.compile for
@@ -293,13 +292,13 @@ def launches(cfg, dtype, precision):
     return {name: (kernel, args, {**meta, "PRECISION": precision}) for name, (kernel, _, args, meta) in calls.items()}
 
 
-def compile_table(ccs=tuple(GPUS), kinds=tuple(CONFIGS), configs=None):
-    """Every launch config (or those of `configs`, one kind) x each dtype it serves x each GPU in ccs, compiled:
+def compile_table(ccs=tuple(GPUS), kinds=tuple(CONFIGS)):
+    """Every launch config x each dtype it serves x each GPU in ccs, compiled:
     one row each with the largest shared memory, registers and spill bytes over its four launches, and whether the
     GPU picks it (its smem_bytes bound fits the GPU's shared memory)."""
     rows = []
     for kind in kinds:
-        for cfg in configs or CONFIGS[kind]:
+        for cfg in CONFIGS[kind]:
             for dtype, precision in SERVES[kind]:
                 for cc in ccs:
                     usage = [compile_for(cc, *call) for call in launches(cfg, dtype, precision).values()]
