@@ -6,6 +6,9 @@ sys.path.insert(0, ROOT)
 # what ships in the repo: Tiny Shakespeare and GPT-2's BPE files (tiktoken's cache layout), so no test needs a network
 SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ROOT, "data", "tiktoken"))
+# one thread a process (this one, its forks and subprocesses): the models here are tiny, and the tests run on two
+# workers at once (pytest.ini), where more threads than cores wait on each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 import subprocess

@@ -39,7 +39,7 @@ def run(cmd, device, cwd=ROOT, timeout=600):
 
 
 def gpu_tests(device):
-    code, tail, secs = run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+    code, tail, secs = run([sys.executable, "-m", "pytest", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider", "tests"],
                             device)
     summary = tail.splitlines()[-1] if tail else ""
     # on the CPU each one skips (needs CUDA); on a GPU some must run (a few skip by design: grouped_mm takes no fp16)
