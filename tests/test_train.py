@@ -1,11 +1,13 @@
 """train.py end to end, as a subprocess on a tiny model: it learns, resumes exactly, and never loses a checkpoint."""
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, run_train
@@ -35,6 +37,12 @@ def test_training_lowers_the_loss(char_data, tmp_path):
     assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 150
     assert evals[0]["val_loss"] > 4.0  # ~ln(65) before training
     assert evals[-1]["val_loss"] < 3.0, evals  # below the unigram entropy (~3.3 nats): it learned context
+    # on the schedule it says: linear warmup over 2 steps, then a cosine from 3e-3 down to min_lr at step 150
+    lrs = {r["iter"] - 1: r["lr"] for r in metrics(tmp_path) if "lr" in r}  # the lr of each step, 0..149
+    assert sorted(lrs) == list(range(150))
+    for it, lr in lrs.items():
+        want = 3e-3 * (it + 1) / 3 if it < 2 else 3e-4 + 0.5 * (1 + math.cos(math.pi * (it - 2) / 148)) * 2.7e-3
+        assert lr == pytest.approx(want, rel=1e-9), (it, lr, want)
 
 
 def test_resume_is_bitwise_exact(char_data, tmp_path):
@@ -118,6 +126,23 @@ def test_wsd_schedule_is_constant_then_linear_to_min_lr(char_data, tmp_path):
     assert lrs[2:6] == [3e-3] * 4  # stable until step 5 = 10 * (1 - 0.5)
     assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))  # then decaying linearly toward min_lr at step 10
     assert abs(lrs[9] - (3e-3 + 0.8 * (1e-4 - 3e-3))) < 1e-12
+
+
+def test_accumulated_micro_batches_step_as_their_batch_and_grad_clip_bounds_each_adamw_step(char_data, tmp_path):
+    # the same windows (the generator draws them one by one) as one batch of 4 or two micro-batches of 2: the loss of
+    # each step is their mean, and the step the same. grad_clip=1e-9, far below AdamW's eps (1e-8), bounds a step:
+    # |update| = lr |m| / (sqrt(v) + eps) <= lr * clip / eps, m being an average of clipped gradients
+    common = [*TINY, "--max_iters=4", "--eval_interval=2", "--keep_last=2", "--grad_clip=1e-9", "--weight_decay=0"]
+    run_train([*common, f"--out_dir={tmp_path / 'one'}"], char_data)
+    run_train([*common, f"--out_dir={tmp_path / 'two'}", "--gradient_accumulation_steps=2", "--batch_size=2"],
+              char_data)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4] and two == pytest.approx(one, rel=1e-5)
+    assert one[1] == pytest.approx(math.log(65), rel=0.05)  # an untrained model's loss, not twice it
+    w2 = torch.load(tmp_path / "two" / "ckpt-2.pt", weights_only=True)["model"]
+    w4 = load(tmp_path / "two")["model"]
+    moved = math.sqrt(sum((w4[k] - w2[k]).double().pow(2).sum() for k in w4))
+    assert 0 < moved <= 2 * 3e-3 * 1e-9 / 1e-8  # two steps at lr <= 3e-3; unclipped, each would move ~0.5
 
 
 def test_sample_generates_from_a_checkpoint(char_data, tmp_path):
