@@ -150,10 +150,6 @@ def test_bare_flag_switches_a_bool_on_and_is_an_error_for_other_types():
     assert "--batch_size" in str(err.value)
 
 
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
-
-
 def test_hyperparameters_keeps_plain_values_and_drops_modules_functions_and_private_names():
     namespace = {"lr": 1.0, "name": "x", "flag": True, "n": 3, "none": None, "_private": 1,
                  "os": os, "fn": lambda: 0, "cls": int, "lst": [1]}

@@ -56,6 +56,14 @@ def test_dpo_loss_matches_the_formula_by_hand():
         sum(-(0.8 * math.log(sig(beta * h)) + 0.2 * math.log(sig(-beta * h))) for h in hs) / 3, rel=1e-6)
 
 
+def test_sequence_logprobs_sums_log_p_of_each_kept_target_by_hand():
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[3, -1, 0, 6, -1], [-1, -1, 2, -1, -1]])
+    want = [sum(math.log(math.exp(logits[b, t, y]) / sum(math.exp(v) for v in logits[b, t].tolist()))
+                for t, y in enumerate(targets[b].tolist()) if y != -1) for b in range(2)]
+    assert C.sequence_logprobs(logits, targets).tolist() == pytest.approx(want, rel=1e-5)
+
+
 def test_dpo_loss_is_log2_when_the_policy_is_the_reference():
     logps = torch.tensor([-3.0, -7.0, -1.5, -20.0])
     for p in (1.0, 0.7, torch.tensor([0.5, 0.9])):
