@@ -38,6 +38,7 @@ MUTANTS = [
     ("swiglu-gate-on-up", "model.py", "F.silu(self.c_gate(x)) * self.c_fc(x)", "F.silu(self.c_fc(x)) * self.c_gate(x)"),
     ("top-p-drops-the-crossing-token", "model.py", "drop = probs.cumsum(dim=-1) - probs > top_p",
      "drop = probs.cumsum(dim=-1) > top_p"),
+    ("temperature-multiplies", "model.py", "logits = logits / temperature", "logits = logits * temperature"),
     ("top-k-drops-the-kth", "model.py", "logits.masked_fill(logits < kth,", "logits.masked_fill(logits <= kth,"),
     ("muon-lr-scale-min-side", "model.py", "scale = 0.2 * math.sqrt(max(p.shape))",
      "scale = 0.2 * math.sqrt(min(p.shape))"),
@@ -70,6 +71,8 @@ MUTANTS = [
     # checkpoint.py
     ("data-rng-not-restored", "checkpoint.py", "    data_gen.set_state(rng[\"data\"])\n", ""),
     ("dropout-rng-not-restored", "checkpoint.py", "    torch.set_rng_state(rng[\"torch\"])\n", ""),
+    ("optimizer-state-not-restored", "checkpoint.py", "            opt.load_state_dict(state)\n",
+     "            pass\n"),
     ("checkpoint-not-atomic", "checkpoint.py",
      "    torch.save(state, path + \".tmp\")\n"
      "    with open(path + \".tmp\", \"rb\") as f:\n"
@@ -88,6 +91,7 @@ MUTANTS = [
     ("dpo-rejected-reward-sign", "constitution.py", "rejected_reward = beta * (policy_rejected - ref_rejected)",
      "rejected_reward = beta * (ref_rejected - policy_rejected)"),
     ("dpo-soft-label-sign", "constitution.py", "(1 - p) * F.logsigmoid(-z)", "(1 - p) * F.logsigmoid(z)"),
+    ("dpo-reference-own-steps", "constitution.py", "ref_model(x, steps=policy_steps(model))", "ref_model(x)"),
     ("dpo-mean-not-sum-logprob", "constitution.py", "return logp.view(targets.shape).sum(-1)",
      "return logp.view(targets.shape).mean(-1)"),
     # convert.py
@@ -104,6 +108,8 @@ MUTANTS = [
     ("pretrain-mask-off-by-one", "data.py", "mask[i + 1:i + block_size + 1]", "mask[i:i + block_size]"),
     ("pretrain-ranks-same-windows", "data.py", "starts = ix[rank * batch_size:(rank + 1) * batch_size].tolist()",
      "starts = ix[:batch_size].tolist()"),
+    ("dpo-pairs-rejected-first", "data.py", "pad_batch(chosen + rejected, block_size)",
+     "pad_batch(rejected + chosen, block_size)"),
     ("sft-mask-off-by-one", "data.py", "zip(ids[1:], mask[1:])", "zip(ids[1:], mask[:-1])"),
     # evaluation.py
     ("bpb-counts-the-first-token", "evaluation.py", "bytes_per_token(tokenizer, ids[1:].tolist())",
