@@ -122,9 +122,14 @@ def test_batches_pad_on_the_right_and_keep_the_end_of_long_sequences():
 
 def test_data_parallel_ranks_share_out_the_pairs_not_the_rows():
     tok = char_tokenizer()
+    words = ["ab", "cde", "fghi", "jk", "lmnop", "q", "rs", "tuv"]
     pairs = [(data.encode_chat(tok, f"Say {w}.", w.upper()), data.encode_chat(tok, f"Say {w}.", w), 0.5 + i / 20)
-             for i, w in enumerate(["ab", "cde", "fghi", "jk", "lmnop", "q", "rs", "tuv"])]
+             for i, w in enumerate(words)]
     whole = data.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(3))
+    for j, p in enumerate(whole[2].tolist()):  # row j is pair j's chosen reply (upper case), row 4 + j its rejected
+        w = words[round((p - 0.5) * 20)]
+        assert f"Assistant: {w.upper()}\n" in tok.decode(whole[0][j].tolist())
+        assert f"Assistant: {w}\n" in tok.decode(whole[0][4 + j].tolist())
     parts = [data.finetune_batch(pairs, 2, 64, torch.Generator().manual_seed(3), rank, 2) for rank in (0, 1)]
     for x, y, p in parts:
         assert x.size(0) == 2 * p.numel() == 4  # each rank: its pairs' chosen rows, then their rejected rows
