@@ -13,10 +13,11 @@ random tokens, after warm-up, of the model GPTConfig's settings describe (--dre=
     python bench.py depth --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
     python bench.py reasoning --out_dir=out-reasoning-dre   # accuracy per difficulty vs core steps, exit, speed
 
-`dtype`, `compile` and `optimizer` take comma-separated lists: every combination is measured in the same run
-(`--optimizer=adamw,muon`: what Muon's step costs).
+`dtype`, `compile`, `optimizer` and (MoE models) `moe_kernel` take comma-separated lists: every combination is
+measured in the same run (`--optimizer=adamw,muon`: what Muon's step costs). `--json_out=FILE` also writes the rows.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -54,6 +55,7 @@ warmup = 3                  # untimed steps per variant (compile happens here)
 rounds = 5                  # timed rounds; each times `steps` steps of every variant
 steps = 5
 peak_flops = 0.0            # the MFU denominator; 0: hardware.hardware_peak_flops
+json_out = ""               # throughput: also write the measured rows to this JSON file
 seed = 1337
 # moe: one layer on moe_tokens tokens of width moe_embd, 8 experts (or n_expert) of moe_hidden, top_k of them
 moe_tokens = 4096
@@ -84,7 +86,8 @@ reasoning_plot = ""         # default: out_dir/reasoning.png
 
 # the settings each subcommand uses ("model": GPTConfig's), each checked before anything is measured
 USES = {
-    "throughput": "model batch_size optimizer learning_rate device dtype compile warmup rounds steps peak_flops",
+    "throughput": "model batch_size optimizer learning_rate device dtype compile warmup rounds steps peak_flops "
+                  "json_out",
     "moe": "moe_tokens moe_embd moe_hidden device dtype warmup rounds steps",
     "memory": "model learning_rate tp_size ep_size pp_size memory_layout",
     "estimate": "model batch_size gpus tp_size ep_size pp_size pp_schedule pp_microbatches pp_virtual_stages",
@@ -146,8 +149,12 @@ for name in uses:
     if name in wrong:
         sys.exit(f"error: {wrong[name]}")
 config = None  # the model: GPTConfig of the settings; moe: one layer's, of 8 experts unless n_expert is set
+moe_kernels = settings["moe_kernel"].split(",")  # throughput: a list, each checked as GPTConfig checks one
 try:
     if "model" in uses:
+        for kernel in moe_kernels[1:]:
+            GPTConfig.from_settings({**settings, "moe_kernel": kernel})
+        settings["moe_kernel"] = moe_kernels[0]
         if dataset and settings["vocab_size"] == GPTConfig.vocab_size:  # unless --vocab_size is given
             settings["vocab_size"] = data.read_meta(os.path.join("data", dataset)).get("vocab_size",
                                                                                         GPTConfig.vocab_size)
@@ -190,10 +197,12 @@ def bench_throughput():
     x = torch.randint(config.vocab_size, (batch_size, T + 1), device=device)  # every variant's batch
     runs = []
     optimizers = optimizer.split(",")
-    for dt, comp, opt in itertools.product(dtype.split(","), compile_modes, optimizers):
-        model = GPT(config).to(device)
+    kernels = moe_kernels if config.n_expert else moe_kernels[:1]
+    for dt, comp, opt, kernel in itertools.product(dtype.split(","), compile_modes, optimizers, kernels):
+        model = GPT(dataclasses.replace(config, moe_kernel=kernel)).to(device)
         opts = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type, opt)
         name = f"{dt}{' compiled' if comp else ''}{f' {opt}' if len(optimizers) > 1 else ''}"
+        name += f" {kernel}" if len(kernels) > 1 else ""
         runs.append(dict(name=name, model=model, opts=opts, ctx=hardware.autocast(device_type, dt),
                          fwd=parallel.compile_blocks(model) if comp else model, dtype=getattr(torch, dt)))
 
@@ -212,12 +221,20 @@ def bench_throughput():
           f"{device}, {runs[0]['model'].num_params(False) / 1e6:.2f}M parameters, median of {rounds} rounds x "
           f"{steps} steps")
     print(f"{'variant':<22} {'ms/iter':>9} {'tokens/s':>10} {'MFU':>6} {'vs first':>9} {'warm-up s':>10}")
+    rows = []
     for run, t, w in zip(runs, times, warmup_s):
         peak = hardware.hardware_peak_flops(device_type, run["dtype"], peak_flops)
         mfu = run["model"].flops_per_token(T) * tokens / t / peak
         print(f"{run['name']:<22} {t * 1000:>9.1f} {tokens / t:>10,.0f} {mfu:>6.1%} {times[0] / t:>8.2f}x {w:>10.1f}")
-    print("peak memory:", f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated" if device_type == "cuda"
-          else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (process)")
+        rows.append(dict(variant=run["name"], ms_per_iter=t * 1000, tokens_per_s=tokens / t, mfu=mfu, warmup_s=w))
+    cuda = device_type == "cuda"
+    peak_mib = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                * 1024) / 2**20
+    print("peak memory:", f"{peak_mib:,.0f} MiB {'allocated' if cuda else 'resident (process)'}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(dict(params=runs[0]["model"].num_params(False), tokens_per_iter=tokens, peak_mib=peak_mib,
+                           rows=rows), f, indent=1)
 
 
 def naive_moe(layer, x):

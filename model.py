@@ -16,11 +16,6 @@ import torch.nn.functional as F
 from moe import MoE, active_params, checkpoint
 from reasoning import RecurrentDepth
 
-try:
-    from flash_attn import flash_attn_func  # optional, CUDA only
-except ImportError:
-    flash_attn_func = None
-
 
 @dataclass
 class GPTConfig:
@@ -223,19 +218,14 @@ class CausalSelfAttention(nn.Module):
             start = cache.pos
             k, v = cache.update(k, v)
         dropout = self.dropout if self.training else 0.0
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            # flash-attn takes (B, T, H, D), handles GQA, and aligns the causal mask to the last key when T < keys
-            y = flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
-        else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            mask = None
-            if start > 0 and T > 1:  # a chunk after cached tokens: SDPA's is_causal would align to the first key
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=(start == 0 and T > 1),
-                                               enable_gqa=q.size(1) != k.size(1))
-            y = y.transpose(1, 2)
-        y = y.reshape(B, T, -1)
+        # SDPA picks its own FlashAttention kernel on CUDA (bf16/fp16, no mask), so no flash-attn package is needed
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask = None
+        if start > 0 and T > 1:  # a chunk after cached tokens: SDPA's is_causal would align to the first key
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=(start == 0 and T > 1),
+                                           enable_gqa=q.size(1) != k.size(1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
 

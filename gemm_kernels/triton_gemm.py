@@ -8,6 +8,9 @@ Row tiles never straddle two experts: each program finds its expert by counting 
 the forward kernel on (dy, w) with the indices' roles swapped; grad_w has its own kernel. Nothing syncs with the
 host: the tile schedule is built on the device and the grid sized from shapes alone.
 """
+import contextlib
+import functools
+import os
 from collections import namedtuple
 
 import torch
@@ -18,28 +21,47 @@ try:
 except ImportError:  # the CPU-only install may have no triton; fail on use, not on import
     triton = None
 
-# Launch configs by the bytes of one input element, widest first; a launch takes the first whose BLOCK_N is at
-# most its N (else the last). The rule, not a measurement (no GPU here; autotune would need one): 64-row tiles, so
-# an expert's ragged tail wastes under 64 rows; then the widest tiles whose pipeline (num_stages copies of both
-# kernels' operand tiles, smem_bytes) fits in 96 KB, under the 99 KB of shared memory per block of L4, A10, L40S
-# and RTX cards (an H100 has 227 KB, which these leave partly unused); fp32 runs on tf32 tensor cores at half the
-# K depth. Tests swap in small blocks (never below 16: tl.dot needs 16 per dimension on a GPU).
+# Launch configs by kind of input (16-bit; fp32 on tf32 tensor cores; fp32 in full precision, "ieee", which runs
+# on FMA units and is bound by registers), in order of preference: a launch takes the first that fits the GPU's
+# shared memory (by smem_bytes) and whose BLOCK_N is at most its N (else the last that fits). Not timed (no GPU
+# here; autotune would need one): 128 x 128 tiles of 8 warps first, for A100 and H100 (ScatterMoE's 128-row tiles),
+# then 64-row tiles that fit the 99 KB of L4, A10, L40S and RTX cards. compile_table compiles each one for
+# sm80/86/89/90 and the tests check that a picked config fits its GPU and spills no registers (docs/moe.md).
+# The interpreter's tests swap in small blocks (never below 16: tl.dot needs 16 per dimension on a GPU).
 Config = namedtuple("Config", "BLOCK_M BLOCK_N BLOCK_K num_warps num_stages")
-CONFIGS = {2: [Config(64, 128, 64, 4, 3), Config(64, 64, 64, 4, 4)],   # fp16 / bf16: 72 KB, 64 KB
-           4: [Config(64, 128, 32, 4, 2), Config(64, 64, 32, 4, 3)]}   # fp32: 80 KB, 72 KB
-SMEM_LIMIT = 96 * 1024
+CONFIGS = {"16-bit": [Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(64, 64, 64, 4, 4)],
+           "tf32": [Config(64, 128, 32, 4, 2), Config(64, 64, 32, 4, 3)],
+           "ieee": [Config(64, 64, 32, 8, 2)]}  # the tf32 ones spill registers here on sm80
+# compute capability -> (GPUs, shared memory per block that a kernel may opt in to)
+GPUS = {80: ("A100", 163 * 1024), 86: ("A10, RTX 30", 99 * 1024), 89: ("L4, L40S, RTX 40", 99 * 1024),
+        90: ("H100", 227 * 1024)}
 
 
 def smem_bytes(cfg, element_size):
-    """Shared memory of one block's pipeline: num_stages copies of the larger operand pair of the two kernels,
-    (BLOCK_M x BLOCK_K) + (BLOCK_K x BLOCK_N) for the GEMM and (BLOCK_K x BLOCK_M) + (BLOCK_M x BLOCK_N) for dW."""
+    """A bound on one block's shared memory, which compile_table checks on every GPU: num_stages copies of the larger
+    operand pair of the two kernels, (BLOCK_M x BLOCK_K) + (BLOCK_K x BLOCK_N) for the GEMM and (BLOCK_K x BLOCK_M)
+    + (BLOCK_M x BLOCK_N) for dW (sm90 keeps num_stages copies, sm80-89 one fewer)."""
     m, n, k = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
     return cfg.num_stages * max(k * (m + n), m * (k + n)) * element_size
 
 
-def pick_config(dtype, N):
-    configs = CONFIGS[torch.empty((), dtype=dtype).element_size()]
+@functools.cache
+def smem_limit(device):
+    """Shared memory per block on device, queried once per device; the interpreter (CPU) gets the smallest GPU's."""
+    if device.type != "cuda":
+        return min(limit for _, limit in GPUS.values())
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _kind(dtype):
+    return "16-bit" if dtype.itemsize == 2 else _precision(dtype)
+
+
+def pick_config(dtype, N, smem):
+    size = dtype.itemsize
+    configs = [c for c in CONFIGS[_kind(dtype)] if smem_bytes(c, size) <= smem]
     return next((c for c in configs if c.BLOCK_N <= N), configs[-1])
+
 
 if triton is not None:
 
@@ -112,26 +134,46 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _launch_s2s(x, w, offsets, gidx, sidx, y):
-    """y[sidx[i]] = x[gidx[i]] @ w[e(i)] for every sorted row i (missing index = identity); w here is (E, K, N)."""
+def _s2s_launch(x, w, offsets, gidx, sidx, y, cfg):
+    """The forward kernel, its grid and arguments for y[sidx[i]] = x[gidx[i]] @ w[e(i)] over every sorted row i
+    (a missing index is the identity); w here is (E, K, N)."""
     M = (gidx if gidx is not None else x).shape[0]
     E, K, N = w.shape
-    if M == 0 or N == 0:
-        return y
-    cfg = pick_config(x.dtype, N)
-    BLOCK_M, BLOCK_N, BLOCK_K = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
     sizes = offsets[1:] - offsets[:-1]
     tile_off = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
-    tile_off[1:] = torch.cumsum((sizes + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_off[1:] = torch.cumsum((sizes + cfg.BLOCK_M - 1) // cfg.BLOCK_M, 0)
     # sum_e ceil(size_e / BM) <= ceil(M / BM) + E - 1, so this grid covers every tile without a sync
-    grid = (triton.cdiv(M, BLOCK_M) + E - 1, triton.cdiv(N, BLOCK_N))
+    grid = (triton.cdiv(M, cfg.BLOCK_M) + E - 1, triton.cdiv(N, cfg.BLOCK_N))
     dummy = offsets  # stands in for an absent index; never read (HAS_* is False)
-    _s2s_kernel[grid](x, w, y, offsets, tile_off, gidx if gidx is not None else dummy,
-                      sidx if sidx is not None else dummy, K, N, x.stride(0), x.stride(1),
-                      w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1), E,
-                      E_POW2=triton.next_power_of_2(E), HAS_GATHER=gidx is not None,
-                      HAS_SCATTER=sidx is not None, PRECISION=_precision(x.dtype), BLOCK_M=BLOCK_M,
-                      BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x, w, y, offsets, tile_off, gidx if gidx is not None else dummy, sidx if sidx is not None else dummy,
+            K, N, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1), E)
+    meta = dict(E_POW2=triton.next_power_of_2(E), HAS_GATHER=gidx is not None, HAS_SCATTER=sidx is not None,
+                PRECISION=_precision(x.dtype), **cfg._asdict())
+    return _s2s_kernel, grid, args, meta
+
+
+def _dw_launch(x, dy, grad_w, offsets, gidx, sidx, cfg):
+    """The weight-gradient kernel, its grid and arguments: grad_w[e] = sum over e's rows of x[gidx]^T dy[sidx]."""
+    E, N, K = grad_w.shape
+    grid = (E, triton.cdiv(K, cfg.BLOCK_K), triton.cdiv(N, cfg.BLOCK_N))
+    dummy = offsets
+    args = (x, dy, grad_w, offsets, gidx if gidx is not None else dummy, sidx if sidx is not None else dummy, K, N,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), grad_w.stride(0), grad_w.stride(2),
+            grad_w.stride(1))
+    meta = dict(HAS_GATHER=gidx is not None, HAS_SCATTER=sidx is not None, PRECISION=_precision(x.dtype),
+                **cfg._asdict())
+    return _dw_kernel, grid, args, meta
+
+
+def _launch(kernel, grid, args, meta):
+    kernel[grid](*args, **meta)
+
+
+def _launch_s2s(x, w, offsets, gidx, sidx, y):
+    M = (gidx if gidx is not None else x).shape[0]
+    if M > 0 and w.shape[2] > 0:
+        cfg = pick_config(x.dtype, w.shape[2], smem_limit(x.device))
+        _launch(*_s2s_launch(x, w, offsets, gidx, sidx, y, cfg))
     return y
 
 
@@ -168,16 +210,8 @@ class _Scatter2Scatter(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.zeros(E, N, K, dtype=ctx.w_dtype, device=x.device)
             if M > 0 and K > 0 and N > 0:
-                cfg = pick_config(x.dtype, N)
-                grid = (E, triton.cdiv(K, cfg.BLOCK_K), triton.cdiv(N, cfg.BLOCK_N))
-                dummy = offsets
-                _dw_kernel[grid](x, dy, grad_w, offsets, gidx if gidx is not None else dummy,
-                                 sidx if sidx is not None else dummy, K, N, x.stride(0), x.stride(1),
-                                 dy.stride(0), dy.stride(1), grad_w.stride(0), grad_w.stride(2),
-                                 grad_w.stride(1), HAS_GATHER=gidx is not None,
-                                 HAS_SCATTER=sidx is not None, PRECISION=_precision(x.dtype),
-                                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                cfg = pick_config(x.dtype, N, smem_limit(x.device))
+                _launch(*_dw_launch(x, dy, grad_w, offsets, gidx, sidx, cfg))
         return grad_x, grad_w, None, None, None, None
 
 
@@ -210,3 +244,108 @@ def scatter2scatter(x, w, offsets, gather_idx=None, scatter_idx=None, out_rows=N
     if scatter_idx is not None:
         scatter_idx = scatter_idx.long()
     return _Scatter2Scatter.apply(x, w, offsets.long(), gather_idx, scatter_idx, out_rows)
+
+
+def compile_for(cc, kernel, args, meta):
+    """One launch compiled as the JIT would compile it on a GPU of compute capability cc, on this machine, no GPU
+    needed: the JIT's own specialization of the arguments (16-byte alignment, strides of 1), then triton.compile for
+    that target. Returns (shared memory bytes, registers per thread, stack bytes per thread): a Triton kernel holds
+    no local arrays, so its stack is spilled registers."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, spec, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return compiled.metadata.shared, int(regs), int(stack)
+
+
+# what each kind of config serves: (dtype, the tl.dot precision)
+SERVES = {"16-bit": [(torch.bfloat16, "tf32"), (torch.float16, "tf32")], "tf32": [(torch.float32, "tf32")],
+          "ieee": [(torch.float32, "ieee")]}
+
+
+def launches(cfg, dtype, precision):
+    """The four launches a training step can make with cfg, on tensors whose strides a model's have (multiples of
+    16; the JIT specializes on that): the forward without and with gather and scatter (moe.py uses the first), the
+    input gradient (fp32 output) and the weight gradient."""
+    E, M, K, N = 8, 64, 64, 128
+    x, dy, w = torch.zeros(M, K, dtype=dtype), torch.zeros(M, N, dtype=dtype), torch.zeros(E, N, K, dtype=dtype)
+    offsets, idx = torch.zeros(E + 1, dtype=torch.int64), torch.arange(M)
+    calls = {"forward": _s2s_launch(x, w.transpose(1, 2), offsets, None, None, dy, cfg),
+             "gather+scatter": _s2s_launch(x, w.transpose(1, 2), offsets, idx, idx, dy, cfg),
+             "dx": _s2s_launch(dy, w, offsets, idx, None, x.float(), cfg),
+             "dW": _dw_launch(x, dy, torch.zeros_like(w), offsets, idx, idx, cfg)}
+    return {name: (kernel, args, {**meta, "PRECISION": precision}) for name, (kernel, _, args, meta) in calls.items()}
+
+
+def compile_table(ccs=tuple(GPUS), kinds=tuple(CONFIGS)):
+    """Every launch config x each dtype it serves x each GPU in ccs, compiled:
+    one row each with the largest shared memory, registers and spill bytes over its four launches, and whether the
+    GPU picks it (its smem_bytes bound fits the GPU's shared memory)."""
+    rows = []
+    for kind in kinds:
+        for cfg in CONFIGS[kind]:
+            for dtype, precision in SERVES[kind]:
+                for cc in ccs:
+                    usage = [compile_for(cc, *call) for call in launches(cfg, dtype, precision).values()]
+                    shared, regs, spills = (max(u[i] for u in usage) for i in range(3))
+                    rows.append(dict(kind=kind, config=cfg, dtype=f"{str(dtype)[6:]}{' ieee' * (kind == 'ieee')}",
+                                     cc=cc, shared=shared, regs=regs, spills=spills,
+                                     bound=smem_bytes(cfg, dtype.itemsize),
+                                     picked=smem_bytes(cfg, dtype.itemsize) <= GPUS[cc][1]))
+    return rows
+
+
+def format_table(rows):
+    """rows of compile_table as text: a line per config and dtype, a column per GPU of shared KB / registers /
+    spill bytes ('-' where the GPU never picks the config), then what each GPU picks for wide and narrow layers."""
+    ccs = sorted({r["cc"] for r in rows})
+    head = [f"sm{cc} {GPUS[cc][1] // 1024} KB" for cc in ccs]
+    lines = [f"{'config (M N K warps stages)':<28}{'dtype':<14}{'bound':>7}  " + "".join(f"{h:<16}" for h in head)]
+    cells = {}
+    for r in rows:
+        key = (" ".join(map(str, r["config"])), r["dtype"], f"{r['bound'] // 1024} KB")
+        cells.setdefault(key, {})[r["cc"]] = f"{'' if r['picked'] else '- '}{r['shared'] // 1024} KB/{r['regs']}/" \
+                                             f"{r['spills']}"
+    for (cfg, dtype, bound), by_cc in cells.items():
+        lines.append(f"{cfg:<28}{dtype:<14}{bound:>7}  " + "".join(f"{by_cc.get(cc, ''):<16}" for cc in ccs))
+    lines.append("per GPU: shared memory / registers per thread / spilled bytes per thread, the largest of the")
+    lines.append("forward (plain, gather+scatter), dx and dW launches; '-': that GPU never picks the config")
+    lines.append("; ".join(f"sm{cc}: {GPUS[cc][0]}" for cc in ccs))
+    dtypes = {"16-bit": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
+    for cc in ccs:
+        picks = []
+        for kind in sorted({r["kind"] for r in rows}, key=list(CONFIGS).index):
+            with _matmul_precision("highest" if kind == "ieee" else "high"):
+                wide, narrow = (" ".join(map(str, pick_config(dtypes[kind], n, GPUS[cc][1]))) for n in (4096, 64))
+            picks.append(f"{kind} {wide}" + (f" (N < {wide.split()[1]}: {narrow})" if narrow != wide else ""))
+        lines.append(f"sm{cc} picks: " + "; ".join(picks))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+if __name__ == "__main__":  # python -m gemm_kernels.triton_gemm: the compile table of docs/moe.md (minutes)
+    print(format_table(compile_table()))

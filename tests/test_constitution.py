@@ -4,8 +4,6 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +12,7 @@ import torch.nn as nn
 
 import constitution as C
 import data
-from conftest import ROOT, run_train
+from conftest import ROOT, run_script, run_train
 from convert import load_run
 from model import GPT, GPTConfig
 
@@ -230,8 +228,7 @@ def test_the_shipped_constitution_is_valid_and_fits_the_char_vocabulary():
     with pytest.raises(ValueError, match=r"principle 'no-harm', field 'critique_request': characters outside .*'\('"):
         C.check_principles({"principles": [{**c["principles"][0], "critique_request": "Harm (any kind)?"}]}, tok,
                            "revise")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "constitution.py"), "validate", HELPFUL_HARMLESS],
-                          capture_output=True, text=True)
+    proc = run_script("constitution.py", ["validate", HELPFUL_HARMLESS], os.getcwd(), check=False)
     assert proc.returncode == 0 and "12 principles" in proc.stdout
 
 
@@ -284,8 +281,7 @@ def test_bad_json_is_reported_with_line_and_column(tmp_path):
                                              '    {"id": "a" "category": "b"}\n  ]\n}\n')
     with pytest.raises(C.ConstitutionError, match=r"invalid JSON at line 4, column 16: Expecting ',' delimiter"):
         C.load_constitution(path)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "constitution.py"), "validate", path],
-                          capture_output=True, text=True)
+    proc = run_script("constitution.py", ["validate", path], os.getcwd(), check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {path}: invalid JSON at line 4, column 16")
 
 

@@ -14,7 +14,7 @@ import torch
 import data
 import evaluation
 import convert
-from conftest import ROOT, run_train
+from conftest import ROOT, run_script, run_train
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -153,7 +153,7 @@ def test_a_distributed_checkpoint_exports_and_becomes_a_ckpt_pt(workdir):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *args], capture_output=True, text=True)
+    return run_script("convert.py", args, os.getcwd(), check=False)
 
 
 def test_bad_convert_commands_end_in_one_error_line_and_leave_the_target_alone(workdir):
@@ -311,6 +311,7 @@ def test_malformed_choice_items_name_the_line_and_field(tmp_path):
             evaluation.read_choices(path)
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_agrees_with_our_accuracy_on_an_exported_run(workdir, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
     from lm_eval.tasks import TaskManager
@@ -363,9 +364,8 @@ def test_train_fine_tunes_an_hf_folder_and_reports_bits_per_byte(char_data, tmp_
 def test_sample_generates_from_an_hf_folder_with_its_own_tokenizer(workdir):
     ours = make_run("run", vocab_size=len(CHARS))
     convert.export_hf("run", "hf")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--init_from=hf:hf", "--start=ROMEO:",
-                           "--num_samples=1", "--max_new_tokens=12", "--temperature=0", "--device=cpu"],
-                          capture_output=True, text=True)
+    proc = run_script("sample.py", ["--init_from=hf:hf", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=12",
+                                    "--temperature=0", "--device=cpu"], os.getcwd(), check=False)
     assert proc.returncode == 0, proc.stderr
     tok = data.Tokenizer({"tokenizer": "char", "chars": CHARS})
     want = tok.decode(ours.generate(torch.tensor([tok.encode("ROMEO:")]), 12, temperature=0)[0].tolist())
@@ -397,15 +397,16 @@ def test_a_run_from_an_hf_folder_keeps_its_tokenizer_through_resume_and_fine_tun
         tokenizer = convert.load_run(out)[1]
         assert tokenizer.encode("Say maybe.") == hf_tok.encode("Say maybe.", add_special_tokens=False)
     os.makedirs("elsewhere")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={workdir / 'tuned'}",
-                           "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=12", "--temperature=0",
-                           "--device=cpu"], capture_output=True, text=True, cwd=workdir / "elsewhere")
+    proc = run_script("sample.py", [f"--out_dir={workdir / 'tuned'}", "--start=ROMEO:", "--num_samples=1",
+                                    "--max_new_tokens=12", "--temperature=0", "--device=cpu"], workdir / "elsewhere",
+                      check=False)
     assert proc.returncode == 0, proc.stderr
     tuned = convert.load_run("tuned")[0]
     ids = tuned.generate(torch.tensor([hf_tok.encode("ROMEO:", add_special_tokens=False)]), 12, temperature=0)
     assert proc.stdout.startswith(hf_tok.decode(ids[0].tolist()) + "\n")
 
 
+@pytest.mark.slow
 def test_transformers_and_lm_eval_import_from_the_repository_root_beside_our_modules():
     """Run from the repository root, as every command here is, our modules must not hide a package transformers or
     lm-eval imports (a kernels/ folder hid the PyPI package `kernels`, which transformers 5.25 imports). CI runs

@@ -11,9 +11,10 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_train
 from checkpoint import read_checkpoint
 
 TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2",
@@ -80,6 +81,7 @@ def worker_pid(agent_pid, rank):
     raise AssertionError(f"no worker with RANK={rank} under pid {agent_pid}")
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_a_killed_rank_resumes_and_matches_an_uninterrupted_run(char_data, tmp_path):
     # dropout on: the restarted ranks must restore the random streams too
     args = [*TINY, "--dropout=0.1", "--max_iters=40", "--eval_interval=5"]
@@ -104,6 +106,7 @@ def test_elastic_restart_after_a_killed_rank_resumes_and_matches_an_uninterrupte
     assert ckpt_iter(out) == 40
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_every_rank_promptly_with_its_message(char_data, tmp_path):
     stamp = tmp_path / "failed_at"
     script = faulty(tmp_path, f"""
@@ -126,6 +129,7 @@ def test_a_failing_rank_stops_every_rank_promptly_with_its_message(char_data, tm
     assert "error: rank 1 failed: RuntimeError: injected failure on rank 1" in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_one(char_data, tmp_path):
     script = faulty(tmp_path, """
         if RANK == 0:  # the second checkpoint write finds the disk full
@@ -145,6 +149,7 @@ def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_one(c
     assert ckpt_iter(out) == 2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_longer_than_the_collective_timeout_does_not_time_out_the_other_ranks(char_data,
                                                                                                 tmp_path):
     # the default group times out after 3 s; rank 0 takes 8 s to write the second checkpoint
@@ -168,6 +173,7 @@ def test_a_checkpoint_write_longer_than_the_collective_timeout_does_not_time_out
     assert ckpt_iter(out) == 6
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_saves_after_the_step_and_exits(char_data, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
     proc = start(torchrun(os.path.join(ROOT, "train.py"), [*TINY, f"--out_dir={out}", "--max_iters=100000",
@@ -204,6 +210,7 @@ def run_until_signalled(char_data, tmp_path, *extra):
     return proc, out, log
 
 
+@pytest.mark.slow
 def test_a_second_signal_quits_at_once_and_keeps_the_last_checkpoint(char_data, tmp_path):
     proc, out, log = run_until_signalled(char_data, tmp_path)
     time.sleep(0.5)  # inside the slow save
@@ -215,6 +222,7 @@ def test_a_second_signal_quits_at_once_and_keeps_the_last_checkpoint(char_data, 
     assert ckpt_iter(out) == 3 and read_checkpoint(out / "ckpt.pt")["iter_num"] == 3
 
 
+@pytest.mark.slow
 def test_a_save_that_outlasts_stop_grace_says_so_and_keeps_the_last_checkpoint(char_data, tmp_path):
     proc, out, log = run_until_signalled(char_data, tmp_path, "--stop_grace=3")
     assert proc.wait(timeout=60) == 1
@@ -224,10 +232,9 @@ def test_a_save_that_outlasts_stop_grace_says_so_and_keeps_the_last_checkpoint(c
 
 
 def test_keep_last_keeps_the_newest_checkpoints_and_resume_reads_memory_mapped(char_data, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--max_iters=8", "--eval_interval=2"]
     for name, keep in (("one", 1), ("three", 3)):
-        subprocess.run([*cmd, f"--out_dir={tmp_path / name}", f"--keep_last={keep}"], cwd=char_data, env=ENV,
-                       check=True, capture_output=True, timeout=300)
+        run_train([*TINY, "--max_iters=8", "--eval_interval=2", f"--out_dir={tmp_path / name}", f"--keep_last={keep}"],
+                  char_data, env=ENV)
     assert sorted(os.listdir(tmp_path / "one")) == ["ckpt.pt", "metrics.jsonl"]
     assert sorted(os.listdir(tmp_path / "three")) == ["ckpt-4.pt", "ckpt-6.pt", "ckpt.pt", "metrics.jsonl"]
     assert [ckpt_iter(tmp_path / "three", n) for n in ("ckpt-4.pt", "ckpt-6.pt", "ckpt.pt")] == [4, 6, 8]

@@ -81,6 +81,7 @@ CASES = [
     ("train.py", ["--fsdp_cpu_offload=True"], "fsdp_cpu_offload"),
     ("train.py", ["--out_dir=afile"], "out_dir"),
     ("train.py", ["--init_from=no_such_run"], "init_from"),
+    ("train.py", ["--learnig_rate=0.1"], "did you mean 'learning_rate'"),
     ("train.py", ["--batch_size=abc"], "batch_size"),
     ("train.py", ["--learnin_rate=0.1"], "learning_rate"),
     ("train.py", ["syntax_error.py"], "syntax_error.py, line 2"),

@@ -13,7 +13,7 @@ import torch
 
 import hardware
 import convert
-from conftest import ROOT, SHAKESPEARE, run_train
+from conftest import ROOT, SHAKESPEARE, run_script, run_train
 from model import GPT, GPTConfig
 
 TINY = ["--dataset=shakespeare_char", "--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2",
@@ -77,8 +77,8 @@ def test_own_text_at_the_character_level_trains_and_samples(tmp_path):
     assert len(np.fromfile(out / "val.bin", dtype=np.uint16)) == len(docs["b.txt"])  # split at the boundary
     args = [*TINY, "--dataset=poems", f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2"]
     run_train(args, tmp_path, env=ONE_THREAD)
-    proc = run([os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--num_samples=1",
-                "--max_new_tokens=20", "--start=Roses"], cwd=tmp_path)
+    proc = run_script("sample.py", [f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--num_samples=1",
+                                    "--max_new_tokens=20", "--start=Roses"], tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("Roses") and f"sampling {tmp_path / 'out' / 'ckpt.pt'}" in proc.stderr
     # a block longer than val.bin: the error names the setting that fixes it
@@ -142,6 +142,7 @@ def test_the_later_checkpoint_by_iteration_is_the_runs_whatever_the_file_times(t
             assert newest(tmp_path)[0] == want, (file_iter, dcp_iter, stamp)
 
 
+@pytest.mark.slow
 def test_the_sample_command_a_torchrun_run_prints_works_as_printed(char_data, tmp_path):
     """B6: after a sharded run (fsdp, a distributed checkpoint), the command its last line prints samples it, and
     so does the conversion to one file first; both from the run's own tokenizer, wherever they are run from."""
@@ -176,6 +177,7 @@ def test_export_refuses_to_replace_a_newer_ckpt(tmp_path):
 # a finished distributed run exits 0, every time
 
 
+@pytest.mark.slow
 def test_finished_torchrun_job_exits_0_five_times_in_a_row(char_data, tmp_path):
     # the five jobs run at once: a busy machine is when exit-time races show
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -204,9 +206,9 @@ def test_cpu_peak_is_threads_times_clock_times_vector_flops():
 
 
 def test_bench_reports_progress_and_no_nan(tmp_path):
-    proc = run([os.path.join(ROOT, "bench.py"), "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16",
-                "--block_size=8", "--batch_size=2", "--vocab_size=65", "--dtype=float32", "--warmup=1",
-                "--rounds=2", "--steps=1"], cwd=tmp_path, env=ONE_THREAD)
+    proc = run_script("bench.py", ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8",
+                                   "--batch_size=2", "--vocab_size=65", "--dtype=float32", "--warmup=1", "--rounds=2",
+                                   "--steps=1"], tmp_path, check=False, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warm-up" in proc.stderr and "round 1/2" in proc.stderr and "round 2/2" in proc.stderr
     assert "nan" not in proc.stdout.lower() and "float32" in proc.stdout
@@ -216,8 +218,7 @@ def test_gpt2_offline_is_one_line_at_once(tmp_path):
     """N4: GPT-2's weights neither cached nor reachable end sample.py in one line saying what to do offline, at once
     (the Hub's address is pointed at a closed port here, so that no test ever downloads)."""
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://127.0.0.1:9", HF_HUB_OFFLINE="0")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--init_from=gpt2", "--device=cpu"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    proc = run_script("sample.py", ["--init_from=gpt2", "--device=cpu"], tmp_path, check=False, env=env, timeout=60)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: init_from='gpt2'"), proc.stderr
     assert "not in the Hugging Face cache" in lines[0] and "init_from=hf:FOLDER" in lines[0]

@@ -485,6 +485,7 @@ def start_stages(tmp_path, *args):
                             start_new_session=True)
 
 
+@pytest.mark.slow
 def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
     """The script makes the data it documents and runs four stages, each one's settings and starting weights as the
     README's table says."""
@@ -503,6 +504,7 @@ def test_the_staged_recipe_runs_its_four_stages_each_from_the_last(tmp_path):
     assert all(c["model_args"]["n_embd"] == 32 and not c["model_args"]["dre_inject"] for c in runs)
 
 
+@pytest.mark.slow
 def test_a_signal_stops_the_staged_recipe_where_it_is(tmp_path):
     """Ctrl-C during a stage: train.py saves and exits 0, and the script must not go on to the next stage."""
     proc = start_stages(tmp_path, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import data
-from conftest import ROOT, run_train
+from conftest import ROOT, run_script, run_train
 
 PREPARE = os.path.join(ROOT, "data", "reasoning", "prepare.py")
 spec = importlib.util.spec_from_file_location("reasoning_prepare", PREPARE)
@@ -228,9 +228,8 @@ def test_bench_reasoning_end_to_end(reasoning_data, dre):
     extra = ["--dre=True", "--max_reasoning_steps=3", "--dre_mean_steps=2", "--dre_exit=state",
              "--dre_threshold=0.05"] if dre else []
     run_train([*TINY, *extra, f"--out_dir={out}"], cwd=reasoning_data)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "reasoning", f"--out_dir={out}",
-                           "--device=cpu", "--rounds=1"], cwd=reasoning_data, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_script("bench.py", ["reasoning", f"--out_dir={out}", "--device=cpu", "--rounds=1"], reasoning_data,
+                      check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1], parse_constant=lambda c: pytest.fail(f"{c} in the JSON line"))  # strict JSON
@@ -254,8 +253,8 @@ def test_bench_reasoning_refuses_a_missing_test_set_and_a_bad_exit_test(reasonin
                   cwd=reasoning_data)
     for arg, message in (("--reasoning_test=nowhere.jsonl", "error: the reasoning test set (nowhere.jsonl"),
                          ("--reasoning_exit=halt", "error: reasoning_exit must be '', 'kl' or 'state'")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "reasoning", f"--out_dir={out}",
-                               "--device=cpu", arg], cwd=reasoning_data, capture_output=True, text=True, timeout=120)
+        proc = run_script("bench.py", ["reasoning", f"--out_dir={out}", "--device=cpu", arg], reasoning_data,
+                          check=False)
         assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-500:]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import data
-from conftest import ROOT
+from conftest import ROOT, run_script
 from convert import load_run
 from model import GPT, GPTConfig
 
@@ -147,9 +147,8 @@ def test_sample_stops_at_end_for_a_chat_tuned_model(work):
     n = next(k for k in range(1, 41) if data.END in reference[:k])  # a character per token
     assert reference[:n] == " ok\nEND"  # the fixture's model has learnt its turn
     (work / "prompt.txt").write_text("Human: hi\n\nAssistant:")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir=chat", "--device=cpu",
-                           "--start=FILE:prompt.txt", "--temperature=0", "--num_samples=1", "--max_new_tokens=40"],
-                          cwd=work, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    proc = run_script("sample.py", ["--out_dir=chat", "--device=cpu", "--start=FILE:prompt.txt", "--temperature=0",
+                                    "--num_samples=1", "--max_new_tokens=40"], work, check=False, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("Human: hi\n\nAssistant: ok\nEND\n---")
     assert f"{n} tokens in" in proc.stdout
@@ -299,8 +298,8 @@ def test_busy_waits_then_503_and_a_client_leaving_mid_stream_frees_the_model(bas
 
 
 def test_serve_without_a_checkpoint_says_so(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tmp_path}", "--port=0"],
-                          capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    proc = run_script("serve.py", [f"--out_dir={tmp_path}", "--port=0"], tmp_path, check=False, env=ONE_THREAD,
+                      timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/ckpt.pt not found")
 
@@ -359,6 +358,7 @@ def browse(url, expression, user_dir, timeout=60, screenshot=None):
 DONE_REPLY = '(e => e && [e.firstChild.textContent, e.lastChild.textContent])(document.querySelector(".model[data-done]"))'
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed (apt-get install chromium)")
 def test_the_page_answers_in_headless_chromium(work, chat_server, base_server, tmp_path):
     # the page fills its form from ?prompt=... and sends it on load; DONE_REPLY: the finished reply and its footer
