@@ -32,9 +32,9 @@ MUTANTS = [
     ("rmsnorm-eps-outside-rsqrt", "model.py", "torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)",
      "(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True)) + self.eps)"),
     ("gqa-heads-tiled-not-repeated", "model.py",
-     "            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask",
-     "            k, v = (t.repeat(1, q.size(1) // t.size(1), 1, 1) for t in (k, v))  # 0,1,0,1 not 0,0,1,1\n"
-     "            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask"),
+     "        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask",
+     "        k, v = (t.repeat(1, q.size(1) // t.size(1), 1, 1) for t in (k, v))  # 0,1,0,1 not 0,0,1,1\n"
+     "        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask"),
     ("swiglu-gate-on-up", "model.py", "F.silu(self.c_gate(x)) * self.c_fc(x)", "F.silu(self.c_fc(x)) * self.c_gate(x)"),
     ("top-p-drops-the-crossing-token", "model.py", "drop = probs.cumsum(dim=-1) - probs > top_p",
      "drop = probs.cumsum(dim=-1) > top_p"),
