@@ -119,7 +119,7 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(char_data, tmp
 
 
 def test_wsd_schedule_micro_batch_mean_and_grad_clip_of_one_short_run(char_data, tmp_path):
-    # one run (a process start saved) shows three things: the lr schedule, the loss of accumulated micro-batches
+    # one short run (rather than three) shows three things: the lr schedule, the loss of accumulated micro-batches
     # and the bound grad_clip puts on an AdamW step
     run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=10", "--eval_interval=5", "--lr_schedule=wsd",
                "--warmup_iters=2", "--lr_decay_iters=10", "--cooldown_frac=0.5", "--min_lr=1e-4", "--keep_last=2",
