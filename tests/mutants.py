@@ -3,7 +3,8 @@ How strong the fast tests are, measured: each mutant below is a real bug a devel
 time into a fresh temporary copy of the repository (never into this working tree), and the fast suite (the README's
 `python -m pytest tests`, pytest.ini's `-m "not slow"`) must fail for each. A mutant that lives is a missing test.
 
-    python tests/mutants.py                          every mutant against the whole fast suite (minutes each)
+    python tests/mutants.py                          every mutant against the whole fast suite (a few minutes
+                                                     each on 2 cores: hours for all; --files for a quick check)
     python tests/mutants.py --only rotary-sign --files tests/test_model.py tests/test_convert.py
     python tests/mutants.py --list                   only check that every mutant still applies
 
