@@ -54,6 +54,14 @@ def test_dpo_loss_matches_the_formula_by_hand():
         sum(-(0.8 * math.log(sig(beta * h)) + 0.2 * math.log(sig(-beta * h))) for h in hs) / 3, rel=1e-6)
 
 
+def test_sequence_logprobs_sums_log_p_of_each_kept_target_by_hand():
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[3, -1, 0, 6, -1], [-1, -1, 2, -1, -1]])
+    want = [sum(math.log(math.exp(logits[b, t, y]) / sum(math.exp(v) for v in logits[b, t].tolist()))
+                for t, y in enumerate(targets[b].tolist()) if y != -1) for b in range(2)]
+    assert C.sequence_logprobs(logits, targets).tolist() == pytest.approx(want, rel=1e-5)
+
+
 def test_dpo_loss_is_log2_when_the_policy_is_the_reference():
     logps = torch.tensor([-3.0, -7.0, -1.5, -20.0])
     for p in (1.0, 0.7, torch.tensor([0.5, 0.9])):
@@ -112,9 +120,14 @@ def test_batches_pad_on_the_right_and_keep_the_end_of_long_sequences():
 
 def test_data_parallel_ranks_share_out_the_pairs_not_the_rows():
     tok = char_tokenizer()
+    words = ["ab", "cde", "fghi", "jk", "lmnop", "q", "rs", "tuv"]
     pairs = [(data.encode_chat(tok, f"Say {w}.", w.upper()), data.encode_chat(tok, f"Say {w}.", w), 0.5 + i / 20)
-             for i, w in enumerate(["ab", "cde", "fghi", "jk", "lmnop", "q", "rs", "tuv"])]
+             for i, w in enumerate(words)]
     whole = data.finetune_batch(pairs, 4, 64, torch.Generator().manual_seed(3))
+    for j, p in enumerate(whole[2].tolist()):  # row j is pair j's chosen reply (upper case), row 4 + j its rejected
+        w = words[round((p - 0.5) * 20)]
+        assert f"Assistant: {w.upper()}\n" in tok.decode(whole[0][j].tolist())
+        assert f"Assistant: {w}\n" in tok.decode(whole[0][4 + j].tolist())
     parts = [data.finetune_batch(pairs, 2, 64, torch.Generator().manual_seed(3), rank, 2) for rank in (0, 1)]
     for x, y, p in parts:
         assert x.size(0) == 2 * p.numel() == 4  # each rank: its pairs' chosen rows, then their rejected rows

@@ -11,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 import tiktoken
+import torch
 
+import data
 from conftest import ROOT, SHAKESPEARE
 
 
@@ -249,3 +251,18 @@ def test_train_names_the_closest_key_to_a_misspelt_one(train_runs):
     code, output = train_runs["misspelt_key"]
     assert code != 0 and "learnin_rate" in output and "did you mean 'learning_rate'" in output
     assert "Traceback" not in output
+
+
+def test_pretrain_batch_targets_are_the_next_tokens_and_ranks_share_out_the_global_batch(tmp_path):
+    tokens = np.random.default_rng(0).permutation(300).astype(np.uint16)  # distinct: a window is found by its start
+    tokens.tofile(tmp_path / "train.bin")
+    starts = {t: i for i, t in enumerate(tokens.tolist())}
+    x, y = data.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 6, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (6, 16)
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        i = starts[row_x[0]]
+        assert row_x == tokens[i:i + 16].tolist() and row_y == tokens[i + 1:i + 17].tolist()
+    # two data-parallel ranks draw the same 6 windows and keep 3 each, in order: together the one-process batch
+    parts = [data.pretrain_batch(str(tmp_path / "train.bin"), np.uint16, 3, 16, torch.Generator().manual_seed(0),
+                                 rank, 2) for rank in (0, 1)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)

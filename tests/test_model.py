@@ -185,6 +185,15 @@ def test_top_k_never_samples_outside_the_k_most_likely():
     assert (counts > 0).all()
 
 
+def test_temperature_samples_in_proportion_to_p_to_the_one_over_t():
+    logits, p = crafted_logits(20000), torch.tensor([0.05, 0.30, 0.02, 0.50, 0.10, 0.03], dtype=torch.float64)
+    torch.manual_seed(0)
+    for t in (2.0, 0.5):  # softmax(log p / t) = p^(1/t), renormalised
+        counts = torch.bincount(sample_next(logits, temperature=t).flatten(), minlength=6).double()
+        want = p ** (1 / t) / (p ** (1 / t)).sum()
+        assert (counts / counts.sum() - want).abs().max() < 0.02, (t, counts / counts.sum(), want)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPT-2 weights
 

@@ -177,6 +177,13 @@ def test_aux_and_z_loss_match_the_formulas_worked_by_hand():
     assert loss.item() == pytest.approx(alpha * 19 / 18 + beta * math.log(4) ** 2, rel=1e-6)
     moe.eval()  # evaluation adds no balancing loss
     assert moe.route(x)[3].item() == 0
+    # top-2: f is each expert's share of the token-expert pairs. Three experts, tokens [ln4, ln2, 0], [0, ln2, ln4]
+    # softmax rows [4, 2, 1]/7, [1, 2, 4]/7; choices {0, 1}, {1, 2}: f = [1, 2, 1]/4, P = [5, 4, 5]/14, sum f P = 9/28
+    moe = make_moe(E=3, k=2, d=4, h=4, aux_loss_coef=alpha, z_loss_coef=beta)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(3, 4))  # the logits are the inputs' first three entries
+    loss = moe.route(torch.tensor([[math.log(4), math.log(2), 0, 0], [0, math.log(2), math.log(4), 0]]))[3]
+    assert loss.item() == pytest.approx(alpha * 3 * 9 / 28 + beta * math.log(7) ** 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("score,rate", [("softmax", 1e-3), ("sigmoid", 3e-3)])

@@ -292,6 +292,7 @@ def test_backprop_depth_cuts_the_gradient_before_the_last_k_steps():
         # the skipped steps pass the gradient from the first step with grad to the prelude's output unchanged (the
         # residual path), and none into the core through themselves
         first = core_inputs[max(r - model.config.dre_backprop_steps, 0)]
+        assert first.grad is not None and first.grad.abs().sum() > 0  # (a detached state would have none)
         torch.testing.assert_close(e[0].grad, first.grad, rtol=0, atol=0)
         return [d.grad is not None and d.grad.abs().sum().item() > 0 for d in deltas]
 

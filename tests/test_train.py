@@ -1,5 +1,6 @@
 """train.py end to end, as a subprocess on a tiny model: it learns, resumes exactly, and never loses a checkpoint."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -36,6 +37,12 @@ def test_training_lowers_the_loss(char_data, tmp_path):
     assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 150
     assert evals[0]["val_loss"] > 4.0  # ~ln(65) before training
     assert evals[-1]["val_loss"] < 3.0, evals  # below the unigram entropy (~3.3 nats): it learned context
+    # on the schedule it says: linear warmup over 2 steps, then a cosine from 3e-3 down to min_lr at step 150
+    lrs = {r["iter"] - 1: r["lr"] for r in metrics(tmp_path) if "lr" in r}  # the lr of each step, 0..149
+    assert sorted(lrs) == list(range(150))
+    for it, lr in lrs.items():
+        want = 3e-3 * (it + 1) / 3 if it < 2 else 3e-4 + 0.5 * (1 + math.cos(math.pi * (it - 2) / 148)) * 2.7e-3
+        assert lr == pytest.approx(want, rel=1e-9), (it, lr, want)
 
 
 def test_resume_is_bitwise_exact(char_data, tmp_path):
@@ -111,14 +118,27 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(char_data, tmp
     assert load(tmp_path)["iter_num"] == 2
 
 
-def test_wsd_schedule_is_constant_then_linear_to_min_lr(char_data, tmp_path):
-    run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=10", "--eval_interval=100", "--lr_schedule=wsd",
-               "--warmup_iters=2", "--lr_decay_iters=10", "--cooldown_frac=0.5", "--min_lr=1e-4"], char_data)
+def test_wsd_schedule_micro_batch_mean_and_grad_clip_of_one_short_run(char_data, tmp_path):
+    # one short run (rather than three) shows three things: the lr schedule, the loss of accumulated micro-batches
+    # and the bound grad_clip puts on an AdamW step
+    run_train([*TINY, f"--out_dir={tmp_path}", "--max_iters=10", "--eval_interval=5", "--lr_schedule=wsd",
+               "--warmup_iters=2", "--lr_decay_iters=10", "--cooldown_frac=0.5", "--min_lr=1e-4", "--keep_last=2",
+               "--gradient_accumulation_steps=2", "--batch_size=2", "--grad_clip=1e-9", "--weight_decay=0"],
+              char_data)
     lrs = [r["lr"] for r in metrics(tmp_path) if "lr" in r]  # the lr of steps 0..9
     assert lrs[:2] == [3e-3 * 1 / 3, 3e-3 * 2 / 3]  # linear warmup
     assert lrs[2:6] == [3e-3] * 4  # stable until step 5 = 10 * (1 - 0.5)
     assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))  # then decaying linearly toward min_lr at step 10
     assert abs(lrs[9] - (3e-3 + 0.8 * (1e-4 - 3e-3))) < 1e-12
+    # grad_clip=1e-9, far below AdamW's eps (1e-8), bounds a step: |update| = lr |m| / (sqrt(v) + eps) <= lr *
+    # clip / eps, m being an average of clipped gradients. Unclipped, each of ~25k weights would move by ~lr
+    w5, w10 = torch.load(tmp_path / "ckpt-5.pt", weights_only=True)["model"], load(tmp_path)["model"]
+    moved = math.sqrt(sum((w10[k] - w5[k]).double().pow(2).sum() for k in w10))
+    assert 0 < moved <= sum(lrs[5:]) * 1e-9 / 1e-8
+    # so the model stays an untrained one, whose loss is ln(vocab): a step's loss is its micro-batches' mean
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 11)) and all(v == pytest.approx(math.log(65), rel=0.03)
+                                                        for v in losses.values())
 
 
 def test_sample_generates_from_a_checkpoint(char_data, tmp_path):
