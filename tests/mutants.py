@@ -3,8 +3,9 @@ How strong the fast tests are, measured: each mutant below is a real bug a devel
 time into a fresh temporary copy of the repository (never into this working tree), and the fast suite (the README's
 `python -m pytest tests`, pytest.ini's `-m "not slow"`) must fail for each. A mutant that lives is a missing test.
 
-    python tests/mutants.py                          every mutant against the whole fast suite (a few minutes
-                                                     each on 2 cores: hours for all; --files for a quick check)
+    python tests/mutants.py                          every mutant against the fast suite, the mutated module's own
+                                                     test files first, stopping at the first failure
+    python tests/mutants.py --all                    every test on every mutant: which files catch what (hours)
     python tests/mutants.py --only rotary-sign --files tests/test_model.py tests/test_convert.py
     python tests/mutants.py --list                   only check that every mutant still applies
 
@@ -125,7 +126,21 @@ MUTANTS = [
     ("dre-draw-not-seeded-by-step", "reasoning.py", "random.Random(self.iteration).choices(",
      "random.Random().choices("),
     ("dre-exit-one-step-late", "reasoning.py", "done = taken >= limit", "done = taken > limit"),
+    # parallel.py, pipeline.py
+    ("expert-grads-not-averaged", "parallel.py", "grad.div_(dist.get_world_size())", "pass"),
+    ("clip-counts-replicated-shards", "parallel.py", "append(local / copies)", "append(local)"),
+    ("pipeline-tied-grad-not-summed", "pipeline.py",
+     "dist.all_reduce(local(end.weight.grad), group=self.tied_group)", "pass"),
+    ("pipeline-loss-not-averaged-over-micro-steps", "pipeline.py", "self.weight = 1.0 / (microbatches * accumulation)",
+     "self.weight = 1.0 / microbatches"),
+    ("pipeline-clip-norm-one-stage", "pipeline.py", "dist.all_reduce(total, group=self.group)", "pass"),
 ]
+# the test files that catch a module's bugs first: a run stops at the first failure (-x), so these go first
+FIRST = {"model.py": ["test_model.py", "test_convert.py"], "moe.py": ["test_moe.py"], "train.py": ["test_train.py"],
+         "checkpoint.py": ["test_train.py"], "constitution.py": ["test_constitution.py"],
+         "convert.py": ["test_convert.py", "test_model.py"], "data.py": ["test_data.py", "test_constitution.py"],
+         "evaluation.py": ["test_convert.py"], "reasoning.py": ["test_reasoning.py"],
+         "parallel.py": ["test_parallel.py"], "pipeline.py": ["test_parallel.py"]}
 
 
 def tracked_files():
@@ -154,9 +169,11 @@ def failures(output):
     return files
 
 
-def run_suite(copy, args, timeout):
-    """(exit status, failing test files, seconds) of the fast suite (or `args`, test files) in `copy`."""
-    cmd = [sys.executable, "-m", "pytest", *(args or ["tests"]), "-q", "-p", "no:cacheprovider", "--tb=no", "-rfE"]
+def run_suite(copy, args, timeout, first=(), stop=False):
+    """(exit status, failing test files, seconds) of the fast suite (or `args`, test files) in `copy`: the files
+    `first` first, and with `stop` only until the first failure (-x)."""
+    tests = args or [*(os.path.join("tests", f) for f in first), "tests"]  # (pytest drops the repeated files)
+    cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--tb=no", "-rfE", *["-x"] * stop]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no stale bytecode from one mutant to the next
     t0 = time.time()
     try:
@@ -187,6 +204,8 @@ def main(argv=None):
     p.add_argument("--files", nargs="+", metavar="TEST", help="run these test files (or node ids) only")
     p.add_argument("--list", action="store_true", help="check that every mutant applies, run nothing")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a mutant's run may take (then it is killed)")
+    p.add_argument("--all", action="store_true", help="run every test on every mutant, for the table of which files "
+                   "catch what (else each run stops at its first failure: minutes instead of hours)")
     a = p.parse_args(argv)
     names = [m[0] for m in MUTANTS]
     unknown = sorted(set(a.only or ()) - set(names))
@@ -217,7 +236,7 @@ def main(argv=None):
     for mutant in chosen:
         copy = fresh_copy(files, mutant)
         try:
-            code, failed, secs = run_suite(copy, a.files, a.timeout)
+            code, failed, secs = run_suite(copy, a.files, a.timeout, FIRST.get(mutant[1], ()), stop=not a.all)
         finally:
             shutil.rmtree(copy, ignore_errors=True)
         if code == 0:
