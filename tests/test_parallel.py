@@ -75,7 +75,8 @@ LAYOUTS = {
 def train_steps(model, raw, data, dp_rank=0, dp=1, loss_ranks=0):
     """train.py's optimizer steps with its settings in TINY (AdamW, lr 3e-3, clipping at 1, routing-bias updates)
     on `data`, each step's sequences (micro-batches, batch, T+1), of which this rank takes its share as train.py's
-    get_batch does. The loss of each step over the global batch: summed over loss_ranks ranks (0: one process)."""
+    get_batch does. Each step's loss over the global batch (summed over loss_ranks ranks; 0: one process) and its
+    gradient norm, as clipping found it."""
     import torch.distributed as dist
     from parallel import optimizer_kwargs, sync_expert_grads
     optimizers = raw.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu", "adamw", optimizer_kwargs(raw, "cpu"))
@@ -96,7 +97,7 @@ def train_steps(model, raw, data, dp_rank=0, dp=1, loss_ranks=0):
             loss_sum += loss.detach()
         sync_expert_grads(raw)
         model.finish_backward()
-        model.clip_grad_norm_(1.0)
+        norm = model.clip_grad_norm_(1.0)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -105,7 +106,7 @@ def train_steps(model, raw, data, dp_rank=0, dp=1, loss_ranks=0):
         if loss_ranks:
             dist.all_reduce(loss_sum)
             loss_sum /= loss_ranks
-        losses.append(loss_sum.item())
+        losses += [loss_sum.item(), norm.item()]
     return losses
 
 
@@ -129,7 +130,7 @@ def layout_case(c, solo):
                     accumulation=accum, batch=batch, seq_len=32) if pp else None
     wrapped = parallel.parallelize(model, c["layout"], mesh, "cpu", ep_size=c["ep"], pipeline=pipeline)
     got = train_steps(wrapped, model, data, dp_rank, dp, loss_ranks=world // (pp["size"] if pp else 1))
-    assert got == pytest.approx(want, rel=1e-5), (c["name"], got, want)
+    assert got == pytest.approx(want, rel=1e-5), (c["name"], got, want)  # losses and gradient norms, step by step
     # every parameter this rank holds (a pipeline stage: its own), whole, against the one process's
     full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
     expected = ref.state_dict()  # (a tied head and embedding under both names: a stage may hold either)
