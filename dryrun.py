@@ -1,0 +1,309 @@
+"""
+The dry run: rank 0's view of an N-rank job, on this CPU, without the memory (`python train.py CONFIG --dry_run=N`).
+A fake process group stands for the other ranks (its collectives move nothing), the model is built on `meta`, laid
+out exactly as train.py lays it out (parallel.parallelize), then two real training steps (forward, backward,
+clipping, optimizer) run under fake tensors, which have shapes, dtypes and devices but no storage. PyTorch's memory
+tracker (FSDPMemTracker under fsdp, MemTracker otherwise) counts what every tensor would take, by category; a FLOP
+counter and a collective counter watch the second step. The figures are those of a GPU run (bf16 autocast, fp32
+master weights and AdamW state), computed on "cpu" fake tensors.
+
+A module of its own rather than part of parallel.py: it is a tool that drives the layouts from outside (fake world,
+trackers, the report and its advice), not a layout, and parallel.py is at its size limit.
+"""
+
+import math
+import time
+from contextlib import ExitStack, nullcontext
+from unittest.mock import patch
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GiB = 2**30
+# what travels, per collective: (op name fragment, label). c10d ops are what process groups run (FSDP, DDP, EP);
+# _c10d_functional ones what DTensor and the functional collectives run (TP, loss and clipping reductions)
+COLLECTIVES = {"allgather": "all_gather", "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
+               "allreduce": "all_reduce", "all_reduce": "all_reduce", "alltoall": "all_to_all",
+               "all_to_all": "all_to_all", "broadcast": "broadcast", "send": "send/recv", "recv": "send/recv"}
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Counts the collectives a step runs and the bytes each puts in (this rank's input tensors), by kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.bytes = {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ns, name = func.namespace, func.__name__
+        if ns in ("c10d", "_c10d_functional", "_c10d_functional_autograd"):
+            label = next((v for k, v in COLLECTIVES.items() if k in name), None)
+            if label:
+                tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+                           if isinstance(t, torch.Tensor)]
+                size = tensors[0].nbytes if label in ("all_gather", "reduce_scatter") and tensors else \
+                    sum(t.nbytes for t in tensors[:1]) if tensors else 0
+                self.calls[label] = self.calls.get(label, 0) + 1
+                self.bytes[label] = self.bytes.get(label, 0) + size
+        return func(*args, **(kwargs or {}))
+
+
+def fake_world(world_size):
+    """Rank 0 of a world of world_size ranks whose collectives do nothing (torch's fake process group)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+
+
+def tracker_for(model, layout, optimizer):
+    """FSDP's own tracker under fsdp (it tells sharded from gathered weights and the collective buffers), else the
+    general one. Either counts a DTensor by its local shard (under fake tensors the trackers would otherwise size
+    the optimizer's DTensor states by their global shape, torch 2.13)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.tensor import DTensor
+
+    class Local:
+        def _update_and_maybe_create_winfos(self, t, *args, **kwargs):
+            return super()._update_and_maybe_create_winfos(t.to_local() if isinstance(t, DTensor) else t, *args,
+                                                           **kwargs)
+
+        def _update_peak_stats(self, peak_state):  # the whole rank's peak only: each module's (not reported here)
+            for dev, snap in self._curr_mem_snap.items():  # costs a pass over all modules at every op
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], dict(snap)
+
+    if "fsdp" in layout:
+        return type("Tracker", (Local, FSDPMemTracker), {})(model, optimizer)
+    tracker = type("Tracker", (Local, MemTracker), {})()
+    tracker.track_external(model, optimizer)
+    return tracker
+
+
+# the tracker's categories, folded into the report's
+CATEGORIES = {"Parameter": "parameters", "Sharded Param": "parameters", "Unsharded Param": "gathered params",
+              "Buffer": "buffers", "Gradient": "gradients", "Sharded Grad": "gradients",
+              "Unsharded Grad": "gathered grads", "Optstate": "optimizer", "OptState": "optimizer",
+              "Activation": "activations", "Temp": "temporaries", "All Gather": "collective buffers",
+              "Reduce Scatter": "collective buffers", "Inputs": "inputs", "Other": "other"}
+
+
+def peak_by_category(tracker):
+    """{category: bytes} at the moment of peak total, and that total (every device the tensors were on)."""
+    out = {}
+    for snap in tracker.get_tracker_snapshot("peak").values():
+        for key, value in snap.items():
+            if key != "Total" and value:
+                name = CATEGORIES.get(key, key)
+                out[name] = out.get(name, 0) + value
+    return out, sum(out.values())
+
+
+def to_empty(model):
+    """model.to_empty(device="cpu"), keeping tied weights tied (it would give each name a tensor of its own)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    model.to_empty(device="cpu")
+    for first, *others in names.values():
+        for name in others:
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, model.get_parameter(first))
+
+
+def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip, autocast, sync_expert_grads,
+                count=None, reset=None):
+    """train.py's optimizer step, once per batch: micro_steps forwards and backwards (gradients synchronised on the
+    last), the experts' gradients, clipping, the optimizer. count(step, micro) gives a context each micro-step
+    runs in (the last one's also holds clipping and the optimizer)."""
+    for step, batch in enumerate(batches):
+        for micro in range(micro_steps):
+            last = micro == micro_steps - 1
+            with count(step, micro) if count else nullcontext():
+                wrapped.no_sync(sync=last)
+                if reset:
+                    reset()  # (MemTracker takes a second forward of the model for a second iteration otherwise)
+                with autocast:
+                    _, loss = wrapped(*batch)
+                    loss = loss / micro_steps + wrapped.moe_loss() / micro_steps
+                wrapped.backward(loss)
+                if last:
+                    sync_expert_grads(raw_model)
+                    wrapped.finish_backward()
+                    if grad_clip:
+                        wrapped.clip_grad_norm_(grad_clip)
+                    for opt in optimizers:
+                        opt.step()
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+
+
+def measure(model_args, s, world_size, fake=True):
+    """Two training steps of the model model_args describes under the layout the settings `s` (train.py's) name,
+    as rank 0 of world_size ranks sees them. fake=True: in a fake world under fake tensors (the dry run); False: in
+    the process group already joined, for real (what the dry run is checked against). Returns a dict: 'peak'
+    {category: bytes}, 'total', 'flops' of a step, 'collectives' {kind: (calls, bytes)} of a step, 'seconds'."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import hardware
+    from model import GPT, GPTConfig
+    from parallel import Layout, check_layout, mesh_and_ranks, optimizer_kwargs, parallelize, sync_expert_grads
+    t0 = time.perf_counter()
+    config = GPTConfig(**model_args)
+    layout, tp_size, pp_size, ep_size = s["parallel"], s["tp_size"], s["pp_size"], s["ep_size"]
+    if layout == "auto":
+        layout = "ddp" if world_size > pp_size else "none"
+    microbatches = s["pp_microbatches"] or pp_size
+    dtype = "bfloat16" if s["dtype"] == "auto" else s["dtype"]
+    check_layout(layout, tp_size, world_size, config, s["batch_size"], s["block_size"],
+                 s["gradient_accumulation_steps"], s["optimizer"], dtype, ep_size, pp_size, s["pp_schedule"],
+                 microbatches, s["pp_virtual_stages"])
+    mesh, _, dp_size = mesh_and_ranks(layout, tp_size, world_size, "cpu", pp_size)
+    accumulation, batch_size = s["gradient_accumulation_steps"], s["batch_size"]
+    if accumulation % dp_size == 0:
+        accumulation //= dp_size
+    else:
+        batch_size //= dp_size
+    # the layout is applied outside the fake mode (a mesh's coordinates come from `nonzero`, which fake tensors
+    # refuse), to a model on `meta`; to_empty then gives it fake storage
+    with torch.device("meta") if fake else nullcontext():
+        torch.manual_seed(s["seed"])
+        model = GPT(config)
+    # as on a GPU: fsdp computes in bf16 from fp32 shards (train.py's param_dtype); fused AdamW
+    param_dtype = hardware.DTYPES[dtype] if "fsdp" in layout and dtype != "float32" else None
+    pipeline = dict(schedule=s["pp_schedule"], microbatches=microbatches, virtual=s["pp_virtual_stages"],
+                    accumulation=accumulation, batch=batch_size, seq_len=s["block_size"]) if pp_size > 1 else None
+    if fake and layout == "ddp" and ep_size == 1 and not pipeline:  # DDP reads its parameters as it wraps them
+        wrapped = Layout(model, model, "none")  # and its buckets are outside the tracker: added below
+    else:
+        wrapped = parallelize(model, layout, mesh, "cpu", param_dtype, s["fsdp_reshard_after_forward"], False,
+                              ep_size, pipeline)
+    stack = ExitStack()
+    if fake:
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        # DTensor works out its outputs' global shapes on fake tensors of the fake mode it finds active, ours here:
+        # the tracker would count those as memory. Give it a mode of its own, as it has outside a dry run
+        own = FakeTensorMode(allow_non_fake_inputs=True)
+        stack.enter_context(patch("torch.distributed.tensor._sharding_prop.detect_fake_mode", lambda *_: own))
+    with stack:
+        if fake:
+            to_empty(model)
+        optimizers = model.configure_optimizers(s["weight_decay"], s["learning_rate"], (s["beta1"], s["beta2"]),
+                                                "cpu", s["optimizer"], optimizer_kwargs(model, "cuda"))
+        g = torch.Generator().manual_seed(s["seed"])
+        batches = []
+        for _ in range(2):
+            x = torch.randint(config.vocab_size, (batch_size, s["block_size"] + 1), generator=g)
+            batches.append((x[:, :-1], x[:, 1:]))
+        tracker = tracker_for(model, layout, optimizers[0])
+        micro_steps = min(accumulation, 2)  # the second one shows what accumulating gradients holds
+        # the second step's FLOPs and collectives, a non-synchronising micro-step's apart from the last one's
+        counters = [(FlopCounterMode(display=False), CollectiveBytes()) for _ in range(micro_steps)]
+
+        def count(step, micro):
+            stack = ExitStack()
+            if step == 1:
+                for mode in counters[micro]:
+                    stack.enter_context(mode)
+            return stack
+
+        with tracker:
+            train_steps(wrapped, model, optimizers, batches, micro_steps, s["grad_clip"],
+                        hardware.autocast("cpu", dtype), sync_expert_grads, count, tracker.reset_mod_stats)
+    peak, total = peak_by_category(tracker)
+    weights = [accumulation - 1, 1] if micro_steps == 2 else [1]  # a step: accumulation - 1 quiet micro-steps
+    flops = sum(w * f.get_total_flops() for w, (f, _) in zip(weights, counters))
+    collectives = {}
+    for w, (_, c) in zip(weights, counters):
+        for kind in c.calls:
+            calls, size = collectives.get(kind, (0, 0))
+            collectives[kind] = (calls + w * c.calls[kind], size + w * c.bytes[kind])
+    if fake and isinstance(wrapped, Layout) and wrapped.layout == "none" and layout == "ddp":
+        # DDP's buckets: a flat copy of the gradients, kept from the second step on (allocated when DDP rebuilds
+        # them), and all-reduced once a step
+        buckets = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
+        peak["collective buffers"] = peak.get("collective buffers", 0) + buckets
+        total += buckets
+        collectives["all_reduce"] = (math.ceil(buckets / (25 * 2**20)), buckets)
+    return {"peak": peak, "total": total, "flops": flops, "collectives": collectives, "layout": layout,
+            "accumulation": accumulation, "batch_size": batch_size, "dp_size": dp_size,
+            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0}
+
+
+ORDER = ("parameters", "gathered params", "gradients", "gathered grads", "optimizer", "activations", "temporaries",
+         "collective buffers", "buffers", "inputs", "other")
+
+
+def describe(r, s, world_size):
+    """The dry run's report, as lines."""
+    where = f"parallel={r['layout']}" + "".join(f", {k}={s[k]}" for k in ("tp_size", "pp_size", "ep_size")
+                                                  if s[k] > 1)
+    lines = [f"dry run: rank 0 of {world_size}, {where}, {r['dp_size']} data-parallel; micro-batch "
+             f"{r['batch_size']} x {s['block_size']}, {r['accumulation']} micro-step{'s' * (r['accumulation'] > 1)} "
+             f"a step; {'bfloat16' if s['dtype'] == 'auto' else s['dtype']} compute, fp32 weights, {s['optimizer']}"
+             f"{', grad_checkpoint' * bool(s['grad_checkpoint'])} ({r['seconds']:.1f} s on this CPU)",
+             "per-rank memory at its peak, GiB:"]
+    for name in sorted(r["peak"], key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER)):
+        lines.append(f"  {name:<20} {r['peak'][name] / GiB:>8.2f}")
+    lines.append(f"  {'total':<20} {r['total'] / GiB:>8.2f}")
+    lines.append(f"FLOPs per step on this rank: {r['flops'] / 1e12:,.1f} TFLOP (counted op by op)")
+    moved = ", ".join(f"{k} {calls:,.0f} calls {size / GiB:,.2f} GiB" for k, (calls, size) in
+                      sorted(r["collectives"].items()))
+    lines.append(f"collectives per step, this rank's input: {moved or 'none'}")
+    return lines
+
+
+def candidates(s, world_size):
+    """Settings that lower per-rank memory, in the order to try them: each {key: value} on top of s."""
+    out = []
+    if not s["grad_checkpoint"]:
+        out.append({"grad_checkpoint": True})
+    if s["parallel"] in ("auto", "ddp", "none") and s["ep_size"] == 1 and world_size > s["pp_size"]:
+        out.append({"parallel": "fsdp"})
+    if s["batch_size"] > 1:
+        b = s["batch_size"] // 2
+        out.append({"batch_size": b, "gradient_accumulation_steps": s["gradient_accumulation_steps"] * 2})
+    for tp in (2, 4, 8):
+        if tp > s["tp_size"] and world_size % (tp * s["pp_size"]) == 0 and world_size > tp * s["pp_size"] \
+                and s["ep_size"] == 1:
+            out.append({"parallel": "fsdp+tp", "tp_size": tp})
+            break
+    if s["pp_size"] == 1 and world_size % 2 == 0:
+        out.append({"pp_size": 2})
+    return out
+
+
+def run(s, model_args, world_size, gpu_memory, say=print):
+    """The dry run of train.py's settings `s` and model model_args on world_size ranks: prints the report and a
+    last line, fits or does not fit gpu_memory GiB (and what would). Returns 0 if it fits, else 1."""
+    fake_world(world_size)
+    try:
+        r = measure(model_args, s, world_size)
+        for line in describe(r, s, world_size):
+            say(line)
+        limit = gpu_memory * GiB
+        if r["total"] <= limit:
+            say(f"fits: {r['total'] / GiB:.1f} GiB of {gpu_memory:g} GiB per GPU")
+            return 0
+        tried = []
+        for change in candidates(s, world_size):  # the first that fits, its figure a dry run too
+            changed = {**s, **change}
+            try:
+                other = measure({**model_args, **{k: v for k, v in change.items() if k in model_args}}, changed,
+                                world_size)
+            except ValueError:
+                continue  # a layout these sizes do not divide
+            flags = " ".join(f"--{k}={v}" for k, v in change.items())
+            tried.append(f"{flags}: {other['total'] / GiB:.1f} GiB")
+            if other["total"] <= limit:
+                say(f"does not fit: {r['total'] / GiB:.1f} GiB per GPU, {gpu_memory:g} GiB available; it fits "
+                    f"with {flags} ({other['total'] / GiB:.1f} GiB)")
+                return 1
+        say(f"does not fit: {r['total'] / GiB:.1f} GiB per GPU, {gpu_memory:g} GiB available; and neither with "
+            f"{'; '.join(tried) or 'any single change tried'}: use more GPUs or a smaller model")
+        return 1
+    finally:
+        dist.destroy_process_group()
