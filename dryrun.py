@@ -11,6 +11,7 @@ A module of its own rather than part of parallel.py: it is a tool that drives th
 trackers, the report and its advice), not a layout, and parallel.py is at its size limit.
 """
 
+import gc
 import math
 import time
 from contextlib import ExitStack, nullcontext
@@ -46,6 +47,22 @@ class CollectiveBytes(TorchDispatchMode):
                     sum(t.nbytes for t in tensors[:1]) if tensors else 0
                 self.calls[label] = self.calls.get(label, 0) + 1
                 self.bytes[label] = self.bytes.get(label, 0) + size
+        return func(*args, **(kwargs or {}))
+
+
+class CollectCycles(TorchDispatchMode):
+    """Frees reference cycles every `every` ops, before the op runs. Fake tensors' dispatch leaves cycles (frames of
+    caught exceptions among them) that hold tensors an eager run frees at once; left to the collector's own
+    schedule they would count as memory for as long as it lets them live, a different figure each run."""
+
+    def __init__(self, every=1000):
+        super().__init__()
+        self.every, self.n = every, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        if self.n % self.every == 0:
+            gc.collect()
         return func(*args, **(kwargs or {}))
 
 
@@ -188,6 +205,13 @@ def measure(model_args, s, world_size, fake=True):
         # the tracker would count those as memory. Give it a mode of its own, as it has outside a dry run
         own = FakeTensorMode(allow_non_fake_inputs=True)
         stack.enter_context(patch("torch.distributed.tensor._sharding_prop.detect_fake_mode", lambda *_: own))
+    # a real run is measured under the same collection regime, so that the two are alike
+    stack.enter_context(CollectCycles())
+    stack.callback(gc.enable)
+    gc.disable()  # (CollectCycles collects instead, at set points)
+    gc.collect()
+    gc.freeze()  # what exists now is never garbage: each collection looks at the step's objects only
+    stack.callback(gc.unfreeze)
     with stack:
         if fake:
             to_empty(model)
