@@ -29,25 +29,41 @@ COLLECTIVES = {"allgather": "all_gather", "all_gather": "all_gather", "reduce_sc
                "all_to_all": "all_to_all", "broadcast": "broadcast", "send": "send/recv", "recv": "send/recv"}
 
 
-class CollectiveBytes(TorchDispatchMode):
-    """Counts the collectives a step runs and the bytes each puts in (this rank's input tensors), by kind."""
+class StepCounter(TorchDispatchMode):
+    """Counts what a rank computes and sends: matmul FLOPs (torch.utils.flop_counter's formulas, plus MoE's grouped
+    GEMM, which it lacks), and the collectives, calls and bytes each puts in (this rank's input), by kind. It sees
+    each rank's local ops: a DTensor op is let through to unwrap first."""
 
     def __init__(self):
         super().__init__()
-        self.calls, self.bytes = {}, {}
+        self.flops, self.calls, self.bytes = 0, {}, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        ns, name = func.namespace, func.__name__
-        if ns in ("c10d", "_c10d_functional", "_c10d_functional_autograd"):
-            label = next((v for k, v in COLLECTIVES.items() if k in name), None)
-            if label:
-                tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
-                           if isinstance(t, torch.Tensor)]
-                size = tensors[0].nbytes if label in ("all_gather", "reduce_scatter") and tensors else \
-                    sum(t.nbytes for t in tensors[:1]) if tensors else 0
+        from torch.distributed.tensor import DTensor
+        from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        packet = func.overloadpacket
+        if packet is torch.ops.aten._grouped_mm:  # each row of a meets one expert's (K, N) matrix
+            self.flops += 2 * args[0].numel() * args[1].shape[-1]
+        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:  # (the GPUs' kernels it has)
+            self.flops += sdpa_flop_count(*(t.shape for t in args[:3]))
+        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            self.flops += sdpa_backward_flop_count(*(t.shape for t in args[:4]))
+        elif packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **(kwargs or {}), out_val=out)
+        elif func.namespace in ("c10d", "_c10d_functional", "_c10d_functional_autograd"):
+            label = next((v for k, v in COLLECTIVES.items() if k in func.__name__), None)
+            tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+                       if isinstance(t, torch.Tensor)]
+            if label and tensors:
+                # c10d's all_gather and reduce_scatter take (output, input): the input is what this rank puts in
+                put = tensors[-1] if func.namespace == "c10d" and label in ("all_gather", "reduce_scatter") \
+                    else tensors[0]
                 self.calls[label] = self.calls.get(label, 0) + 1
-                self.bytes[label] = self.bytes.get(label, 0) + size
-        return func(*args, **(kwargs or {}))
+                self.bytes[label] = self.bytes.get(label, 0) + put.nbytes
+        return out
 
 
 class CollectCycles(TorchDispatchMode):
@@ -74,12 +90,13 @@ def fake_world(world_size):
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
 
 
-def tracker_for(model, layout, optimizer):
+def tracker_for(model, optimizer):
     """FSDP's own tracker under fsdp (it tells sharded from gathered weights and the collective buffers), else the
     general one. Either counts a DTensor by its local shard (under fake tensors the trackers would otherwise size
     the optimizer's DTensor states by their global shape, torch 2.13)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     class Local:
@@ -87,12 +104,19 @@ def tracker_for(model, layout, optimizer):
             return super()._update_and_maybe_create_winfos(t.to_local() if isinstance(t, DTensor) else t, *args,
                                                            **kwargs)
 
+        def _pre_fw_hook(self, module, inputs):  # the model run again (micro-steps, a pipeline's pieces): as anew
+            name = self._mod_tracker.get_known_fqn(module)
+            if module in self.memory_tracking and not self._mod_tracker.is_bw and \
+                    set(self._mod_tracker.parents) - {name} == {"Global"}:
+                self.reset_mod_stats()  # (module-by-module figures, which the report leaves out)
+            return super()._pre_fw_hook(module, inputs)
+
         def _update_peak_stats(self, peak_state):  # the whole rank's peak only: each module's (not reported here)
             for dev, snap in self._curr_mem_snap.items():  # costs a pass over all modules at every op
                 if self._peak_mem.get(dev, 0) < snap["Total"]:
                     self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], dict(snap)
 
-    if "fsdp" in layout:
+    if isinstance(model, FSDPModule):
         return type("Tracker", (Local, FSDPMemTracker), {})(model, optimizer)
     tracker = type("Tracker", (Local, MemTracker), {})()
     tracker.track_external(model, optimizer)
@@ -131,7 +155,7 @@ def to_empty(model):
 
 
 def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip, autocast, sync_expert_grads,
-                count=None, reset=None):
+                count=None):
     """train.py's optimizer step, once per batch: micro_steps forwards and backwards (gradients synchronised on the
     last), the experts' gradients, clipping, the optimizer. count(step, micro) gives a context each micro-step
     runs in (the last one's also holds clipping and the optimizer)."""
@@ -140,8 +164,6 @@ def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip,
             last = micro == micro_steps - 1
             with count(step, micro) if count else nullcontext():
                 wrapped.no_sync(sync=last)
-                if reset:
-                    reset()  # (MemTracker takes a second forward of the model for a second iteration otherwise)
                 with autocast:
                     _, loss = wrapped(*batch)
                     loss = loss / micro_steps + wrapped.moe_loss() / micro_steps
@@ -163,7 +185,6 @@ def measure(model_args, s, world_size, fake=True):
     the process group already joined, for real (what the dry run is checked against). Returns a dict: 'peak'
     {category: bytes}, 'total', 'flops' of a step, 'collectives' {kind: (calls, bytes)} of a step, 'seconds'."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     import hardware
     from model import GPT, GPTConfig
@@ -214,7 +235,7 @@ def measure(model_args, s, world_size, fake=True):
     stack.callback(gc.unfreeze)
     with stack:
         if fake:
-            to_empty(model)
+            to_empty(wrapped)  # (a pipeline's stages hold buffers of their own)
         optimizers = model.configure_optimizers(s["weight_decay"], s["learning_rate"], (s["beta1"], s["beta2"]),
                                                 "cpu", s["optimizer"], optimizer_kwargs(model, "cuda"))
         g = torch.Generator().manual_seed(s["seed"])
@@ -222,26 +243,22 @@ def measure(model_args, s, world_size, fake=True):
         for _ in range(2):
             x = torch.randint(config.vocab_size, (batch_size, s["block_size"] + 1), generator=g)
             batches.append((x[:, :-1], x[:, 1:]))
-        tracker = tracker_for(model, layout, optimizers[0])
+        tracker = tracker_for(model, optimizers[0])
         micro_steps = min(accumulation, 2)  # the second one shows what accumulating gradients holds
         # the second step's FLOPs and collectives, a non-synchronising micro-step's apart from the last one's
-        counters = [(FlopCounterMode(display=False), CollectiveBytes()) for _ in range(micro_steps)]
+        counters = [StepCounter() for _ in range(micro_steps)]
 
         def count(step, micro):
-            stack = ExitStack()
-            if step == 1:
-                for mode in counters[micro]:
-                    stack.enter_context(mode)
-            return stack
+            return counters[micro] if step == 1 else nullcontext()
 
         with tracker:
             train_steps(wrapped, model, optimizers, batches, micro_steps, s["grad_clip"],
-                        hardware.autocast("cpu", dtype), sync_expert_grads, count, tracker.reset_mod_stats)
+                        hardware.autocast("cpu", dtype), sync_expert_grads, count)
     peak, total = peak_by_category(tracker)
     weights = [accumulation - 1, 1] if micro_steps == 2 else [1]  # a step: accumulation - 1 quiet micro-steps
-    flops = sum(w * f.get_total_flops() for w, (f, _) in zip(weights, counters))
+    flops = sum(w * c.flops for w, c in zip(weights, counters))
     collectives = {}
-    for w, (_, c) in zip(weights, counters):
+    for w, c in zip(weights, counters):
         for kind in c.calls:
             calls, size = collectives.get(kind, (0, 0))
             collectives[kind] = (calls + w * c.calls[kind], size + w * c.bytes[kind])
@@ -295,14 +312,26 @@ def candidates(s, world_size):
                 and s["ep_size"] == 1:
             out.append({"parallel": "fsdp+tp", "tp_size": tp})
             break
-    if s["pp_size"] == 1 and world_size % 2 == 0:
-        out.append({"pp_size": 2})
     return out
+
+
+def cannot(s):
+    """Why the dry run cannot rehearse these settings, or None: what fake tensors or the tracker do not support."""
+    if s["pp_size"] > 1:
+        return ("pipeline parallelism (pp_size > 1): PyTorch's memory tracker loses its place in the module "
+                "hierarchy inside torch.distributed.pipelining's schedules (torch 2.13); dry-run the layout of one "
+                "stage instead, with pp_size=1 and n_layer/pp_size layers")
+    if s["ep_size"] > 1:
+        return ("expert parallelism (ep_size > 1): the all_to_all's split sizes are read on the host (.tolist()), "
+                "and fake tensors hold no values")
+    return None
 
 
 def run(s, model_args, world_size, gpu_memory, say=print):
     """The dry run of train.py's settings `s` and model model_args on world_size ranks: prints the report and a
     last line, fits or does not fit gpu_memory GiB (and what would). Returns 0 if it fits, else 1."""
+    if cannot(s):
+        raise ValueError(f"dry_run: {cannot(s)}")
     fake_world(world_size)
     try:
         r = measure(model_args, s, world_size)
@@ -320,6 +349,8 @@ def run(s, model_args, world_size, gpu_memory, say=print):
                                 world_size)
             except ValueError:
                 continue  # a layout these sizes do not divide
+            finally:
+                gc.collect()
             flags = " ".join(f"--{k}={v}" for k, v in change.items())
             tried.append(f"{flags}: {other['total'] / GiB:.1f} GiB")
             if other["total"] <= limit:
