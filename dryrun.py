@@ -13,6 +13,7 @@ trackers, the report and its advice), not a layout, and parallel.py is at its si
 
 import gc
 import math
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from unittest.mock import patch
@@ -362,3 +363,45 @@ def run(s, model_args, world_size, gpu_memory, say=print):
         return 1
     finally:
         dist.destroy_process_group()
+
+
+def host_memory():
+    """Bytes of host memory available now (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def start_check(model_args, s, world_size, device_type, local_ranks):
+    """An `error:` message when a real start cannot fit, else None: found before anything is allocated, from
+    what no run can do without. On the device, fp32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter) over as many shards as the layout makes; on the host, every rank of the node building the whole model
+    in fp32 first (4 bytes a parameter; all 16 on a CPU). A lower bound (no activations): what it refuses cannot
+    run; what it lets through, the dry run measures."""
+    from model import GPT, GPTConfig
+    with torch.device("meta"):
+        n = GPT(GPTConfig(**model_args)).num_params(non_embedding=False)
+    layout = s["parallel"]
+    tp = s["tp_size"] if "tp" in layout else 1
+    dp = world_size // tp // s["pp_size"]
+    shards = tp * s["pp_size"] * (dp if "fsdp" in layout else s["ep_size"])
+    state = f"fp32 weights, gradients and AdamW state over {shards} shard{'s' * (shards > 1)}"
+    checks = []
+    if device_type == "cuda":
+        checks.append((16 * n / shards, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
+                       "GPU memory", state))
+    host = host_memory()
+    if host:
+        ranks = f"available host memory shared by {local_ranks} rank{'s' * (local_ranks > 1)}"
+        build = "each rank first builds the whole model in fp32"
+        checks.append((4 * n, host / local_ranks, ranks, build) if device_type == "cuda" else
+                      (max(4 * n, 16 * n / shards), host / local_ranks, ranks, f"{state}, and {build}"))
+    for need, have, where, what in checks:
+        if need > have:
+            dry = " ".join(a for a in sys.argv[1:] if not a.startswith("--dry_run=")) + f" --dry_run={world_size}"
+            return (f"error: this run needs at least {need / GiB:.1f} GiB per rank ({n / 1e9:.2f}B parameters: "
+                    f"{what}) but has {have / GiB:.1f} GiB ({where}). Use a smaller model, more ranks or machines, "
+                    f"or parallel='fsdp'; `python train.py {dry}` rehearses it without the memory")
+    return None

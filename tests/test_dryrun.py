@@ -162,5 +162,38 @@ def test_what_cannot_be_dry_run_is_named():
             dryrun.run(dict(settings("fsdp", 1, 2, DENSE), **{key: 2}), model_args(DENSE), 2, 80)
 
 
+def test_a_start_that_cannot_fit_is_refused_before_it_allocates(monkeypatch):
+    """fsdp over 4 ranks of one CPU node: each first builds the whole model (4 bytes a parameter), then holds a
+    quarter of 16 bytes a parameter; the node's available memory is shared by its 4 ranks."""
+    with torch.device("meta"):
+        n = GPT(GPTConfig(**SMALL)).num_params(non_embedding=False)
+    s = settings("fsdp", 1, 4, SMALL)
+    need = max(4 * n, 16 * n / 4)
+    monkeypatch.setattr(dryrun, "host_memory", lambda: 4 * need * 1.01)
+    assert dryrun.start_check(model_args(SMALL), s, 4, "cpu", 4) is None
+    monkeypatch.setattr(dryrun, "host_memory", lambda: 4 * need * 0.99)
+    message = dryrun.start_check(model_args(SMALL), s, 4, "cpu", 4)
+    assert message.startswith(f"error: this run needs at least {need / 2**30:.1f} GiB per rank ")
+    assert f"but has {need * 0.99 / 2**30:.1f} GiB (available host memory shared by 4 ranks)" in message
+    # ddp holds it all on every rank
+    s = settings("ddp", 1, 4, SMALL)
+    monkeypatch.setattr(dryrun, "host_memory", lambda: 4 * 16 * n * 0.99)
+    assert f"needs at least {16 * n / 2**30:.1f} GiB" in dryrun.start_check(model_args(SMALL), s, 4, "cpu", 4)
+
+
+@pytest.mark.slow
+def test_train_refuses_a_run_that_cannot_fit_in_one_line(tmp_path):
+    """torchrun with 2 ranks of a model no machine holds (6 TB): one `error:` line for the job, exit 1, nothing
+    allocated (no data needed to find it out)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train.py"), "--device=cpu", "--n_layer=8", "--n_head=64",
+                           "--n_embd=65536"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 1
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: this run needs at least "), proc.stdout + proc.stderr
+    assert "(available host memory shared by 2 ranks)" in errors[0]
+
+
 if __name__ == "__main__":
     worker()
