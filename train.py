@@ -171,14 +171,6 @@ except ValueError as e:
     if master:
         print(f"error: {e}")
     exit_process(1)
-if init_from == "scratch" and mode == "pretrain" and not eval_only:
-    import dryrun  # a run that cannot fit stops here, in one line, before it allocates anything
-    if message := dryrun.start_check(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(
-            data.read_meta(os.path.join("data", dataset))))), {**config, "parallel": parallel}, world_size,
-            device_type, int(os.environ.get("LOCAL_WORLD_SIZE", 1))):
-        if master:
-            print(message)
-        exit_process(1)
 # checkpoints through torch.distributed.checkpoint
 sharded = parallel in ("fsdp", "tp", "fsdp+tp") or ep_size > 1 or pp_size > 1
 # data-parallel ranks read different slices of each global batch; tensor-parallel and pipeline ranks the same one
@@ -251,6 +243,14 @@ def init_model():
     return model, args, ckpt.get("tokenizer") or data.tokenizer_spec(meta), ckpt
 
 
+if init_from == "scratch" and not eval_only:
+    import dryrun  # a run that cannot fit stops here, in one line, before it allocates anything
+    if message := dryrun.start_check(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(meta))),
+                                     {**config, "parallel": parallel}, world_size, device_type,
+                                     int(os.environ.get("LOCAL_WORLD_SIZE", 1))):
+        if master:
+            print(message)
+        exit_process(1)
 old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
 if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # one run per out_dir, unless asked
     if master:

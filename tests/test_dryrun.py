@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -184,11 +185,14 @@ def test_a_start_that_cannot_fit_is_refused_before_it_allocates(monkeypatch):
 @pytest.mark.slow
 def test_train_refuses_a_run_that_cannot_fit_in_one_line(tmp_path):
     """torchrun with 2 ranks of a model no machine holds (6 TB): one `error:` line for the job, exit 1, nothing
-    allocated (no data needed to find it out)."""
+    allocated."""
+    (tmp_path / "data" / "tokens").mkdir(parents=True)
+    for split in ("train", "val"):
+        np.arange(4096, dtype=np.uint16).tofile(tmp_path / "data" / "tokens" / f"{split}.bin")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), "--device=cpu", "--n_layer=8", "--n_head=64",
-                           "--n_embd=65536"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                           os.path.join(ROOT, "train.py"), "--device=cpu", "--dataset=tokens", "--n_layer=8",
+                           "--n_head=64", "--n_embd=65536", "--block_size=64"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 1
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: this run needs at least "), proc.stdout + proc.stderr
