@@ -199,5 +199,26 @@ def test_train_refuses_a_run_that_cannot_fit_in_one_line(tmp_path):
     assert "(available host memory shared by 2 ranks)" in errors[0]
 
 
+def test_weights_are_read_from_a_distributed_checkpoint_without_the_optimizer_state(tmp_path, monkeypatch):
+    """checkpoint.read_sharded_weights: the model's tensors, equal to those saved, and no byte of the optimizer's
+    read (nor anything written: the whole checkpoint used to be converted to a temporary ckpt.pt first)."""
+    import torch.distributed.checkpoint as dcp
+    from checkpoint import read_sharded_weights
+    model = GPT(GPTConfig(**SMALL))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    opt.step()
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(tmp_path), no_dist=True)
+    files, read = sorted(os.listdir(tmp_path)), []
+    real_read = dcp.FileSystemReader.read_data
+    monkeypatch.setattr(dcp.FileSystemReader, "read_data", lambda self, plan, planner: (
+        read.extend(item.storage_index.fqn for item in plan.items), real_read(self, plan, planner))[1])
+    weights = read_sharded_weights(str(tmp_path))
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert read and all(fqn.startswith("model.") for fqn in read)
+    assert sorted(os.listdir(tmp_path)) == files
+
+
 if __name__ == "__main__":
     worker()
