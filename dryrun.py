@@ -13,6 +13,7 @@ trackers, the report and its advice), not a layout, and parallel.py is at its si
 
 import gc
 import math
+import os
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -405,3 +406,12 @@ def start_check(model_args, s, world_size, device_type, local_ranks):
                     f"{what}) but has {have / GiB:.1f} GiB ({where}). Use a smaller model, more ranks or machines, "
                     f"or parallel='fsdp'; `python train.py {dry}` rehearses it without the memory")
     return None
+
+
+def refuse_what_cannot_fit(model_args, s, world_size, device_type, master):
+    """train.py's start: start_check's message, printed once for the job (rank 0), and every rank's exit."""
+    from parallel import exit_process
+    if message := start_check(model_args, s, world_size, device_type, int(os.environ.get("LOCAL_WORLD_SIZE", 1))):
+        if master:
+            print(message)
+        exit_process(1)

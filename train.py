@@ -3,6 +3,7 @@ The training loop. Runs on one CPU or GPU, or on many with torchrun (layouts in 
 
     python train.py config/train_shakespeare_char.py --batch_size=32
     torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py --parallel=fsdp+tp --tp_size=2
+    python train.py config/medium_moe.py --dry_run=8    # that job's per-GPU memory, rehearsed on this CPU
 
 Every hyperparameter is a global below (the model's are GPTConfig's fields); config files and --key=value override
 them (configurator.py). The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
@@ -109,8 +110,7 @@ fsdp_reshard_after_forward = True  # False: keep parameters gathered from forwar
 fsdp_cpu_offload = False         # keep sharded parameters, gradients and optimizer state in CPU memory
 seed = 1337
 peak_flops = 0.0                 # FLOP/s that MFU is measured against; 0: look it up / measure it
-dry_run = 0                      # N > 0: rank 0's view of an N-rank job (per-rank memory, FLOPs, collectives) on
-                                 # this CPU, without the memory or the data, then exit (dryrun.py)
+dry_run = 0                      # N > 0: rehearse an N-GPU job on this CPU (rank 0's memory, FLOPs), exit (dryrun.py)
 gpu_memory = 80.0                # GiB per GPU that the dry run checks the job fits
 # -----------------------------------------------------------------------------
 globals().update({k: v for k, v in GPTConfig.defaults().items() if k not in globals() and k != "vocab_size"})
@@ -243,14 +243,10 @@ def init_model():
     return model, args, ckpt.get("tokenizer") or data.tokenizer_spec(meta), ckpt
 
 
-if init_from == "scratch" and not eval_only:
-    import dryrun  # a run that cannot fit stops here, in one line, before it allocates anything
-    if message := dryrun.start_check(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(meta))),
-                                     {**config, "parallel": parallel}, world_size, device_type,
-                                     int(os.environ.get("LOCAL_WORLD_SIZE", 1))):
-        if master:
-            print(message)
-        exit_process(1)
+if init_from == "scratch" and not eval_only:  # a run that cannot fit stops here, in one line, before it allocates
+    import dryrun
+    dryrun.refuse_what_cannot_fit(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(meta))),
+                                  {**config, "parallel": parallel}, world_size, device_type, master)
 old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
 if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # one run per out_dir, unless asked
     if master:
