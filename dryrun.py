@@ -94,18 +94,12 @@ def fake_world(world_size):
 
 def tracker_for(model, optimizer):
     """FSDP's own tracker under fsdp (it tells sharded from gathered weights and the collective buffers), else the
-    general one. Either counts a DTensor by its local shard (under fake tensors the trackers would otherwise size
-    the optimizer's DTensor states by their global shape, torch 2.13)."""
+    general one; either keeping only the whole rank's peak, and taking the model's forward again as a new pass."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
 
     class Local:
-        def _update_and_maybe_create_winfos(self, t, *args, **kwargs):
-            return super()._update_and_maybe_create_winfos(t.to_local() if isinstance(t, DTensor) else t, *args,
-                                                           **kwargs)
-
         def _pre_fw_hook(self, module, inputs):  # the model run again (micro-steps, a pipeline's pieces): as anew
             name = self._mod_tracker.get_known_fqn(module)
             if module in self.memory_tracking and not self._mod_tracker.is_bw and \
@@ -114,7 +108,7 @@ def tracker_for(model, optimizer):
             return super()._pre_fw_hook(module, inputs)
 
         def _update_peak_stats(self, peak_state):  # the whole rank's peak only: each module's (not reported here)
-            for dev, snap in self._curr_mem_snap.items():  # costs a pass over all modules at every op
+            for dev, snap in self._curr_mem_snap.items():  # would cost a pass over all modules at every op
                 if self._peak_mem.get(dev, 0) < snap["Total"]:
                     self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], dict(snap)
 
