@@ -290,6 +290,12 @@ def describe(r, s, world_size):
     moved = ", ".join(f"{k} {calls:,.0f} calls {size / GiB:,.2f} GiB" for k, (calls, size) in
                       sorted(r["collectives"].items()))
     lines.append(f"collectives per step, this rank's input: {moved or 'none'}")
+    # what the dry run leaves out, said rather than skipped
+    for left_out, why in ((s.get("compile"), "compile=True: not dry-run (eager figures; compiled blocks may hold less)"),
+                          (s.get("fsdp_cpu_offload"), "fsdp_cpu_offload=True: not dry-run (figures without it)"),
+                          (s.get("mode") == "dpo", "mode='dpo': its frozen reference model is not included")):
+        if left_out:
+            lines.append(f"note: {why}")
     return lines
 
 
