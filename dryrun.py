@@ -336,7 +336,11 @@ def run(s, model_args, world_size, gpu_memory, say=print):
         raise ValueError(f"dry_run: {cannot(s)}")
     fake_world(world_size)
     try:
-        r = measure(model_args, s, world_size)
+        try:
+            r = measure(model_args, s, world_size)
+        except (RuntimeError, NotImplementedError) as e:  # an op fake tensors cannot run: named, in one line
+            raise ValueError(f"dry_run: these settings do not run under fake tensors: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         for line in describe(r, s, world_size):
             say(line)
         limit = gpu_memory * GiB

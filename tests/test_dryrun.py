@@ -161,6 +161,11 @@ def test_what_cannot_be_dry_run_is_named():
     for key in ("pp_size", "ep_size"):
         with pytest.raises(ValueError, match=key):
             dryrun.run(dict(settings("fsdp", 1, 2, DENSE), **{key: 2}), model_args(DENSE), 2, 80)
+    # an fp32 MoE's expert loop reads its group sizes on the host: one line that says so, no traceback
+    moe = dict(SMALL, n_expert=4, top_k=2, expert_hidden=64)
+    with pytest.raises(ValueError, match="do not run under fake tensors: DataDependentOutputException"):
+        dryrun.run(dict(settings("fsdp", 1, 2, moe), dtype="float32"), model_args(moe), 2, 80)
+    assert not dist.is_initialized()
 
 
 def test_a_start_that_cannot_fit_is_refused_before_it_allocates(monkeypatch):
