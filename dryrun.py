@@ -107,6 +107,20 @@ def tracker_for(model, optimizer):
                 self.reset_mod_stats()  # (module-by-module figures, which the report leaves out)
             return super()._pre_fw_hook(module, inputs)
 
+        # a pipeline's schedule runs backward inside the model's forward: a module whose figures were reset
+        # above leaves no trace to update (the whole rank's figures, which the report gives, are kept apart)
+        def _post_fw_hook(self, module, *args):
+            if module in self.memory_tracking:
+                super()._post_fw_hook(module, *args)
+
+        def _pre_bw_hook(self, module, *args):
+            if module in self.memory_tracking:
+                super()._pre_bw_hook(module, *args)
+
+        def _post_bw_hook(self, module, *args):
+            if module in self.memory_tracking:
+                super()._post_bw_hook(module, *args)
+
         def _update_peak_stats(self, peak_state):  # the whole rank's peak only: each module's (not reported here)
             for dev, snap in self._curr_mem_snap.items():  # would cost a pass over all modules at every op
                 if self._peak_mem.get(dev, 0) < snap["Total"]:
@@ -136,6 +150,26 @@ def peak_by_category(tracker):
                 name = CATEGORIES.get(key, key)
                 out[name] = out.get(name, 0) + value
     return out, sum(out.values())
+
+
+def lenient_pop(tracker, w_mod, name, is_bw):
+    """ModTracker's exit from a module, without its check of proper nesting (torch 2.13's own, minus the raise)."""
+    def pop(*args):
+        if tracker._user_post_bw_hook is not None and is_bw:
+            tracker._user_post_bw_hook(w_mod(), args)
+        if name in tracker.parents:
+            tracker._active_module_cnt[name] -= 1
+            if tracker._active_module_cnt[name] == 0:
+                tracker.parents.remove(name)
+    return pop
+
+
+def static_stages(schedule, stages, *_):
+    """What pipelining's warm-up vote decides when every stage is given its input and output shapes, as
+    pipeline.py gives them: no exchange of shapes."""
+    from torch.distributed.pipelining.stage import InferenceMode
+    for stage in stages:
+        stage._inference_mode = InferenceMode.STATIC
 
 
 def to_empty(model):
@@ -222,6 +256,11 @@ def measure(model_args, s, world_size, fake=True):
         # the tracker would count those as memory. Give it a mode of its own, as it has outside a dry run
         own = FakeTensorMode(allow_non_fake_inputs=True)
         stack.enter_context(patch("torch.distributed.tensor._sharding_prop.detect_fake_mode", lambda *_: own))
+    if pipeline:  # the schedule interleaves forward and backward, which the tracker's module nesting check refuses
+        stack.enter_context(patch("torch.distributed._tools.mod_tracker.ModTracker._get_pop_fn", lenient_pop))
+        if fake:  # the stages vote on how to learn their shapes by reading a tensor; they are given their shapes
+            stack.enter_context(patch("torch.distributed.pipelining.schedules._PipelineSchedule._warmup_p2p",
+                                      static_stages))
     # a real run is measured under the same collection regime, so that the two are alike
     stack.enter_context(CollectCycles())
     stack.callback(gc.enable)
@@ -290,6 +329,9 @@ def describe(r, s, world_size):
     moved = ", ".join(f"{k} {calls:,.0f} calls {size / GiB:,.2f} GiB" for k, (calls, size) in
                       sorted(r["collectives"].items()))
     lines.append(f"collectives per step, this rank's input: {moved or 'none'}")
+    if s["pp_size"] > 1:
+        lines.append("note: pipeline: rank 0 holds the first stage; as forward and backward interleave, the split "
+                     "between activations and temporaries is approximate (the total is not)")
     # what the dry run leaves out, said rather than skipped
     for left_out, why in ((s.get("compile"), "compile=True: not dry-run (eager figures; compiled blocks may hold less)"),
                           (s.get("fsdp_cpu_offload"), "fsdp_cpu_offload=True: not dry-run (figures without it)"),
@@ -319,10 +361,6 @@ def candidates(s, world_size):
 
 def cannot(s):
     """Why the dry run cannot rehearse these settings, or None: what fake tensors or the tracker do not support."""
-    if s["pp_size"] > 1:
-        return ("pipeline parallelism (pp_size > 1): PyTorch's memory tracker loses its place in the module "
-                "hierarchy inside torch.distributed.pipelining's schedules (torch 2.13); dry-run the layout of one "
-                "stage instead, with pp_size=1 and n_layer/pp_size layers")
     if s["ep_size"] > 1:
         return ("expert parallelism (ep_size > 1): the all_to_all's split sizes are read on the host (.tolist()), "
                 "and fake tensors hold no values")

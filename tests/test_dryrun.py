@@ -24,24 +24,30 @@ SMALL = dict(DENSE, n_layer=1)  # for the fast tests: a fake step costs about a 
 SETTINGS = dict(tp_size=1, pp_size=1, ep_size=1, pp_microbatches=0, dtype="auto", batch_size=4, block_size=32,
                 optimizer="adamw", pp_schedule="1F1B", pp_virtual_stages=1, seed=1, fsdp_reshard_after_forward=True,
                 weight_decay=0.1, learning_rate=1e-3, beta1=0.9, beta2=0.95, grad_clip=1.0, grad_checkpoint=False)
-# (layout, tp_size, ranks, model): every rank runs two micro-steps a step, so gradient accumulation is measured too
-CASES = [("ddp", 1, 2, DENSE), ("fsdp", 1, 2, DENSE), ("tp", 2, 2, DENSE), ("fsdp+tp", 2, 4, MOE)]
+# (layout, tp_size, ranks, model[, pp_size]): every rank runs two micro-steps a step, so gradient accumulation is
+# measured too
+CASES = [("ddp", 1, 2, DENSE), ("fsdp", 1, 2, DENSE), ("tp", 2, 2, DENSE), ("fsdp+tp", 2, 4, MOE),
+         ("fsdp", 1, 4, dict(DENSE, n_layer=4), 2)]
 
 
-def settings(layout, tp_size, ranks, model, micro_steps=2):
-    dp = ranks // tp_size
+def settings(layout, tp_size, ranks, model, micro_steps=2, pp_size=1):
+    dp = ranks // tp_size // pp_size
     return dict(SETTINGS, parallel=layout, tp_size=tp_size, gradient_accumulation_steps=micro_steps * dp,
-                grad_checkpoint=model.get("grad_checkpoint", False))
+                grad_checkpoint=model.get("grad_checkpoint", False), pp_size=pp_size)
+
+
+def name(case):
+    return case[0] + (f", pp {case[4]}" if len(case) > 4 else "")
 
 
 def model_args(model):
     return dict(vars(GPTConfig(**model)))
 
 
-def dry(layout, tp_size, ranks, model):
+def dry(layout, tp_size, ranks, model, pp_size=1):
     dryrun.fake_world(ranks)
     try:
-        return dryrun.measure(model_args(model), settings(layout, tp_size, ranks, model), ranks)
+        return dryrun.measure(model_args(model), settings(layout, tp_size, ranks, model, pp_size=pp_size), ranks)
     finally:
         dist.destroy_process_group()
 
@@ -91,19 +97,22 @@ def worker():
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
-    for layout, tp_size, ranks, model in CASES:
+    for case in CASES:
+        layout, tp_size, ranks, model, pp_size = (*case, 1)[:5]
         if ranks == world:
-            r = dryrun.measure(model_args(model), settings(layout, tp_size, ranks, model), ranks, fake=False)
+            r = dryrun.measure(model_args(model), settings(layout, tp_size, ranks, model, pp_size=pp_size), ranks,
+                               fake=False)
             if rank == 0:
-                print(json.dumps({"layout": layout, "peak": r["peak"], "total": r["total"]}), flush=True)
+                print(json.dumps({"layout": name(case), "peak": r["peak"], "total": r["total"]}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_dry_run_matches_real_gloo_ranks():
-    """ddp, fsdp and tp on 2 gloo ranks and fsdp+tp (MoE, gradient checkpointing) on 4, one torchrun per world size:
-    rank 0's real peak, read by the same tracker, is within 5% of the dry run's, category by category."""
+    """ddp, fsdp and tp on 2 gloo ranks, fsdp+tp (MoE, gradient checkpointing) and a 2-stage pipeline of fsdp pairs
+    on 4, one torchrun per world size: rank 0's real peak, read by the same tracker, is within 5% of the dry run's,
+    category by category."""
     real = {}
     for world in sorted({c[2] for c in CASES}):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -116,15 +125,15 @@ def test_dry_run_matches_real_gloo_ranks():
                 real[r["layout"]] = r
     for case in CASES:
         expect = dry(*case)
-        got = real[case[0]]
-        print(case[0], "dry", expect["total"], expect["peak"], "real", got["total"], got["peak"])
-        assert expect["total"] == pytest.approx(got["total"], rel=0.05), case[0]
+        got = real[name(case)]
+        print(name(case), "dry", expect["total"], expect["peak"], "real", got["total"], got["peak"])
+        assert expect["total"] == pytest.approx(got["total"], rel=0.05), name(case)
         if case[0] == "ddp":  # DDP allocates its buckets in the second forward: activations to the tracker
             buckets = expect["peak"]["collective buffers"]
             got["peak"] = dict(got["peak"], activations=got["peak"]["activations"] - buckets)
             got["peak"]["collective buffers"] = buckets
-        for name, value in got["peak"].items():
-            assert expect["peak"].get(name, 0) == pytest.approx(value, rel=0.05, abs=2**16), (case[0], name)
+        for kind, value in got["peak"].items():
+            assert expect["peak"].get(kind, 0) == pytest.approx(value, rel=0.05, abs=2**16), (name(case), kind)
 
 
 def test_train_dry_run_prints_memory_and_whether_it_fits(tmp_path):
@@ -158,9 +167,8 @@ def test_dry_run_that_does_not_fit_names_the_setting_that_would():
 
 
 def test_what_cannot_be_dry_run_is_named():
-    for key in ("pp_size", "ep_size"):
-        with pytest.raises(ValueError, match=key):
-            dryrun.run(dict(settings("fsdp", 1, 2, DENSE), **{key: 2}), model_args(DENSE), 2, 80)
+    with pytest.raises(ValueError, match="ep_size"):
+        dryrun.run(dict(settings("fsdp", 1, 2, DENSE), ep_size=2), model_args(DENSE), 2, 80)
     # an fp32 MoE's expert loop reads its group sizes on the host: one line that says so, no traceback
     moe = dict(SMALL, n_expert=4, top_k=2, expert_hidden=64)
     with pytest.raises(ValueError, match="do not run under fake tensors: DataDependentOutputException"):
