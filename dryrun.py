@@ -333,7 +333,8 @@ def describe(r, s, world_size):
         lines.append("note: pipeline: rank 0 holds the first stage; as forward and backward interleave, the split "
                      "between activations and temporaries is approximate (the total is not)")
     # what the dry run leaves out, said rather than skipped
-    for left_out, why in ((s.get("compile"), "compile=True: not dry-run (eager figures; compiled blocks may hold less)"),
+    for left_out, why in ((s.get("compile"), "compile=True: not dry-run (eager figures; compiled blocks may hold "
+                                              "less)"),
                           (s.get("fsdp_cpu_offload"), "fsdp_cpu_offload=True: not dry-run (figures without it)"),
                           (s.get("mode") == "dpo", "mode='dpo': its frozen reference model is not included")):
         if left_out:
