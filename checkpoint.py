@@ -12,7 +12,6 @@ Every checkpoint holds the run's tokenizer (data.Tokenizer.spec), so a run never
 import os
 import random
 import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -280,6 +279,19 @@ def load_sharded(path, model, optimizers, group=None):
 # a run, in one process
 
 
+def read_sharded_weights(path):
+    """The model's weights from a distributed checkpoint, whole, in this process: only the model's keys are read
+    (the optimizer state, twice the weights, stays on disk), straight into tensors of the shapes its metadata gives."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    reader = dcp.FileSystemReader(path)
+    weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in
+               reader.read_metadata().state_dict_metadata.items()
+               if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(weights, storage_reader=reader, no_dist=True)
+    return {k.removeprefix("model."): v for k, v in weights.items()}
+
+
 def read_run(run_dir):
     """The later of a run's ckpt.pt and distributed checkpoint (newest), in one process and on the CPU, as one dict:
     model (the weights), model_args, config, iter_num, best_val_loss, and tokenizer when the run saved one."""
@@ -287,11 +299,7 @@ def read_run(run_dir):
         raise FileNotFoundError(f"run directory {run_dir} does not exist; give the out_dir of a training run")
     kind, path = newest(run_dir)
     if kind == "dcp":
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
-            dcp_to_torch_save(path, os.path.join(tmp, "state.pt"))
-            weights = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=True)["model"]
-        return {**read_meta(path), "model": weights}
+        return {**read_meta(path), "model": read_sharded_weights(path)}
     if kind is None:
         raise FileNotFoundError(f"{os.path.join(run_dir, 'ckpt.pt')} not found, nor a distributed checkpoint "
                                 f"(ckpt_dcp/); train a model first (python train.py ...)")

@@ -3,6 +3,7 @@ The training loop. Runs on one CPU or GPU, or on many with torchrun (layouts in 
 
     python train.py config/train_shakespeare_char.py --batch_size=32
     torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py --parallel=fsdp+tp --tp_size=2
+    python train.py config/medium_moe.py --dry_run=8    # that job's per-GPU memory, rehearsed on this CPU
 
 Every hyperparameter is a global below (the model's are GPTConfig's fields); config files and --key=value override
 them (configurator.py). The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
@@ -109,6 +110,8 @@ fsdp_reshard_after_forward = True  # False: keep parameters gathered from forwar
 fsdp_cpu_offload = False         # keep sharded parameters, gradients and optimizer state in CPU memory
 seed = 1337
 peak_flops = 0.0                 # FLOP/s that MFU is measured against; 0: look it up / measure it
+dry_run = 0                      # N > 0: rehearse an N-GPU job on this CPU (rank 0's memory, FLOPs), exit (dryrun.py)
+gpu_memory = 80.0                # GiB per GPU that the dry run checks the job fits
 # -----------------------------------------------------------------------------
 globals().update({k: v for k, v in GPTConfig.defaults().items() if k not in globals() and k != "vocab_size"})
 config_keys = list(configurator.hyperparameters(globals()))
@@ -125,6 +128,19 @@ config = {k: globals()[k] for k in config_keys}
 # every setting is checked before any work: a bad one ends the run in one line naming it, nothing touched
 configurator.check_training(config)
 model_config = GPTConfig.from_settings(config)  # the model's own settings (sizes, dropout, MoE, DRE), checked
+
+
+def padded_vocab(meta):
+    """A fresh model's vocabulary: the data's (its tokenizer's for sft/dpo, else GPT-2's 50304), padded to a
+    multiple of 64, which makes the head's matmul faster (tiny vocabularies stay as they are)."""
+    vocab = meta.get("vocab_size") or (data.Tokenizer(meta).vocab_size if mode != "pretrain" else 50304)
+    return 64 * math.ceil(vocab / 64) if vocab > 4096 else vocab
+
+
+if dry_run:  # the job rehearsed on this CPU at its full size, then exit (dryrun.py)
+    import dryrun
+    sys.exit(dryrun.run(config, vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(
+        data.read_meta(os.path.join("data", dataset))))), dry_run, gpu_memory))
 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and init_from != "resume" and (
         os.path.exists(os.path.join(out_dir, "ckpt.pt")) or find_sharded(out_dir)):
     init_from = "resume"  # torchrun restarted the workers after a failure: go on from the last checkpoint
@@ -207,10 +223,7 @@ def init_model():
     'resume', from the later of out_dir's ckpt.pt and distributed checkpoint; a run's out_dir, whose weights start
     a fresh run (to fine-tune); 'hf:FOLDER' or a GPT-2 name. ValueError when that cannot be had."""
     if init_from == "scratch":
-        vocab = meta.get("vocab_size") or (data.Tokenizer(meta).vocab_size if mode != "pretrain" else 50304)
-        if vocab > 4096:  # a multiple of 64 makes the head's matmul faster; tiny vocabularies stay as is
-            vocab = 64 * math.ceil(vocab / 64)
-        args = dict(vars(GPTConfig.from_settings(config, vocab_size=vocab)))
+        args = dict(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(meta))))
         return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
     if init_from != "resume":  # weights to start from: this run's settings, the source's architecture and tokenizer
         if not init_from.startswith(("gpt2", "hf:")) and not (os.path.isdir(init_from) and newest(init_from)[0]):
@@ -230,6 +243,10 @@ def init_model():
     return model, args, ckpt.get("tokenizer") or data.tokenizer_spec(meta), ckpt
 
 
+if init_from == "scratch" and not eval_only:  # a run that cannot fit stops here, in one line, before it allocates
+    import dryrun
+    dryrun.refuse_what_cannot_fit(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(meta))),
+                                  {**config, "parallel": parallel}, world_size, device_type, master)
 old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
 if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # one run per out_dir, unless asked
     if master:
