@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 import dryrun
 from model import GPT, GPTConfig
@@ -138,9 +138,9 @@ def test_dry_run_matches_real_gloo_ranks():
 
 def test_train_dry_run_prints_memory_and_whether_it_fits(tmp_path):
     """train.py --dry_run=N as a user runs it, in a folder without data: the report, and the last line's verdict."""
-    args = [sys.executable, os.path.join(ROOT, "train.py"), "--dry_run=4", "--parallel=fsdp", "--n_layer=1",
-            "--n_head=4", "--n_embd=64", "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=4"]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_script("train.py", ["--dry_run=4", "--parallel=fsdp", "--n_layer=1", "--n_head=4", "--n_embd=64",
+                                   "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=4"], tmp_path,
+                      check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("dry run: rank 0 of 4, parallel=fsdp")
