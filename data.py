@@ -156,7 +156,7 @@ def check_token_files(data_dir, splits, dtype, block_size, vocab_size=None):
     """{split: its token files} (token_files); ValueError, saying how to fix it, unless each file holds a whole
     number of tokens, each shard the count meta.json lists for it, a split more than a block of them in a file, and
     (the first ~128M tokens of a split are scanned, a second or so; the rest batch by batch) none past vocab_size."""
-    files, listed = {}, read_meta(data_dir).get("shards")
+    files, listed, dtype = {}, read_meta(data_dir).get("shards"), np.dtype(dtype)
     for split in splits:
         files[split] = paths = token_files(data_dir, split)
         if paths[0].endswith(f"{split}.bin"):
@@ -217,7 +217,7 @@ def pretrain_batch(paths, dtype, batch_size, block_size, generator, rank=0, worl
     possible window equally likely), for data-parallel rank `rank` of `world` (all draw the same world*batch_size
     windows, each keeps its slice). Ids past vocab_size are a ValueError. A mask file beside a token file
     (train.bin: train_mask.bin, one uint8 a token, 1 at the tokens to learn) sets Y to -1 (no loss) elsewhere."""
-    paths = [paths] if isinstance(paths, str) else paths
+    paths, dtype = [paths] if isinstance(paths, str) else paths, np.dtype(dtype)
     windows = np.array([max(0, os.path.getsize(p) // dtype.itemsize - block_size) for p in paths])  # starts each
     ends = np.cumsum(windows)
     ix = torch.randint(int(ends[-1]), (world * batch_size,), generator=generator)  # one file: as nanoGPT draws
