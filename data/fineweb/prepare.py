@@ -22,6 +22,7 @@ next one starts). --procs processes tokenize; the shards do not depend on how ma
 
 import argparse
 import fnmatch
+import importlib
 import json
 import os
 import sys
@@ -36,6 +37,13 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(here, "..", "tiktoken")
 import data  # noqa: E402
 
 CHUNK_DOCS = 256  # documents a tokenizing task gets
+
+
+def need(module, package, why):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"error: {why} needs {package}: pip install {package}") from None
 
 
 def count(text):
@@ -83,9 +91,9 @@ def input_files(args):
                 raise SystemExit(f"error: no .parquet or .jsonl files in {path}")
             found += names
         return [(n, n) for n in found]
-    from huggingface_hub import list_repo_files
+    hub = need("huggingface_hub", "huggingface_hub", "downloading from the Hugging Face Hub")
     try:
-        names = sorted(fnmatch.filter(list_repo_files(args.repo, repo_type="dataset"), args.files))
+        names = sorted(fnmatch.filter(hub.list_repo_files(args.repo, repo_type="dataset"), args.files))
     except Exception as e:  # offline, a mistyped repo, a gated one without a token
         raise SystemExit(f"error: could not list --repo={args.repo} on the Hugging Face Hub ({type(e).__name__}: "
                          f"{e}); check the name and your connection, or give local files")
@@ -137,8 +145,7 @@ class Inputs:
 def texts(path, column, start=0):
     """The documents of a Parquet or JSONL file from row `start` on (a missing or null text is '')."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(path)
+        pf = need("pyarrow.parquet", "pyarrow", "reading Parquet").ParquetFile(path)
         if column not in pf.schema_arrow.names:
             raise SystemExit(f"error: {path} has no column {column!r} (it has {', '.join(pf.schema_arrow.names)}); "
                              f"set --text_column")
