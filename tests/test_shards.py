@@ -109,6 +109,26 @@ def test_max_tokens_takes_a_sample_that_a_longer_run_extends(corpus, tmp_path):
         prepare.main([str(folder), f"--out_dir={tmp_path / 'part'}", "--shard_tokens=5000", "--val_tokens=2000"])
 
 
+def test_hub_files_download_one_ahead_and_tokenize_as_local_ones(corpus, tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")  # the Hub, played by a local folder: this machine has no network
+    folder, _ = corpus
+    served = {f"sample/10BT/{n}": folder / n for n in ("a.parquet", "b.parquet")}
+    fetched = []
+
+    def download(repo, name, repo_type, local_dir):
+        assert (repo, repo_type) == ("HuggingFaceFW/fineweb-edu", "dataset")
+        fetched.append(name)
+        os.makedirs(os.path.dirname(os.path.join(local_dir, name)), exist_ok=True)
+        return shutil.copy(served[name], os.path.join(local_dir, name))
+    monkeypatch.setattr(hub, "list_repo_files", lambda repo, repo_type: ["README.md", *sorted(served)])
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    prepare.main([f"--out_dir={tmp_path / 'hub'}", *ARGS[:-1], "--procs=2"])
+    prepare.main([str(folder / "a.parquet"), str(folder / "b.parquet"), f"--out_dir={tmp_path / 'local'}", *ARGS])
+    (hub_meta, hub_shards), (local_meta, local_shards) = shards(tmp_path / "hub"), shards(tmp_path / "local")
+    assert fetched == sorted(served) and hub_shards == local_shards and hub_meta["shards"] == local_meta["shards"]
+    assert hub_meta["source"] == "HuggingFaceFW/fineweb-edu:sample/10BT/*.parquet"
+
+
 # -----------------------------------------------------------------------------
 # train.py's side: windows across shards, checks per shard
 

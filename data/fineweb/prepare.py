@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections import deque
+from itertools import chain
 
 import numpy as np
 
@@ -121,17 +122,23 @@ class Inputs:
                     self.ahead[g] = self.pool.submit(hf_hub_download, self.args.repo, self.files[g][0],
                                                      repo_type="dataset",
                                                      local_dir=os.path.join(self.args.out_dir, "download"))
-            self.files[f] = (self.files[f][0], self.ahead.pop(f).result())
+            self.take(f)
         return self.files[f][1]
+
+    def take(self, f):
+        try:
+            self.files[f] = (self.files[f][0], self.ahead.pop(f).result())
+        except Exception as e:  # the network, the disk
+            raise SystemExit(f"error: downloading {self.files[f][0]} failed ({type(e).__name__}: {e}); run the "
+                             f"same command again to resume") from None
 
     def quiet(self):
         """No download thread left (before forking the tokenizing processes): waits for the one under way."""
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
-            for g, fut in self.ahead.items():
-                self.files[g] = (self.files[g][0], fut.result())
-            self.ahead = {}
+            for g in list(self.ahead):
+                self.take(g)
 
     def done(self, f, row):
         """The share of the input before file f's row `row` (a JSONL file counts whole)."""
@@ -187,7 +194,7 @@ def encode_chunk(task):
     f, row, docs = task
     ids = [[_eot] + _enc.encode_ordinary(text) if text else [] for text in docs]
     lengths = np.array([len(d) for d in ids], dtype=np.int64)
-    return f, row, lengths, np.fromiter((t for d in ids for t in d), dtype=np.int64, count=int(lengths.sum()))
+    return f, row, lengths, np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
 
 
 def chunks(inputs, column, position):
