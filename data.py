@@ -4,6 +4,7 @@ fine-tuning data of mode='sft' and mode='dpo'. A turn is
 special ids (a character vocabulary has none to spare; a pretrained model knows text), so no text may hold one."""
 
 import base64
+import functools
 import json
 import os
 import re
@@ -212,36 +213,45 @@ def check_token_range(tokens, vocab_size, path):
                          f"{vocab_size}; was {os.path.dirname(path)} prepared with another tokenizer?")
 
 
+@functools.lru_cache(maxsize=16)
+def token_counts(paths, itemsize):
+    """Tokens in each file, read once: a run's token files do not change under it (train.py checked them)."""
+    return np.array([os.path.getsize(p) // itemsize for p in paths])
+
+
+def read_tokens(path, dtype, start, n):
+    return np.fromfile(path, dtype=dtype, count=n, offset=start * dtype.itemsize)
+
+
 def pretrain_batch(paths, dtype, batch_size, block_size, generator, rank=0, world=1, vocab_size=None):
     """X, Y (B, T) of random windows of a token file, or of a list of them (shards: a window lies in one shard, each
     possible window equally likely), for data-parallel rank `rank` of `world` (all draw the same world*batch_size
     windows, each keeps its slice). Ids past vocab_size are a ValueError. A mask file beside a token file
     (train.bin: train_mask.bin, one uint8 a token, 1 at the tokens to learn) sets Y to -1 (no loss) elsewhere."""
-    paths, dtype = [paths] if isinstance(paths, str) else paths, np.dtype(dtype)
-    windows = np.array([max(0, os.path.getsize(p) // dtype.itemsize - block_size) for p in paths])  # starts each
+    paths, dtype = [paths] if isinstance(paths, str) else list(paths), np.dtype(dtype)
+    counts = token_counts(tuple(paths), dtype.itemsize)
+    windows = np.maximum(0, counts - block_size)  # window starts in each file
     ends = np.cumsum(windows)
     ix = torch.randint(int(ends[-1]), (world * batch_size,), generator=generator)  # one file: as nanoGPT draws
     drawn = ix[rank * batch_size:(rank + 1) * batch_size].numpy()
-    which = np.searchsorted(ends, drawn, side="right")
-    x, y = [], []
-    for f in np.unique(which):  # a memmap anew each batch, of the files it reads: it keeps the pages it read
-        data, path = np.memmap(paths[f], dtype=dtype, mode="r"), paths[f]
-        starts = (drawn[which == f] - ends[f] + windows[f]).tolist()
-        tokens = np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64)
-        if vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
-            check_token_range(tokens, vocab_size, path)
-        xf, yf = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
-        mask_path = path[:-len(".bin")] + "_mask.bin"
+    which = np.searchsorted(ends, drawn, side="right")  # each window's file, and its start there
+    starts = (drawn - ends[which] + windows[which]).tolist()
+    tokens = np.stack([read_tokens(paths[f], dtype, i, block_size + 1) for f, i in zip(which, starts)])
+    tokens = tokens.astype(np.int64)
+    if vocab_size and tokens.max() >= vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
+        row = int(np.argmax(tokens.max(axis=1) >= vocab_size))
+        check_token_range(tokens[row], vocab_size, paths[which[row]])
+    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    for f in np.unique(which):
+        mask_path = paths[f][:-len(".bin")] + "_mask.bin"
         if os.path.exists(mask_path):
-            mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
-            if len(mask) != len(data):
-                raise ValueError(f"{mask_path} has {len(mask)} entries for {len(data)} tokens in {path}; write both "
-                                 f"again")
-            yf = yf.masked_fill(torch.from_numpy(np.stack([mask[i + 1:i + block_size + 1] for i in starts]) == 0), -1)
-        x.append(xf)
-        y.append(yf)
-    order = torch.from_numpy(np.argsort(which, kind="stable")).argsort()  # back to the order drawn
-    return torch.cat(x)[order], torch.cat(y)[order]
+            if os.path.getsize(mask_path) != counts[f]:
+                raise ValueError(f"{mask_path} has {os.path.getsize(mask_path)} entries for {counts[f]} tokens in "
+                                 f"{paths[f]}; write both again")
+            rows = np.flatnonzero(which == f)
+            mask = np.stack([read_tokens(mask_path, np.dtype(np.uint8), starts[r] + 1, block_size) for r in rows])
+            y[rows] = y[rows].masked_fill(torch.from_numpy(mask) == 0, -1)
+    return x, y
 
 
 # -----------------------------------------------------------------------------

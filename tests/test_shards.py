@@ -187,6 +187,8 @@ def test_a_bad_shard_is_named_with_the_fix(tmp_path):
     (np.arange(60) + 990).astype(np.uint16).tofile(paths[1])  # ids past the vocabulary
     with pytest.raises(ValueError, match="token id 1049 in train_000001.bin is out of range for vocab_size=1000"):
         check()
+    with pytest.raises(ValueError, match="in train_000001.bin is out of range"):  # and batches past the scan
+        data.pretrain_batch(paths, np.uint16, 64, 8, torch.Generator().manual_seed(0), vocab_size=1000)
     os.remove(paths[1])
     with pytest.raises(ValueError, match="train_000001.bin is missing"):
         check()
