@@ -368,9 +368,10 @@ def main(argv=None):
             "source": args.inputs or f"{args.repo}:{args.files}"}
     save_json(meta_path, meta)
     save_json(state_path, {**state, "done": args.max_tokens})
+    seconds = time.time() - t0
     print(f"{written:,} tokens ({spec['tokenizer']}, vocab {meta['vocab_size']}, {dtype.name}): val "
           f"{shards['val_000000.bin']:,}, train {written - shards['val_000000.bin']:,} in {len(shards) - 1} shards; "
-          f"written to {args.out_dir}")
+          f"{(written - start) / seconds:,.0f} tokens/s over {seconds:.1f} s; written to {args.out_dir}")
 
 
 if __name__ == "__main__":
