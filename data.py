@@ -39,8 +39,9 @@ def tokenizer_spec(meta):
 
 class Tokenizer:
     """The tokenizer described by a dataset's meta.json: 'char' (its "chars" string), 'bpe' (a BPE trained on the
-    data, its table in "bpe": train_bpe) or a tiktoken encoding; or 'hf:FOLDER', the tokenizer of a local Hugging Face model folder (transformers' AutoTokenizer). `spec` is that
-    description alone, which every checkpoint keeps: a run is sampled, served and resumed with its own tokenizer."""
+    data, its table in "bpe": train_bpe) or a tiktoken encoding; or 'hf:FOLDER', the tokenizer of a local Hugging
+    Face model folder (transformers' AutoTokenizer). `spec` is that description alone, which every checkpoint
+    keeps: a run is sampled, served and resumed with its own tokenizer."""
 
     def __init__(self, meta):
         self.spec = tokenizer_spec(meta)
@@ -183,8 +184,9 @@ def check_token_files(data_dir, splits, dtype, block_size, vocab_size=None):
                 check_token_range(np.memmap(path, dtype=dtype, mode="r"), vocab_size, path)
                 budget -= n
         if max(listed[os.path.basename(p)] for p in paths) <= block_size:
+            more = "--val_tokens" if split == "val" else "--shard_tokens"
             raise ValueError(f"no {split} shard of {data_dir} holds more than block_size={block_size} tokens; "
-                             f"prepare it with more --val_tokens or use a smaller block_size")
+                             f"prepare it with more {more} or use a smaller block_size")
     return files
 
 
