@@ -243,7 +243,7 @@ def pretrain_batch(paths, dtype, batch_size, block_size, generator, rank=0, worl
     if vocab_size and tokens.max() >= vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
         row = int(np.argmax(tokens.max(axis=1) >= vocab_size))
         check_token_range(tokens[row], vocab_size, paths[which[row]])
-    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:].copy())  # (y is masked in place)
     for f in np.unique(which):
         mask_path = paths[f][:-len(".bin")] + "_mask.bin"
         if os.path.exists(mask_path):

@@ -105,6 +105,8 @@ def test_max_tokens_takes_a_sample_that_a_longer_run_extends(corpus, tmp_path):
     assert b"".join(files.values()) == b"".join(whole.values())[:9500 * 2]
     prepare.main([str(folder), f"--out_dir={tmp_path / 'part'}", *ARGS])  # the rest, after the finished shards
     assert shards(tmp_path / "part") == shards(tmp_path / "whole")
+    with pytest.raises(SystemExit, match="more than --max_tokens=5,000"):  # a smaller sample: not by deleting shards
+        prepare.main([str(folder), f"--out_dir={tmp_path / 'part'}", *ARGS, "--max_tokens=5000"])
     with pytest.raises(SystemExit, match="other settings.*shard_tokens"):
         prepare.main([str(folder), f"--out_dir={tmp_path / 'part'}", "--shard_tokens=5000", "--val_tokens=2000"])
 
@@ -156,6 +158,13 @@ def test_windows_are_drawn_uniformly_across_shards_and_split_between_ranks(tmp_p
     expected = np.stack([arrays[f][i:i + block + 1] for f, i in (every[j] for j in ix.tolist())])
     assert torch.equal(x, torch.from_numpy(expected[:, :-1].astype(np.int64)))
     assert torch.equal(y, torch.from_numpy(expected[:, 1:].astype(np.int64)))
+    mask = np.arange(len(arrays[3])) % 2  # a mask beside one shard: no loss on its even tokens, the rest untouched
+    mask.astype(np.uint8).tofile(paths[3][:-4] + "_mask.bin")
+    xm, ym = data.pretrain_batch(paths, np.dtype(np.uint16), 64, block, torch.Generator().manual_seed(3))
+    in_3 = torch.tensor([every[j][0] == 3 for j in ix.tolist()])
+    assert torch.equal(xm, x) and torch.equal(ym[~in_3], y[~in_3]) and in_3.any()
+    assert torch.equal(ym[in_3], torch.where(y[in_3] % 2 == 1, y[in_3], -1))  # tokens count up: odd ones are kept
+    os.remove(paths[3][:-4] + "_mask.bin")
     halves = [data.pretrain_batch(paths, np.dtype(np.uint16), 32, block, torch.Generator().manual_seed(3), r, 2)
               for r in range(2)]
     assert torch.equal(torch.cat([h[0] for h in halves]), x)  # each rank its slice of the same draw

@@ -305,6 +305,10 @@ def main(argv=None):
                          f"from; give an empty --out_dir, or delete them")
     if state is None:
         state = {"settings": settings, "spec": tokenizer_spec(args, inputs), "shards": {}, "position": [0, 0, 0]}
+    if args.max_tokens and args.max_tokens < sum(state["shards"].values()):
+        raise SystemExit(f"error: {args.out_dir} holds {sum(state['shards'].values()):,} tokens of finished shards, "
+                         f"more than --max_tokens={args.max_tokens:,}; give another --out_dir for a smaller sample")
+    state.pop("done", None)
     spec = state["spec"]
     dtype = np.dtype(np.uint16 if data.Tokenizer(spec).vocab_size < 65536 else np.uint32)
     if os.path.exists(meta_path):
@@ -320,7 +324,7 @@ def main(argv=None):
     out, filled = None, 0
     tokens_at = lambda f, row: written / args.max_tokens if args.max_tokens else inputs.done(f, row)  # noqa: E731
     enough = lambda: args.max_tokens and written == args.max_tokens  # noqa: E731
-    began = tokens_at(f0, row0)
+    began = start / args.max_tokens if args.max_tokens else f0 / len(inputs)  # (no download to learn more)
     inputs.quiet()
     try:
         for f, row, lengths, tokens in tokenized(chunks(inputs, args.text_column, (f0, row0)), spec, args.procs):
