@@ -188,13 +188,6 @@ def to_hf_weights(config, weights, n_vocab):
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def bytes_to_unicode():
-    """GPT-2's map of the 256 byte values to printable characters, which its vocab.json and merges are written in."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    extra = [b for b in range(256) if b not in keep]
-    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
-
-
 def bpe_merges(ranks):
     """The merge list of a tiktoken encoding, whose files hold only ranks: a token's merge is the pair that
     byte-pair encoding of its bytes, using only the lower-ranked tokens, ends with."""
@@ -210,7 +203,7 @@ def bpe_merges(ranks):
 
 
 def build_tokenizer(meta):
-    """(tokenizers.Tokenizer, special tokens {name: text}) for a meta.json's 'char' or tiktoken tokenizer."""
+    """(tokenizers.Tokenizer, special tokens {name: text}) for a meta.json's 'char', 'bpe' or tiktoken tokenizer."""
     tokenizers = need("tokenizers", "writing the tokenizer files")
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     if meta.get("tokenizer", "gpt2") == "char":
@@ -218,9 +211,10 @@ def build_tokenizer(meta):
         tok = tokenizers.Tokenizer(models.BPE({ch: i for i, ch in enumerate(meta["chars"])}, []))
         tok.decoder = decoders.Fuse()
         return tok, {}
-    enc = need("tiktoken", "writing a BPE tokenizer").get_encoding(meta.get("tokenizer", "gpt2"))
+    need("tiktoken", "writing a BPE tokenizer")
+    enc = data.Tokenizer(meta).backend  # a tiktoken Encoding, named or trained (data.train_bpe)
     ranks = enc._mergeable_ranks  # tiktoken's bytes -> rank table (no public accessor)
-    byte_char = bytes_to_unicode()
+    byte_char = data.bytes_to_unicode()
     text = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731
     tok = tokenizers.Tokenizer(models.BPE({text(t): r for t, r in ranks.items()},
                                           [(text(a), text(b)) for a, b in bpe_merges(ranks)]))
@@ -452,7 +446,7 @@ def evaluate(argv):
         raise ValueError("nothing to evaluate: give --bpb DATA_DIR and/or --choices FILE.jsonl")
     model, tokenizer, _ = load_run(a.source, a.device)
     if a.bpb:
-        val = os.path.join(a.bpb, "val.bin")
+        val = data.token_files(a.bpb, "val")[0]
         if not os.path.exists(val):
             raise FileNotFoundError(f"{val} not found; --bpb takes a folder prepared by data/*/prepare.py")
         ids = np.fromfile(val, dtype=data.read_meta(a.bpb).get("dtype", "uint16"))

@@ -3,8 +3,11 @@ fine-tuning data of mode='sft' and mode='dpo'. A turn is
 "Human: {prompt}\\n\\nAssistant: {response}\\nEND", and turns are joined by a blank line. The markers are text, not
 special ids (a character vocabulary has none to spare; a pretrained model knows text), so no text may hold one."""
 
+import base64
+import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,9 @@ HUMAN, ASSISTANT, END, TURN_SEP = "Human: ", "\n\nAssistant:", "\nEND", "\n\n"
 GPT2_BPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiktoken")  # shipped BPE files
 MARKERS = ("Human:", "Assistant:", END)  # no text may contain these; generated text is cut at the first
 JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+# a trained BPE splits text into pieces by GPT-4's pattern (tiktoken's cl100k_base), then merges bytes inside each
+BPE_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
+               r"""\s+(?!\S)|\s+""")
 FORMATS = {"sft": (("prompt", "response"), '{"prompt", "response"}'),  # each mode's string fields, and its lines
            "dpo": (("prompt", "chosen", "rejected"), '{"prompt", "chosen", "rejected"[, "p_chosen"]}')}
 
@@ -28,13 +34,14 @@ def tokenizer_spec(meta):
     name = meta.get("tokenizer", "gpt2")
     if name.startswith("hf:"):  # absolute: the run may be loaded from another directory
         name = "hf:" + os.path.abspath(name[3:])
-    return {"tokenizer": name, **{k: meta[k] for k in ("chars", "eot_id") if k in meta}}
+    return {"tokenizer": name, **{k: meta[k] for k in ("chars", "eot_id", "bpe") if k in meta}}
 
 
 class Tokenizer:
-    """The tokenizer described by a dataset's meta.json: 'char' (its "chars" string) or a tiktoken encoding; or
-    'hf:FOLDER', the tokenizer of a local Hugging Face model folder (transformers' AutoTokenizer). `spec` is that
-    description alone, which every checkpoint keeps: a run is sampled, served and resumed with its own tokenizer."""
+    """The tokenizer described by a dataset's meta.json: 'char' (its "chars" string), 'bpe' (a BPE trained on the
+    data, its table in "bpe": train_bpe) or a tiktoken encoding; or 'hf:FOLDER', the tokenizer of a local Hugging
+    Face model folder (transformers' AutoTokenizer). `spec` is that description alone, which every checkpoint
+    keeps: a run is sampled, served and resumed with its own tokenizer."""
 
     def __init__(self, meta):
         self.spec = tokenizer_spec(meta)
@@ -53,6 +60,11 @@ class Tokenizer:
             except ImportError:
                 raise ImportError("a Hugging Face tokenizer needs transformers: pip install transformers") from None
             self._loaded = AutoTokenizer.from_pretrained(self.name[3:], local_files_only=True)
+        elif self._loaded is None and self.name == "bpe":  # its table travels with the data and every checkpoint
+            import tiktoken
+            ranks = {base64.b64decode(t): r for r, t in enumerate(self.spec["bpe"]["tokens"])}
+            self._loaded = tiktoken.Encoding("bpe", pat_str=self.spec["bpe"]["pattern"], mergeable_ranks=ranks,
+                                             special_tokens={"<|endoftext|>": len(ranks)})
         elif self._loaded is None:
             import tiktoken
             if self.name == "gpt2":  # GPT-2's BPE files ship with the code: no download, no network
@@ -83,6 +95,35 @@ class Tokenizer:
         return self.backend.decode([i for i in ids if i < self.vocab_size])  # padded ids are not text
 
 
+def bytes_to_unicode():
+    """GPT-2's map of the 256 byte values to printable characters, which its vocab.json and merges are written in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
+
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE of vocab_size ids, the last one <|endoftext|>, trained on `texts` (an iterable of strings)
+    by Hugging Face tokenizers' trainer; returns meta.json's "bpe" entry, tiktoken's form of it: the split pattern
+    and each token's bytes (base64) in rank order, the 256 single bytes first, then the merges in the order made."""
+    try:
+        from tokenizers import Regex, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:
+        raise ImportError("training a BPE tokenizer needs Hugging Face tokenizers: pip install tokenizers") from None
+    if not 257 < vocab_size < 2**31:
+        raise ValueError(f"a trained BPE needs more than 257 tokens (256 bytes and the end-of-text), got {vocab_size}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(BPE_PATTERN), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    merged = sorted((i, bytes(byte_of[c] for c in t)) for t, i in tok.get_vocab().items() if len(t) > 1)
+    tokens = [bytes([b]) for b in range(256)] + [t for _, t in merged]
+    return {"pattern": BPE_PATTERN, "tokens": [base64.b64encode(t).decode() for t in tokens]}
+
+
 # -----------------------------------------------------------------------------
 # pretraining: data/<dataset>/{train,val}.bin (token ids) and meta.json (vocab_size, dtype, tokenizer)
 
@@ -104,12 +145,49 @@ def read_meta(data_dir):
     return meta
 
 
+def token_files(data_dir, split):
+    """A split's token files: data_dir/split.bin, or else its shards split_000000.bin, split_000001.bin, ... in order
+    (data/fineweb/prepare.py writes those)."""
+    single = os.path.join(data_dir, f"{split}.bin")
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) and not os.path.exists(single) else []
+    shards = sorted(n for n in names if re.fullmatch(rf"{split}_\d+\.bin", n))
+    return [os.path.join(data_dir, n) for n in shards] or [single]
+
+
 def check_token_files(data_dir, splits, dtype, block_size, vocab_size=None):
-    """ValueError, saying how to fix it, unless each split's file holds a whole number of tokens, more than a block of
-    them, and (files up to ~128M tokens are scanned, a second or so; larger ones batch by batch) none past
-    vocab_size."""
+    """{split: its token files} (token_files); ValueError, saying how to fix it, unless each file holds a whole
+    number of tokens, each shard the count meta.json lists for it, a split more than a block of them in a file, and
+    (the first ~128M tokens of a split are scanned, a second or so; the rest batch by batch) none past vocab_size."""
+    files, listed, dtype = {}, read_meta(data_dir).get("shards"), np.dtype(dtype)
     for split in splits:
-        check_token_file(os.path.join(data_dir, f"{split}.bin"), dtype, block_size, vocab_size)
+        files[split] = paths = token_files(data_dir, split)
+        if paths[0].endswith(f"{split}.bin"):
+            check_token_file(paths[0], dtype, block_size, vocab_size)
+            continue
+        if not isinstance(listed, dict):
+            raise ValueError(f"{data_dir} holds {split} shards but its meta.json lists none: their prepare has not "
+                             f"finished; run it again (it continues where it stopped)")
+        missing = sorted(set(n for n in listed if n.startswith(f"{split}_")) - {os.path.basename(p) for p in paths})
+        if missing:
+            raise ValueError(f"{os.path.join(data_dir, missing[0])} is missing (meta.json lists it); copy it again "
+                             f"or run the prepare again")
+        budget = 2**27 if vocab_size else 0  # tokens scanned for ids past vocab_size
+        for path in paths:
+            name, n = os.path.basename(path), os.path.getsize(path) / dtype.itemsize
+            if name not in listed:
+                raise ValueError(f"{path} is not among meta.json's shards: another prepare's shard? Remove it, or "
+                                 f"prepare {data_dir} again")
+            if n != listed[name]:
+                raise ValueError(f"{path} holds {n:,.1f} {dtype.name} tokens where meta.json lists {listed[name]:,}: "
+                                 f"truncated (an interrupted copy?) or from another prepare; copy it or prepare again")
+            if 0 < n <= budget:
+                check_token_range(np.memmap(path, dtype=dtype, mode="r"), vocab_size, path)
+                budget -= n
+        if max(listed[os.path.basename(p)] for p in paths) <= block_size:
+            more = "--val_tokens" if split == "val" else "--shard_tokens"
+            raise ValueError(f"no {split} shard of {data_dir} holds more than block_size={block_size} tokens; "
+                             f"prepare it with more {more} or use a smaller block_size")
+    return files
 
 
 def check_token_file(path, dtype, block_size, vocab_size=None):
@@ -137,23 +215,44 @@ def check_token_range(tokens, vocab_size, path):
                          f"{vocab_size}; was {os.path.dirname(path)} prepared with another tokenizer?")
 
 
-def pretrain_batch(path, dtype, batch_size, block_size, generator, rank=0, world=1, vocab_size=None):
-    """X, Y (B, T) of random windows of a token file for data-parallel rank `rank` of `world` (all draw the same
-    world*batch_size windows, each keeps its slice). Ids past vocab_size are a ValueError. A mask file beside it
+@functools.lru_cache(maxsize=16)
+def token_counts(paths, itemsize):
+    """Tokens in each file, read once: a run's token files do not change under it (train.py checked them)."""
+    return np.array([os.path.getsize(p) // itemsize for p in paths])
+
+
+def read_tokens(path, dtype, start, n):
+    return np.fromfile(path, dtype=dtype, count=n, offset=start * dtype.itemsize)
+
+
+def pretrain_batch(paths, dtype, batch_size, block_size, generator, rank=0, world=1, vocab_size=None):
+    """X, Y (B, T) of random windows of a token file, or of a list of them (shards: a window lies in one shard, each
+    possible window equally likely), for data-parallel rank `rank` of `world` (all draw the same world*batch_size
+    windows, each keeps its slice). Ids past vocab_size are a ValueError. A mask file beside a token file
     (train.bin: train_mask.bin, one uint8 a token, 1 at the tokens to learn) sets Y to -1 (no loss) elsewhere."""
-    data = np.memmap(path, dtype=dtype, mode="r")  # anew each batch: a memmap keeps the pages it read (nanoGPT)
-    ix = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
-    starts = ix[rank * batch_size:(rank + 1) * batch_size].tolist()
-    tokens = np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64)
-    if vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
-        check_token_range(tokens, vocab_size, path)
-    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
-    mask_path = path[:-len(".bin")] + "_mask.bin"
-    if os.path.exists(mask_path):
-        mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
-        if len(mask) != len(data):
-            raise ValueError(f"{mask_path} has {len(mask)} entries for {len(data)} tokens in {path}; write both again")
-        y = y.masked_fill(torch.from_numpy(np.stack([mask[i + 1:i + block_size + 1] for i in starts]) == 0), -1)
+    paths, dtype = [paths] if isinstance(paths, str) else list(paths), np.dtype(dtype)
+    counts = token_counts(tuple(paths), dtype.itemsize)
+    windows = np.maximum(0, counts - block_size)  # window starts in each file
+    ends = np.cumsum(windows)
+    ix = torch.randint(int(ends[-1]), (world * batch_size,), generator=generator)  # one file: as nanoGPT draws
+    drawn = ix[rank * batch_size:(rank + 1) * batch_size].numpy()
+    which = np.searchsorted(ends, drawn, side="right")  # each window's file, and its start there
+    starts = (drawn - ends[which] + windows[which]).tolist()
+    tokens = np.stack([read_tokens(paths[f], dtype, i, block_size + 1) for f, i in zip(which, starts)])
+    tokens = tokens.astype(np.int64)
+    if vocab_size and tokens.max() >= vocab_size:  # cheap per batch, catches what train.py's startup scan skipped
+        row = int(np.argmax(tokens.max(axis=1) >= vocab_size))
+        check_token_range(tokens[row], vocab_size, paths[which[row]])
+    x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:].copy())  # (y is masked in place)
+    for f in np.unique(which):
+        mask_path = paths[f][:-len(".bin")] + "_mask.bin"
+        if os.path.exists(mask_path):
+            if os.path.getsize(mask_path) != counts[f]:
+                raise ValueError(f"{mask_path} has {os.path.getsize(mask_path)} entries for {counts[f]} tokens in "
+                                 f"{paths[f]}; write both again")
+            rows = np.flatnonzero(which == f)
+            mask = np.stack([read_tokens(mask_path, np.dtype(np.uint8), starts[r] + 1, block_size) for r in rows])
+            y[rows] = y[rows].masked_fill(torch.from_numpy(mask) == 0, -1)
     return x, y
 
 

@@ -64,7 +64,7 @@ wandb_log = False                # log to Weights & Biases (needs `pip install w
 wandb_project = "nanothink"
 wandb_run_name = "run"
 # data
-dataset = "openwebtext"          # reads data/<dataset>/{train,val}.bin and meta.json
+dataset = "openwebtext"          # reads data/<dataset>/{train,val}.bin (or shards train_000000.bin, ...), meta.json
 gradient_accumulation_steps = 1  # micro-batches per optimizer step (summed over all data-parallel ranks)
 batch_size = 12                  # sequences per micro-batch
 block_size = 1024                # tokens per sequence
@@ -194,16 +194,15 @@ data_dir = os.path.join("data", dataset)
 meta = data.read_meta(data_dir)
 token_dtype = np.dtype(meta.get("dtype", "uint16"))
 bin_splits = ("train", "val") if mode == "pretrain" else ()  # sft and dpo read JSONL instead, tokenized once here
-data.check_token_files(data_dir, bin_splits, token_dtype, block_size)
+token_files = data.check_token_files(data_dir, bin_splits, token_dtype, block_size)  # {split: files}
 
 def get_batch(split, generator):
     """This data-parallel rank's share of the next global batch: every rank draws the same dp_size*batch_size
     windows (or examples) from the same generator and keeps its own slice, so a step sees the same data in every
     layout. (X, Y) of token windows, (X, Y) for sft and (X, Y, p) for dpo, Y -1 outside the responses."""
     batch = data.finetune_batch(chat_data[split], batch_size, block_size, generator, dp_rank, dp_size) \
-        if mode != "pretrain" else data.pretrain_batch(os.path.join(data_dir, f"{split}.bin"), token_dtype,
-                                                       batch_size, block_size, generator, dp_rank, dp_size,
-                                                       vocab_size)
+        if mode != "pretrain" else data.pretrain_batch(token_files[split], token_dtype, batch_size, block_size,
+                                                       generator, dp_rank, dp_size, vocab_size)
     if device_type == "cuda":
         return [t.pin_memory().to(device, non_blocking=True) for t in batch]
     return [t.to(device) for t in batch]
@@ -275,7 +274,7 @@ val_bytes_per_token = None  # evaluations report bits per byte, val loss / ln 2 
 if mode == "pretrain":
     try:  # measured on (up to 4M tokens of) val.bin, decoded by the tokenizer that wrote it
         val_bytes_per_token = evaluation.bytes_per_token(
-            data.Tokenizer(meta), np.memmap(os.path.join(data_dir, "val.bin"), dtype=token_dtype, mode="r")[:2**22])
+            data.Tokenizer(meta), np.memmap(token_files["val"][0], dtype=token_dtype, mode="r")[:2**22])
     except (ImportError, ValueError, OSError, IndexError, KeyError) as e:  # tiktoken offline, ids past the vocab
         if master:
             print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")

@@ -1,13 +1,13 @@
 # A Mixture-of-Experts GPT of the medium (760M, GPT-3 Large) shape on one node of 8 GPUs:
-#   python data/text/prepare.py --out_dir data/openwebtext /path/to/openwebtext/   (any .txt/.jsonl corpus)
+#   python data/fineweb/prepare.py                 # FineWeb-Edu sample-10BT as token shards in data/fineweb
 #   torchrun --standalone --nproc_per_node=8 train.py config/medium_moe.py
 # Every block's MLP becomes 8 SwiGLU experts, top-2, each half the dense width (2048 of 4096): a token uses as many
 # parameters and FLOPs as in the dense medium model (0.76B active), the model holds 2.1B (python model.py
 # config/medium_moe.py prints both). 16 x 1024 tokens x 32 accumulation steps = ~0.5M tokens per step.
 wandb_log = False
-wandb_project = "owt"
+wandb_project = "fineweb"
 wandb_run_name = "medium-moe"
-dataset = "openwebtext"
+dataset = "fineweb"
 batch_size = 16
 block_size = 1024
 gradient_accumulation_steps = 4 * 8

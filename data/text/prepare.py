@@ -1,9 +1,11 @@
 """
-Tokenizes your own text, with a tiktoken encoding or by characters, for `python train.py --dataset=<name>`.
+Tokenizes your own text, with a tiktoken encoding, by characters or with a BPE trained on it, for
+`python train.py --dataset=<name>`.
 
     python data/text/prepare.py notes.txt books/ web.jsonl --out_dir data/mycorpus
     python data/text/prepare.py corpus/       # writes to data/text/: train with --dataset=text
     python data/text/prepare.py poems/ --tokenizer=char --val_fraction=0.1 --out_dir data/poems
+    python data/text/prepare.py books/ --tokenizer=bpe:4096 --out_dir data/books   # a 4096-token BPE of its own
 
 Inputs, in the order given: folders (their .txt and .md files, recursively in sorted order, hidden ones skipped),
 .jsonl files (a string "text" field per line) and other files (UTF-8 text, line endings normalised to \\n). Each
@@ -12,6 +14,8 @@ file or JSONL line is a document; empty ones are skipped, the others separated b
 the last documents making up about --val_fraction of the tokens (half to twice that), or failing a document boundary
 in that range, the last --val_fraction of the tokens; train.py needs more than block_size tokens in each file.
 Writes train.bin / val.bin (uint16 for vocabularies under 65536 ids, else uint32) and meta.json to --out_dir.
+--tokenizer=bpe:N trains a byte-level BPE of N tokens (data.train_bpe: Hugging Face tokenizers) on the text before
+the last --val_fraction of its characters; its table goes into meta.json, and from there into every checkpoint.
 """
 
 import argparse
@@ -25,14 +29,17 @@ import numpy as np
 import tiktoken
 
 here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", ".."))  # the repository: data.py
+import data  # noqa: E402
 PIECE_CHARS = 1 << 20   # characters read from a text file at a time
 BATCH_CHARS = 1 << 22   # characters tokenized together (tiktoken spreads a batch over threads)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("inputs", nargs="+", metavar="PATH", help=".txt/.md files, folders or .jsonl files")
 parser.add_argument("--out_dir", default=here, help="where train.bin, val.bin and meta.json go (default: %(default)s)")
-parser.add_argument("--tokenizer", default="gpt2", help="a tiktoken encoding name, or 'char': each distinct "
-                                                         "character of the inputs one token (default: %(default)s)")
+parser.add_argument("--tokenizer", default="gpt2", help="a tiktoken encoding name, 'char': each distinct character "
+                                                         "of the inputs one token, or bpe:N, a byte-level BPE of N "
+                                                         "tokens trained on the inputs (default: %(default)s)")
 parser.add_argument("--val_fraction", type=float, default=0.01,
                     help="share of the tokens for val.bin (default: %(default)s)")
 args = parser.parse_args()
@@ -113,13 +120,42 @@ class CharEncoding:
         return [[self.stoi[ch] for ch in text] for text in texts]
 
 
+def trained_bpe(n):
+    """A BPE of n tokens (tiktoken's Encoding) trained on the text before the last val_fraction of characters."""
+    total = sum(len(text) for text, _ in documents())
+    if total == 0:
+        raise SystemExit(f"error: no text found in {' '.join(args.inputs)}")
+
+    def head():
+        seen = 0
+        for text, _ in documents():
+            if seen >= (1 - args.val_fraction) * total:
+                return
+            yield text[:int((1 - args.val_fraction) * total - seen) + 1]
+            seen += len(text)
+    t0 = time.time()
+    bpe = data.train_bpe(head(), n)
+    print(f"trained a BPE of {len(bpe['tokens']) + 1} tokens in {time.time() - t0:.1f} s", file=sys.stderr)
+    return data.Tokenizer({"tokenizer": "bpe", "bpe": bpe, "eot_id": len(bpe["tokens"])})
+
+
 if args.tokenizer == "gpt2":  # GPT-2's BPE files ship in data/tiktoken: no network needed
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(here, "..", "tiktoken"))
+trained = None
 try:
+    if args.tokenizer.startswith("bpe:"):
+        if not args.tokenizer[4:].isdigit():
+            raise SystemExit(f"error: --tokenizer={args.tokenizer}: write bpe:N with N the vocabulary size, e.g. "
+                             f"bpe:4096")
+        trained = trained_bpe(int(args.tokenizer[4:]))
     # the character vocabulary is every character of the inputs: one pass over them to collect it
     enc = CharEncoding({ch for text, _ in documents() for ch in text}) if args.tokenizer == "char" else \
-        tiktoken.get_encoding(args.tokenizer)
-except ValueError:
+        trained.backend if trained else tiktoken.get_encoding(args.tokenizer)
+except ImportError as e:
+    raise SystemExit(f"error: --tokenizer={args.tokenizer}: {e}")
+except ValueError as e:
+    if trained is None and args.tokenizer.startswith("bpe:"):
+        raise SystemExit(f"error: --tokenizer={args.tokenizer}: {e}")
     raise SystemExit(f"error: unknown tokenizer {args.tokenizer!r}; "
                      f"tiktoken has {', '.join(tiktoken.list_encoding_names())}")
 except Exception as e:  # tiktoken downloads the encoding on first use
@@ -189,6 +225,7 @@ finally:
 
 with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
     meta = dict(vocab_size=enc.n_vocab, dtype=dtype.name, tokenizer=args.tokenizer, eot_id=enc.eot_token)
-    json.dump({**meta, "chars": enc.chars} if args.tokenizer == "char" else meta, f)
+    json.dump({**meta, "chars": enc.chars} if args.tokenizer == "char" else trained.spec | meta | {"tokenizer": "bpe"}
+              if trained else meta, f)
 print(f"{len(doc_starts) + 1:,} documents, {n_tokens:,} tokens ({args.tokenizer}, vocab {enc.n_vocab}, {dtype.name}): "
       f"train {split:,} tokens, val {n_tokens - split:,} tokens, split {how}; written to {args.out_dir}")
