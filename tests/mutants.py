@@ -106,10 +106,11 @@ MUTANTS = [
      "sd[f\"transformer.h.{i}.{name}.{p}\"] = t"),
     ("gpt2-qkv-split-order", "convert.py", "for n, piece in zip(\"qkv\",", "for n, piece in zip(\"kqv\","),
     # data.py
-    ("targets-not-shifted", "data.py", "torch.from_numpy(tokens[:, 1:])", "torch.from_numpy(tokens[:, :-1])"),
-    ("pretrain-mask-off-by-one", "data.py", "mask[i + 1:i + block_size + 1]", "mask[i:i + block_size]"),
-    ("pretrain-ranks-same-windows", "data.py", "starts = ix[rank * batch_size:(rank + 1) * batch_size].tolist()",
-     "starts = ix[:batch_size].tolist()"),
+    ("targets-not-shifted", "data.py", "torch.from_numpy(tokens[:, 1:].copy())",
+     "torch.from_numpy(tokens[:, :-1].copy())"),
+    ("pretrain-mask-off-by-one", "data.py", "starts[r] + 1, block_size)", "starts[r], block_size)"),
+    ("pretrain-ranks-same-windows", "data.py", "drawn = ix[rank * batch_size:(rank + 1) * batch_size].numpy()",
+     "drawn = ix[:batch_size].numpy()"),
     ("dpo-pairs-rejected-first", "data.py", "pad_batch(chosen + rejected, block_size)",
      "pad_batch(rejected + chosen, block_size)"),
     ("sft-mask-off-by-one", "data.py", "zip(ids[1:], mask[1:])", "zip(ids[1:], mask[:-1])"),
@@ -138,7 +139,7 @@ MUTANTS = [
 # the test files that catch a module's bugs: each mutant meets these first, the rest of the fast suite if it survives
 FIRST = {"model.py": ["test_model.py", "test_convert.py"], "moe.py": ["test_moe.py"], "train.py": ["test_train.py"],
          "checkpoint.py": ["test_train.py"], "constitution.py": ["test_constitution.py"],
-         "convert.py": ["test_convert.py", "test_model.py"], "data.py": ["test_data.py", "test_constitution.py"],
+         "convert.py": ["test_convert.py", "test_model.py"], "data.py": ["test_data.py", "test_shards.py", "test_constitution.py"],
          "evaluation.py": ["test_convert.py"], "reasoning.py": ["test_reasoning.py"],
          "parallel.py": ["test_parallel.py"], "pipeline.py": ["test_parallel.py"]}
 
