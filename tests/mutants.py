@@ -139,7 +139,8 @@ MUTANTS = [
 # the test files that catch a module's bugs: each mutant meets these first, the rest of the fast suite if it survives
 FIRST = {"model.py": ["test_model.py", "test_convert.py"], "moe.py": ["test_moe.py"], "train.py": ["test_train.py"],
          "checkpoint.py": ["test_train.py"], "constitution.py": ["test_constitution.py"],
-         "convert.py": ["test_convert.py", "test_model.py"], "data.py": ["test_data.py", "test_shards.py", "test_constitution.py"],
+         "convert.py": ["test_convert.py", "test_model.py"],
+         "data.py": ["test_data.py", "test_shards.py", "test_constitution.py"],
          "evaluation.py": ["test_convert.py"], "reasoning.py": ["test_reasoning.py"],
          "parallel.py": ["test_parallel.py"], "pipeline.py": ["test_parallel.py"]}
 
