@@ -1,0 +1,157 @@
+"""
+The training step never waits for the host between log lines. train.py's own loop runs (the script itself, as a
+user runs it) under a TorchDispatchMode that records every op that reads a value back to the host: .item() and
+every other aten._local_scalar_dense, .tolist() / .numpy() / .cpu() (which dispatch nothing on the CPU, so they are
+wrapped), nonzero, boolean-mask indexing, aten.equal, is_nonzero, bincount, unique, masked_select, and
+repeat_interleave without output_size. Each read is charged to the line of train.py's loop it came from: the
+step's lines must have none, a log line its few (docs/training.md names them). On the CPU the device and the host
+are one, so the reads that are of host tensors on every device (the DRE's step draw) are named, with the reason.
+"""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+ATEN_READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "bincount", "unique_dim", "_unique2",
+              "unique_consecutive", "masked_select"}
+# reads that are not syncs on a GPU either: tensors the code builds on the host on every device
+HOST_TENSORS = {("train.py", "get_batch"): "batches are drawn on the host and copied to the device (non-blocking)",
+                ("reasoning.py", "sample_steps"): "the DRE draws its core steps from a CPU table (train_distribution)"}
+# the 'loop' kernel reads the group sizes (one .tolist() per GEMM): by design, it is the CPU's path; 'auto' never
+# picks it on a GPU (docs/moe.md)
+LOOP_KERNEL = ("gemm_kernels/__init__.py", "_grouped_mm_loop")
+
+
+class HostReads(TorchDispatchMode):
+    """Records each host read as (op, the line of train.py's top level it came from, the repository's frames)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.patched = [], {}
+
+    def record(self, op):
+        frame, stack, line = sys._getframe(1), [], None
+        while frame is not None:
+            path = os.path.relpath(frame.f_code.co_filename, ROOT)
+            if not path.startswith(("..", "tests")) and "site-packages" not in path:
+                stack.append((path, frame.f_code.co_name, frame.f_lineno))
+                if path == "train.py" and frame.f_code.co_name == "<module>":
+                    line = frame.f_lineno
+            frame = frame.f_back
+        self.reads.append({"op": op, "line": line, "stack": stack})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        masks = [t for t in (args[1] if name in ("index", "index_put", "index_put_") else ())
+                 if isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)]
+        if name in ATEN_READS or masks or (name == "repeat_interleave" and kwargs.get("output_size") is None
+                                           and isinstance(args[0], torch.Tensor) and len(args) < 3):
+            self.record(f"aten.{name}" + " (boolean mask)" * bool(masks))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        for method in ("tolist", "numpy", "cpu"):  # on a CUDA tensor each is a copy to the host
+            original = self.patched[method] = getattr(torch.Tensor, method)
+
+            def wrapper(t, *a, _method=method, _original=original, **k):
+                self.record(f".{_method}()")
+                return _original(t, *a, **k)
+            setattr(torch.Tensor, method, wrapper)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self.patched.items():
+            setattr(torch.Tensor, method, original)
+        return super().__exit__(*exc)
+
+
+def run_train_recorded(args):
+    """train.py as `python train.py ARGS` runs it, in this process, under HostReads: the list of reads."""
+    sys.argv = [TRAIN, *args]
+    with HostReads() as recorder:
+        try:
+            runpy.run_path(TRAIN, run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, f"train.py exited with {e.code}"
+    return recorder.reads
+
+
+def loop_lines():
+    """Line numbers in train.py: (the loop's first, {line: what it is} for the lines at log and eval intervals: the
+    evaluation's block whole, the log line's reads by name)."""
+    with open(TRAIN) as f:
+        lines = f.read().splitlines()
+    at = lambda text: next(i + 1 for i, line in enumerate(lines) if text in line)
+    evaluation = {i: "eval" for i in range(at("    if evaluate:"), at("    if iter_num >= max_iters:"))}
+    return at("while True:"), {**evaluation, at("stop_requested, bad = agree("): "agree",
+                               at("feature_logs(stats_sum, moe_loss_sum)"): "feature_logs",
+                               at("lossf = loss_sum.item()"): "loss"}
+
+
+def step_reads(reads):
+    """The reads in the loop that are not at a log or eval line, nor of host tensors (HOST_TENSORS)."""
+    start, logged = loop_lines()
+    return [r for r in reads if r["line"] is not None and r["line"] >= start and r["line"] not in logged
+            and not any((path, fn) in HOST_TENSORS for path, fn, _ in r["stack"])]
+
+
+def log_reads(reads):
+    """{what: how many} of the reads at a log line."""
+    _, logged = loop_lines()
+    kinds = [logged[r["line"]] for r in reads if logged.get(r["line"], "eval") != "eval"]
+    return {kind: kinds.count(kind) for kind in set(kinds)}
+
+
+TINY = ["--dataset=shakespeare_char", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=1", "--eval_interval=1000", "--warmup_iters=2", "--lr_decay_iters=100",
+        "--max_iters=6", "--log_interval=3", "--gradient_accumulation_steps=2", "--grad_clip=1.0"]
+MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--capacity_factor=1.25", "--moe_balance=bias"]
+DRE = ["--n_layer=3", "--dre=True", "--max_reasoning_steps=4", "--dre_sample_steps=True", "--dre_mean_steps=2.0",
+       "--dre_backprop_steps=2"]
+CASES = {"dense": ["--dtype=float32"],
+         "moe-loop": ["--dtype=float32", *MOE, "--moe_kernel=loop"],
+         "moe-grouped_mm": ["--dtype=bfloat16", *MOE, "--moe_kernel=grouped_mm", "--expert_hidden=32"],
+         "dre": ["--dtype=float32", *DRE],
+         "dre-moe": ["--dtype=bfloat16", *DRE, *MOE, "--grad_checkpoint=True"]}
+
+
+def check(reads, case, iters, log_interval, rank=0):
+    """The step's reads: none (but the loop kernel's own, the group sizes of each GEMM); a log line's: agree's one
+    (at evaluations too), the loss's one on rank 0, and one for all MoE layers, their metrics and loss together."""
+    step = step_reads(reads)
+    loop = [r for r in step if tuple(r["stack"][0][:2]) == LOOP_KERNEL]
+    assert not [r for r in step if r not in loop], f"{case}: host reads in the step:\n" + "\n".join(
+        f"{r['op']} at {r['stack'][:4]}" for r in step if r not in loop)
+    if "loop" in case:  # two GEMMs per MoE layer in each forward (its backward keeps the sizes it read)
+        assert len(loop) == 2 * 2 * 2 * iters, len(loop)  # x 2 layers x 2 micro-steps
+    else:
+        assert not loop
+    logs = iters // log_interval
+    want = {"agree": logs + 1} | ({"loss": logs} if rank == 0 else {}) | ({"feature_logs": logs} if "moe" in case
+                                                                         else {})
+    assert log_reads(reads) == want, case
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_host_read_between_log_lines(case, char_data, tmp_path):
+    from conftest import run_script
+    out = tmp_path / "reads.json"
+    run_script("tests/test_sync.py", [out, *TINY, *CASES[case], f"--out_dir={tmp_path / 'run'}"], char_data)
+    check(json.loads(out.read_text()), case, iters=6, log_interval=3)
+
+
+if __name__ == "__main__":
+    # run by the tests: python tests/test_sync.py READS_JSON TRAIN_ARGS... (reads of one train.py run)
+    out, args = sys.argv[1], sys.argv[2:]
+    reads = run_train_recorded(args)
+    with open(out, "w") as f:
+        json.dump(reads, f)
