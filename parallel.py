@@ -431,7 +431,7 @@ class ExpertsEP(nn.Module):
         got = torch.empty_like(counts)
         dist.all_to_all_single(got, counts, group=self.group)
         got = got.view(P, -1)
-        send, recv = counts.view(P, -1).sum(1).tolist(), got.sum(1).tolist()
+        send, recv = torch.stack([counts.view(P, -1).sum(1), got.sum(1)]).tolist()  # (one read of both)
         x = x[:sum(send)]  # the rows of pairs dropped by capacity come last and stay here (their output is zero)
         if torch.is_autocast_enabled(x.device.type):  # the experts compute in it: send half the bytes
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -455,7 +455,7 @@ def sync_expert_grads(model):
             for w in (moe.w13, moe.w2):
                 if w.grad is not None:
                     grad = w.grad.to_local()
-                    buckets.setdefault((w.device_mesh["expert_dp"].get_group(), grad.dtype), []).append(grad)
+                    buckets.setdefault((w.device_mesh.get_group("expert_dp"), grad.dtype), []).append(grad)
     for (group, _), grads in buckets.items():
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat, group=group)

@@ -27,7 +27,8 @@ def make_moe(E=4, k=2, d=16, h=24, **kw):
 def naive_moe(moe, x, keep=None):
     """The textbook layer in float64: route each token, then loop over experts with index_select / index_add. At
     top_k=1 the weight is the softmax probability itself (Switch). keep (N, k) bool: the pairs capacity kept."""
-    router, w1, w3, w2 = (p.double() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2))
+    router, w13, w2 = (p.double() for p in (moe.router.weight, moe.w13, moe.w2))
+    w1, w3 = w13[:, 0], w13[:, 1]  # gate, up
     x = x.double()
     probs = (x @ router.t()).softmax(-1)
     weight, expert = probs.topk(moe.top_k, dim=-1)
@@ -48,7 +49,7 @@ def grads(moe, x, out):
     moe.zero_grad()
     x.grad = None
     (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()  # non-uniform
-    return [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2)]
+    return [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w13, moe.w2)]
 
 
 def assert_close_scaled(got, want, tol, msg=""):
@@ -73,12 +74,12 @@ def test_moe_matches_float64_naive_loop(E, k, tokens, kernel, dtype, tol):
     assert out.dtype == dtype
     ref = naive_moe(moe, x)
     assert_close_scaled(out, ref, tol, "out")
-    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+    for name, g, r in zip(("x", "router", "w13", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
         assert_close_scaled(g, r, tol, name)
     if tokens == 1:  # experts that got no token get exactly zero gradient
         used = set(moe.route(x.detach())[0].flatten().tolist())
         for e in set(range(E)) - used:
-            assert moe.w1.grad[e].abs().sum() == 0 and moe.w2.grad[e].abs().sum() == 0
+            assert moe.w13.grad[e].abs().sum() == 0 and moe.w2.grad[e].abs().sum() == 0
 
 
 def test_top1_router_learns_from_the_language_model_loss():
@@ -139,7 +140,7 @@ def test_capacity_keeps_per_expert_the_highest_scoring_pairs(k, kernel, dtype, t
         out = moe(x.view(1, 64, 16))[0]
     ref = naive_moe(moe, x, keep)
     assert_close_scaled(out, ref, tol, "out")  # a dropped pair adds nothing; the residual carries its token on
-    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+    for name, g, r in zip(("x", "router", "w13", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
         assert_close_scaled(g, r, tol, name)
     assert moe.metrics()["dropped"] == pytest.approx((~keep).sum().item() / (64 * k))
 
@@ -259,7 +260,7 @@ def moe_step(layer, x):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     ((out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + layer.aux_loss).backward()
-    return [out.detach(), x.grad] + [p.grad.clone() for p in (layer.router.weight, layer.w1, layer.w3, layer.w2)]
+    return [out.detach(), x.grad] + [p.grad.clone() for p in (layer.router.weight, layer.w13, layer.w2)]
 
 
 def gpu_path_moe(capacity_factor):
@@ -385,7 +386,7 @@ def test_gpu_moe_layer_matches_float64_without_host_syncs(kernel, dtype, capacit
         out = run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    params = lambda: (moe.router.weight, moe.w1, moe.w3, moe.w2)
+    params = lambda: (moe.router.weight, moe.w13, moe.w2)
     got = [out.detach().cpu(), xg.grad.cpu()] + [p.grad.cpu() for p in params()]
     moe.cpu().zero_grad()
     x64 = x.double().requires_grad_()
@@ -393,7 +394,7 @@ def test_gpu_moe_layer_matches_float64_without_host_syncs(kernel, dtype, capacit
     ref = naive_moe(moe, x64, keep)
     ref.backward(dy.double())
     want = [ref.detach(), x64.grad] + [p.grad for p in params()]
-    for name, g, w in zip(("out", "x", "router", "w1", "w3", "w2"), got, want):
+    for name, g, w in zip(("out", "x", "router", "w13", "w2"), got, want):
         assert_close_scaled(g, w, 3e-2, name)
 
 

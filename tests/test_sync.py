@@ -24,29 +24,34 @@ ATEN_READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "bincount
               "unique_consecutive", "masked_select"}
 # reads that are not syncs on a GPU either: tensors the code builds on the host on every device
 HOST_TENSORS = {("train.py", "get_batch"): "batches are drawn on the host and copied to the device (non-blocking)",
-                ("reasoning.py", "sample_steps"): "the DRE draws its core steps from a CPU table (train_distribution)"}
+                ("reasoning.py", "sample_steps"): "the DRE draws its core steps from a CPU table (train_distribution)",
+                ("torch/optim/optimizer.py", "_get_value"): "the optimizer's step counts: torch keeps them on the host "
+                "unless fused or capturable (parameter by parameter, as under expert parallelism, it reads them)"}
 # the 'loop' kernel reads the group sizes (one .tolist() per GEMM): by design, it is the CPU's path; 'auto' never
 # picks it on a GPU (docs/moe.md)
 LOOP_KERNEL = ("gemm_kernels/__init__.py", "_grouped_mm_loop")
 
 
 class HostReads(TorchDispatchMode):
-    """Records each host read as (op, the line of train.py's top level it came from, the repository's frames)."""
+    """Records each host read: the op, the line of train.py's top level it came from, the repository's frames
+    (stack) and torch's (torch), innermost first."""
 
     def __init__(self):
         super().__init__()
         self.reads, self.patched = [], {}
 
     def record(self, op):
-        frame, stack, line = sys._getframe(1), [], None
+        frame, stack, torch_stack, line = sys._getframe(1), [], [], None
         while frame is not None:
-            path = os.path.relpath(frame.f_code.co_filename, ROOT)
-            if not path.startswith(("..", "tests")) and "site-packages" not in path:
-                stack.append((path, frame.f_code.co_name, frame.f_lineno))
-                if path == "train.py" and frame.f_code.co_name == "<module>":
+            path, name = os.path.relpath(frame.f_code.co_filename, ROOT), frame.f_code.co_name
+            if "/torch/" in frame.f_code.co_filename:
+                torch_stack.append(("torch/" + frame.f_code.co_filename.split("/torch/", 1)[1], name))
+            elif not path.startswith(("..", "tests")):
+                stack.append((path, name, frame.f_lineno))
+                if path == "train.py" and name == "<module>":
                     line = frame.f_lineno
             frame = frame.f_back
-        self.reads.append({"op": op, "line": line, "stack": stack})
+        self.reads.append({"op": op, "line": line, "stack": stack, "torch": torch_stack})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -101,7 +106,7 @@ def step_reads(reads):
     """The reads in the loop that are not at a log or eval line, nor of host tensors (HOST_TENSORS)."""
     start, logged = loop_lines()
     return [r for r in reads if r["line"] is not None and r["line"] >= start and r["line"] not in logged
-            and not any((path, fn) in HOST_TENSORS for path, fn, _ in r["stack"])]
+            and not any(tuple(frame[:2]) in HOST_TENSORS for frame in r["stack"] + r["torch"])]
 
 
 def log_reads(reads):
@@ -113,32 +118,35 @@ def log_reads(reads):
 
 TINY = ["--dataset=shakespeare_char", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=1", "--eval_interval=1000", "--warmup_iters=2", "--lr_decay_iters=100",
-        "--max_iters=6", "--log_interval=3", "--gradient_accumulation_steps=2", "--grad_clip=1.0"]
+        "--max_iters=4", "--log_interval=2", "--gradient_accumulation_steps=2", "--grad_clip=1.0"]
+ITERS, LOG_INTERVAL, MICRO_STEPS, LAYERS = 4, 2, 2, 2
 MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--capacity_factor=1.25", "--moe_balance=bias"]
 DRE = ["--n_layer=3", "--dre=True", "--max_reasoning_steps=4", "--dre_sample_steps=True", "--dre_mean_steps=2.0",
-       "--dre_backprop_steps=2"]
+       "--dre_backprop_steps=2", "--n_prelude=1", "--n_coda=1"]
 CASES = {"dense": ["--dtype=float32"],
          "moe-loop": ["--dtype=float32", *MOE, "--moe_kernel=loop"],
-         "moe-grouped_mm": ["--dtype=bfloat16", *MOE, "--moe_kernel=grouped_mm", "--expert_hidden=32"],
-         "dre": ["--dtype=float32", *DRE],
-         "dre-moe": ["--dtype=bfloat16", *DRE, *MOE, "--grad_checkpoint=True"]}
+         "moe-grouped_mm": ["--dtype=bfloat16", *MOE, "--moe_kernel=grouped_mm", "--grad_checkpoint=True"],
+         "dre": ["--dtype=float32", *DRE]}
+# under torchrun, 2 ranks: data parallel, and expert parallel (whose all_to_all split sizes must be read)
+TORCHRUN_CASES = {"ddp": ["--dtype=float32"],
+                  "moe-ep2": ["--dtype=bfloat16", *MOE, "--moe_kernel=grouped_mm", "--ep_size=2"]}
+# what reads by design, per (file, function) that reads: how many per MoE layer per micro-step
+BY_DESIGN = {"moe-loop": (LOOP_KERNEL, 2),  # the group sizes of each of its two GEMMs (backward keeps them)
+             "moe-ep2": (("parallel.py", "forward"), 1)}  # ExpertsEP: the rows to send and to receive, as ints
 
 
-def check(reads, case, iters, log_interval, rank=0):
-    """The step's reads: none (but the loop kernel's own, the group sizes of each GEMM); a log line's: agree's one
-    (at evaluations too), the loss's one on rank 0, and one for all MoE layers, their metrics and loss together."""
-    step = step_reads(reads)
-    loop = [r for r in step if tuple(r["stack"][0][:2]) == LOOP_KERNEL]
-    assert not [r for r in step if r not in loop], f"{case}: host reads in the step:\n" + "\n".join(
-        f"{r['op']} at {r['stack'][:4]}" for r in step if r not in loop)
-    if "loop" in case:  # two GEMMs per MoE layer in each forward (its backward keeps the sizes it read)
-        assert len(loop) == 2 * 2 * 2 * iters, len(loop)  # x 2 layers x 2 micro-steps
-    else:
-        assert not loop
-    logs = iters // log_interval
+def check(reads, case, rank=0, micro_steps=MICRO_STEPS):
+    """The step's reads: none but BY_DESIGN's; a log line's: agree's one (at evaluations too), the loss's one on rank
+    0, and one for all MoE layers, their metrics and MoE loss together."""
+    step, (where, per_layer) = step_reads(reads), BY_DESIGN.get(case, ((None, None), 0))
+    designed = [r for r in step if tuple(r["stack"][0][:2]) == where]
+    assert len(designed) == per_layer * LAYERS * micro_steps * ITERS, (case, len(designed))
+    assert not [r for r in step if r not in designed], f"{case}: host reads in the step:\n" + "\n".join(
+        f"{r['op']} at {r['stack'][:4]}" for r in step if r not in designed)
+    logs = ITERS // LOG_INTERVAL
     want = {"agree": logs + 1} | ({"loss": logs} if rank == 0 else {}) | ({"feature_logs": logs} if "moe" in case
                                                                          else {})
-    assert log_reads(reads) == want, case
+    assert log_reads(reads) == want, (case, rank)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -146,12 +154,50 @@ def test_no_host_read_between_log_lines(case, char_data, tmp_path):
     from conftest import run_script
     out = tmp_path / "reads.json"
     run_script("tests/test_sync.py", [out, *TINY, *CASES[case], f"--out_dir={tmp_path / 'run'}"], char_data)
-    check(json.loads(out.read_text()), case, iters=6, log_interval=3)
+    check(json.loads(out.read_text()), case)
+
+
+def test_no_host_read_between_log_lines_on_two_ranks(char_data, tmp_path):
+    # one torchrun, which runs train.py once per case in each rank's process (torchrun_cases below)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "tests", "test_sync.py"), "--torchrun", str(tmp_path)],
+                          cwd=char_data, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for case in TORCHRUN_CASES:
+        for rank in range(2):
+            # (the step's micro-batches shared out: one per rank)
+            check(json.loads((tmp_path / f"{case}-{rank}.json").read_text()), case, rank, MICRO_STEPS // 2)
+
+
+def torchrun_cases(out_dir):
+    """Each TORCHRUN_CASES run of train.py in this rank's process, one process group for all: train.py joins the
+    one the first made, and its exit leaves it for the next."""
+    import parallel
+    import torch.distributed as dist
+    init_distributed, rank = parallel.init_distributed, int(os.environ["RANK"])
+
+    def join(device, backend="auto"):
+        if not dist.is_initialized():
+            return init_distributed(device, backend)
+        return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size(), device
+
+    def leave(code=0):
+        dist.barrier()
+        raise SystemExit(code)
+    parallel.init_distributed, parallel.exit_process = join, leave
+    for case, args in TORCHRUN_CASES.items():
+        reads = run_train_recorded([*TINY, *args, f"--out_dir={os.path.join(out_dir, case)}"])
+        with open(os.path.join(out_dir, f"{case}-{rank}.json"), "w") as f:
+            json.dump(reads, f)
+    parallel.teardown()
 
 
 if __name__ == "__main__":
-    # run by the tests: python tests/test_sync.py READS_JSON TRAIN_ARGS... (reads of one train.py run)
-    out, args = sys.argv[1], sys.argv[2:]
-    reads = run_train_recorded(args)
-    with open(out, "w") as f:
-        json.dump(reads, f)
+    sys.path.insert(0, ROOT)
+    if sys.argv[1] == "--torchrun":  # python -m torch.distributed.run ... tests/test_sync.py --torchrun OUT_DIR
+        torchrun_cases(sys.argv[2])
+    else:  # python tests/test_sync.py READS_JSON TRAIN_ARGS...: the reads of one train.py run
+        out, args = sys.argv[1], sys.argv[2:]
+        reads = run_train_recorded(args)
+        with open(out, "w") as f:
+            json.dump(reads, f)
