@@ -164,7 +164,8 @@ class MoE(nn.Module):
         expert, weight, score, self.aux_loss = self.route(x)
         order, counts = self.sort_by_expert(expert, score)
         if self.expert_parallel is None:  # rows in (token, slot) order, dropped pairs zero
-            y = self.leave_experts(self.experts(self.enter_experts(x), counts, order // self.top_k, order, order.numel()))
+            ys = self.experts(self.enter_experts(x), counts, order // self.top_k, order, order.numel())
+            y = self.leave_experts(ys)
         else:  # parallel.ExpertsEP: the sorted rows go to the ranks holding their experts and come back
             ys = self.expert_parallel(x.index_select(0, order // self.top_k), counts, self.experts)
             y = torch.zeros_like(ys).index_copy(0, order, ys)
@@ -194,7 +195,8 @@ def read_metrics(layers, *scalars):
     expert, load-balance factor (mean load / max load, 1 is perfect), entropy of the load distribution in bits
     (log2 E is perfect), dropped fraction; and the values of the 0-dim tensors `scalars`. All in one transfer from
     the device, one host sync at a log line however many layers: ([dict per layer], [float per scalar])."""
-    parts = [t.float().flatten() for m in layers for t in (m.load_seen, m.dropped)] + [s.float().view(1) for s in scalars]
+    parts = [t.float().flatten() for m in layers for t in (m.load_seen, m.dropped)]
+    parts += [s.float().view(1) for s in scalars]
     if not parts:
         return [], []
     values = torch.cat(parts).tolist()

@@ -35,8 +35,8 @@ def pick(kernel, x, w):
 
 def grouped_mm(x, w, offsets, kernel="auto", gather_idx=None, scatter_idx=None, out_rows=None):
     """x: (Nx, K); w: (E, N, K); offsets: (E+1,) int, offsets[0] = 0, offsets[-1] <= M rows; gather_idx /
-    scatter_idx: (M,) int64 or None (identity; the triton path fuses them into its loads and stores); returns (out_rows or M,
-    N), zero in rows nothing was scattered to. Differentiable in x and w."""
+    scatter_idx: (M,) int64 or None (identity; the triton path fuses them into its loads and stores, the others copy);
+    returns (out_rows or M, N), zero in rows nothing was scattered to. Differentiable in x and w."""
     kernel = pick(kernel, x, w)
     if kernel == "grouped_mm":
         if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:

@@ -118,7 +118,7 @@ def log_reads(reads):
 
 TINY = ["--dataset=shakespeare_char", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=1", "--eval_interval=1000", "--warmup_iters=2", "--lr_decay_iters=100",
-        "--max_iters=4", "--log_interval=2", "--gradient_accumulation_steps=2", "--grad_clip=1.0"]
+        "--max_iters=4", "--log_interval=2", "--gradient_accumulation_steps=2", "--grad_clip=1.0", "--peak_flops=1e12"]
 ITERS, LOG_INTERVAL, MICRO_STEPS, LAYERS = 4, 2, 2, 2
 MOE = ["--n_expert=4", "--top_k=2", "--expert_hidden=32", "--capacity_factor=1.25", "--moe_balance=bias"]
 DRE = ["--n_layer=3", "--dre=True", "--max_reasoning_steps=4", "--dre_sample_steps=True", "--dre_mean_steps=2.0",
@@ -149,16 +149,21 @@ def check(reads, case, rank=0, micro_steps=MICRO_STEPS):
     assert log_reads(reads) == want, (case, rank)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_no_host_read_between_log_lines(case, char_data, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_reads(char_data, tmp_path_factory):
+    """Every CASES run of train.py, one after another in one process (tests/test_sync.py --cases)."""
     from conftest import run_script
-    out = tmp_path / "reads.json"
-    run_script("tests/test_sync.py", [out, *TINY, *CASES[case], f"--out_dir={tmp_path / 'run'}"], char_data)
-    check(json.loads(out.read_text()), case)
+    out = tmp_path_factory.mktemp("reads")
+    run_script("tests/test_sync.py", ["--cases", out], char_data)
+    return {case: json.loads((out / f"{case}-0.json").read_text()) for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_host_read_between_log_lines(case, one_process_reads):
+    check(one_process_reads[case], case)
 
 
 def test_no_host_read_between_log_lines_on_two_ranks(char_data, tmp_path):
-    # one torchrun, which runs train.py once per case in each rank's process (torchrun_cases below)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(ROOT, "tests", "test_sync.py"), "--torchrun", str(tmp_path)],
                           cwd=char_data, capture_output=True, text=True, timeout=600)
@@ -169,12 +174,12 @@ def test_no_host_read_between_log_lines_on_two_ranks(char_data, tmp_path):
             check(json.loads((tmp_path / f"{case}-{rank}.json").read_text()), case, rank, MICRO_STEPS // 2)
 
 
-def torchrun_cases(out_dir):
-    """Each TORCHRUN_CASES run of train.py in this rank's process, one process group for all: train.py joins the
-    one the first made, and its exit leaves it for the next."""
+def run_cases(cases, out_dir):
+    """train.py once per case in this process, its reads written to out_dir/<case>-<rank>.json. Under torchrun one
+    process group serves them all: train.py joins the one the first run made, and its exit leaves it for the next."""
     import parallel
     import torch.distributed as dist
-    init_distributed, rank = parallel.init_distributed, int(os.environ["RANK"])
+    init_distributed, rank = parallel.init_distributed, int(os.environ.get("RANK", 0))
 
     def join(device, backend="auto"):
         if not dist.is_initialized():
@@ -182,10 +187,11 @@ def torchrun_cases(out_dir):
         return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size(), device
 
     def leave(code=0):
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
         raise SystemExit(code)
     parallel.init_distributed, parallel.exit_process = join, leave
-    for case, args in TORCHRUN_CASES.items():
+    for case, args in cases.items():
         reads = run_train_recorded([*TINY, *args, f"--out_dir={os.path.join(out_dir, case)}"])
         with open(os.path.join(out_dir, f"{case}-{rank}.json"), "w") as f:
             json.dump(reads, f)
@@ -193,11 +199,6 @@ def torchrun_cases(out_dir):
 
 
 if __name__ == "__main__":
+    # python tests/test_sync.py --cases OUT_DIR, or under torchrun (2 ranks) tests/test_sync.py --torchrun OUT_DIR
     sys.path.insert(0, ROOT)
-    if sys.argv[1] == "--torchrun":  # python -m torch.distributed.run ... tests/test_sync.py --torchrun OUT_DIR
-        torchrun_cases(sys.argv[2])
-    else:  # python tests/test_sync.py READS_JSON TRAIN_ARGS...: the reads of one train.py run
-        out, args = sys.argv[1], sys.argv[2:]
-        reads = run_train_recorded(args)
-        with open(out, "w") as f:
-            json.dump(reads, f)
+    run_cases(TORCHRUN_CASES if sys.argv[1] == "--torchrun" else CASES, sys.argv[2])
