@@ -71,9 +71,9 @@ class MoE(nn.Module):
         # with nothing concatenated per forward; tensor parallelism splits dim 2, each rank's gate and up together
         gate, up = torch.empty(E, h, d).normal_(0.0, 0.02), torch.empty(E, h, d).normal_(0.0, 0.02)
         self.w13 = nn.Parameter(torch.stack([gate, up], dim=1))  # (E, 2, h, d)
-        self.w2 = nn.Parameter(torch.empty(E, d, h).normal_(0.0, 0.02))  # down, feeds the residual stream (GPT
-        # rescales its init)
-        self.register_load_state_dict_pre_hook(_join_gate_up)
+        # down, feeds the residual stream (GPT rescales its init)
+        self.w2 = nn.Parameter(torch.empty(E, d, h).normal_(0.0, 0.02))
+        self.register_load_state_dict_pre_hook(_join_gate_up)  # checkpoints saved with w1 and w3
         self.shared = None  # experts every token goes through: a dense MLP that model.Block puts here
         self.dropout = nn.Dropout(config.dropout)
         # aux-loss-free balancing: added to the scores when choosing experts (saved in checkpoints)

@@ -4,8 +4,9 @@ user runs it) under a TorchDispatchMode that records every op that reads a value
 every other aten._local_scalar_dense, .tolist() / .numpy() / .cpu() (which dispatch nothing on the CPU, so they are
 wrapped), nonzero, boolean-mask indexing, aten.equal, is_nonzero, bincount, unique, masked_select, and
 repeat_interleave without output_size. Each read is charged to the line of train.py's loop it came from: the
-step's lines must have none, a log line its few (docs/training.md names them). On the CPU the device and the host
-are one, so the reads that are of host tensors on every device (the DRE's step draw) are named, with the reason.
+step's lines must have none but those that are by design (BY_DESIGN), a log line its few (docs/training.md names
+them all). On the CPU the device and the host are one, so the reads of tensors that live on the host on every device
+(HOST_TENSORS: the batch being drawn, the DRE's draw of its steps, the optimizer's step counts) are named, with why.
 """
 
 import json
@@ -58,8 +59,8 @@ class HostReads(TorchDispatchMode):
         name = func.overloadpacket.__name__
         masks = [t for t in (args[1] if name in ("index", "index_put", "index_put_") else ())
                  if isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)]
-        if name in ATEN_READS or masks or (name == "repeat_interleave" and kwargs.get("output_size") is None
-                                           and isinstance(args[0], torch.Tensor) and len(args) < 3):
+        repeats = args[min(1, len(args) - 1)] if name == "repeat_interleave" else None  # (repeats) or (self, repeats)
+        if name in ATEN_READS or masks or (isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None):
             self.record(f"aten.{name}" + " (boolean mask)" * bool(masks))
         return func(*args, **kwargs)
 
@@ -147,6 +148,21 @@ def check(reads, case, rank=0, micro_steps=MICRO_STEPS):
     want = {"agree": logs + 1} | ({"loss": logs} if rank == 0 else {}) | ({"feature_logs": logs} if "moe" in case
                                                                          else {})
     assert log_reads(reads) == want, (case, rank)
+
+
+def test_the_recorder_sees_each_kind_of_host_read_and_nothing_else():
+    t, counts = torch.arange(4.0), torch.tensor([1, 2, 0, 1])
+    with HostReads() as recorder:
+        t.tolist(), t.numpy(), t.cpu(), t[1].item(), bool(t[1] > 0), t.nonzero(), t[t > 1], torch.equal(t, t)
+        counts.repeat_interleave(counts), torch.bincount(counts), counts.unique(), t.masked_select(t > 1)
+        # none of these waits for the host on a GPU
+        t.sum(), t.topk(2), counts.repeat_interleave(counts, output_size=4), counts.repeat_interleave(2), t[counts]
+        counts.argsort(stable=True), t.index_select(0, counts), t.nonzero_static(size=4)
+    assert [r["op"] for r in recorder.reads] == [
+        ".tolist()", ".numpy()", ".cpu()", "aten._local_scalar_dense", "aten._local_scalar_dense", "aten.nonzero",
+        "aten.index (boolean mask)", "aten.equal", "aten.repeat_interleave", "aten.bincount", "aten._unique2",
+        "aten.masked_select"]
+    assert all(getattr(torch.Tensor, m) is f for m, f in recorder.patched.items())  # put back on exit
 
 
 @pytest.fixture(scope="module")
