@@ -167,7 +167,8 @@ def test_the_recorder_sees_each_kind_of_host_read_and_nothing_else():
 
 @pytest.fixture(scope="module")
 def one_process_reads(char_data, tmp_path_factory):
-    """Every CASES run of train.py, one after another in one process (tests/test_sync.py --cases)."""
+    """Every CASES run of train.py, one after another in one process (tests/test_sync.py --cases): one fork, the
+    imports paid once (~15 CPU seconds in all)."""
     from conftest import run_script
     out = tmp_path_factory.mktemp("reads")
     run_script("tests/test_sync.py", ["--cases", out], char_data)
@@ -179,6 +180,7 @@ def test_no_host_read_between_log_lines(case, one_process_reads):
     check(one_process_reads[case], case)
 
 
+@pytest.mark.slow  # a torchrun launch: ~20 CPU seconds
 def test_no_host_read_between_log_lines_on_two_ranks(char_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(ROOT, "tests", "test_sync.py"), "--torchrun", str(tmp_path)],
