@@ -198,7 +198,7 @@ def restore(ckpt, model, optimizers, scaler, data_gen, rank=0, group=None):
         from torch.distributed.checkpoint import FileSystemReader
         names = FileSystemReader(ckpt["dcp"]).read_metadata().state_dict_metadata
     else:
-        names = ckpt["model"]
+        names = ckpt.get("model", {})
     if any(name.endswith("mlp.w1") for name in names):  # moe.py joins the weights on load, not the optimizer state
         raise ValueError(f"{ckpt.get('dcp', 'this checkpoint')} was saved before MoE layers held gate and up as one "
                          f"weight (w13): its weights load, its optimizer state does not. Start a new run from its "
