@@ -244,7 +244,7 @@ def naive_moe(layer, x):
     for e in range(layer.n_expert):
         token, slot = (expert == e).nonzero(as_tuple=True)
         xe = x.index_select(0, token)
-        ye = (F.silu(xe @ layer.w1[e].t()) * (xe @ layer.w3[e].t())) @ layer.w2[e].t()
+        ye = (F.silu(xe @ layer.w13[e, 0].t()) * (xe @ layer.w13[e, 1].t())) @ layer.w2[e].t()
         out.index_add_(0, token, (ye * weight[token, slot, None]).to(out.dtype))
     return out
 
@@ -253,7 +253,7 @@ def every_expert_moe(layer, x):
     """Every expert on every token, the unchosen ones weighted by zero: no dispatch, but n_expert/top_k the FLOPs."""
     expert, weight, _, _ = layer.route(x)
     gates = weight.new_zeros(len(x), layer.n_expert).scatter(1, expert, weight)
-    h = F.silu(torch.einsum("nd,ehd->enh", x, layer.w1)) * torch.einsum("nd,ehd->enh", x, layer.w3)
+    h = F.silu(torch.einsum("nd,ehd->enh", x, layer.w13[:, 0])) * torch.einsum("nd,ehd->enh", x, layer.w13[:, 1])
     return torch.einsum("ne,end->nd", gates.to(h.dtype), torch.einsum("enh,edh->end", h, layer.w2))
 
 
@@ -374,7 +374,7 @@ def estimate_memory():
         model = GPT(config)
     total = model.num_params(non_embedding=False)
     blocks = sum(p.numel() for p in model.transformer.h.parameters())
-    experts = sum(w.numel() for m in model.moe_layers() for w in (m.w1, m.w3, m.w2))
+    experts = sum(w.numel() for m in model.moe_layers() for w in (m.w13, m.w2))
     n_expert, top_k, grad_checkpoint = config.n_expert, config.top_k, config.grad_checkpoint
     if n_expert and (n_expert % ep_size or gpus % ep_size):
         sys.exit(f"error: ep_size={ep_size} must divide both n_expert={n_expert} and gpus={gpus}")

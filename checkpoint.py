@@ -194,6 +194,15 @@ def restore(ckpt, model, optimizers, scaler, data_gen, rank=0, group=None):
     states (a distributed checkpoint's weights too, resharded) and this rank's random streams, so that the run goes
     on as if never stopped."""
     if "dcp" in ckpt:
+        from torch.distributed.checkpoint import FileSystemReader
+        names = FileSystemReader(ckpt["dcp"]).read_metadata().state_dict_metadata
+    else:
+        names = ckpt.get("model", {})
+    if any(name.endswith("mlp.w1") for name in names):  # moe.py joins the weights on load, not the optimizer state
+        raise ValueError(f"{ckpt.get('dcp', 'this checkpoint')} was saved before MoE layers held gate and up as one "
+                         f"weight (w13): its weights load, its optimizer state does not. Start a new run from its "
+                         f"weights: init_from=<its out_dir> with another out_dir")
+    if "dcp" in ckpt:
         load_sharded(ckpt["dcp"], model, optimizers, group)
     else:
         for opt, state in zip(optimizers, ckpt["optimizers"]):

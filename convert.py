@@ -174,10 +174,13 @@ def to_hf_weights(config, weights, n_vocab):
     else:
         out["model.embed_tokens.weight"] = w.pop("transformer.wte.weight")[:n_vocab]
         out["model.norm.weight"] = w.pop("transformer.ln_f.weight")
-        for name in [k for k in w if k.startswith("transformer.h.") and k.endswith(("mlp.w1", "mlp.w2", "mlp.w3"))]:
-            i, kind = name.split(".")[2], name[-2:]
-            for e, expert in enumerate(w.pop(name)):  # (out, in) per expert, as nn.Linear
-                out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight"] = expert
+        experts = ("mlp.w13", "mlp.w2", "mlp.w1", "mlp.w3")  # (runs saved before w13 hold w1 and w3)
+        for name in [k for k in w if k.startswith("transformer.h.") and k.endswith(experts)]:
+            i, weights = name.split(".")[2], w.pop(name)  # (E, out, in), as nn.Linear; w13: (E, 2, out, in)
+            kinds = {"w1": weights[:, 0], "w3": weights[:, 1]} if name.endswith("w13") else {name[-2:]: weights}
+            for kind, stacked in kinds.items():
+                for e, expert in enumerate(stacked):
+                    out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight"] = expert
         for name in [k for k in w if k.startswith("transformer.h.")]:
             out[llama_name(name)] = w.pop(name)
     head = w.pop("lm_head.weight")
@@ -422,10 +425,10 @@ def from_hf_weights(hf_config, w, dropout=0.0, source="the weights"):
                 raise ValueError(f"{source} has a weight nanothink has no place for: {name}")
             sd[f"transformer.h.{i}.{theirs[key]}{rest[len(key):]}"] = w.pop(name)
         for i in range(config.n_layer if config.n_expert else 0):
-            for kind in ("w1", "w2", "w3"):
-                sd[f"transformer.h.{i}.mlp.{kind}"] = torch.stack([
-                    w.pop(f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight")
-                    for e in range(config.n_expert)])
+            kind = {k: torch.stack([w.pop(f"model.layers.{i}.block_sparse_moe.experts.{e}.{k}.weight")
+                                    for e in range(config.n_expert)]) for k in ("w1", "w2", "w3")}
+            sd[f"transformer.h.{i}.mlp.w13"] = torch.stack([kind["w1"], kind["w3"]], 1)  # gate and up: one weight
+            sd[f"transformer.h.{i}.mlp.w2"] = kind["w2"]
     head = w.pop("lm_head.weight", None)
     sd["lm_head.weight"] = sd["transformer.wte.weight"] if config.tie_embeddings or head is None else head
     if w:

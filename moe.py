@@ -28,7 +28,7 @@ def local(t):
 
 def active_params(module):
     """Parameters of `module` that one token uses: of each MoE layer's routed experts, only top_k."""
-    idle = sum((m.n_expert - m.top_k) * (m.w1[0].numel() + m.w3[0].numel() + m.w2[0].numel())
+    idle = sum((m.n_expert - m.top_k) * (m.w13[0].numel() + m.w2[0].numel())
                for m in module.modules() if isinstance(m, MoE))
     return sum(p.numel() for p in module.parameters()) - idle
 
@@ -66,12 +66,14 @@ class MoE(nn.Module):
         self.kernel = config.moe_kernel
         self.aux_loss_coef, self.z_loss_coef = config.aux_loss_coef, config.z_loss_coef
         self.router = nn.Linear(d, E, bias=False)
-        # stacked expert weights, each (out, in) as nn.Linear keeps its weight: expert e computes x @ w[e].T
-        self.w1 = nn.Parameter(torch.empty(E, h, d))  # gate
-        self.w3 = nn.Parameter(torch.empty(E, h, d))  # up
-        self.w2 = nn.Parameter(torch.empty(E, d, h))  # down, feeds the residual stream (GPT rescales its init)
-        for w in (self.w1, self.w3, self.w2):
-            nn.init.normal_(w, mean=0.0, std=0.02)
+        # stacked expert weights, each (out, in) as nn.Linear keeps its weight: expert e computes x @ w[e].T. Gate
+        # (w13[:, 0], Mixtral's w1) and up (w13[:, 1], its w3) are one parameter, one GEMM that reads each row once,
+        # with nothing concatenated per forward; tensor parallelism splits dim 2, each rank's gate and up together
+        gate, up = torch.empty(E, h, d).normal_(0.0, 0.02), torch.empty(E, h, d).normal_(0.0, 0.02)
+        self.w13 = nn.Parameter(torch.stack([gate, up], dim=1))  # (E, 2, h, d)
+        # down, feeds the residual stream (GPT rescales its init)
+        self.w2 = nn.Parameter(torch.empty(E, d, h).normal_(0.0, 0.02))
+        self.register_load_state_dict_pre_hook(_join_gate_up)  # checkpoints saved with w1 and w3
         self.shared = None  # experts every token goes through: a dense MLP that model.Block puts here
         self.dropout = nn.Dropout(config.dropout)
         # aux-loss-free balancing: added to the scores when choosing experts (saved in checkpoints)
@@ -142,29 +144,31 @@ class MoE(nn.Module):
             self.dropped += torch.stack([counts.sum() - kept.sum(), counts.sum()])
         return order, kept
 
-    def experts(self, xs, counts):
-        """The routed experts on expert-sorted rows: counts[e] rows for expert e, in expert order, then any rows of
-        dropped pairs, which come back zero. xs: (M, d) -> (M, d). Expert parallelism exchanges rows around this."""
-        w13 = torch.cat([local(self.w1), local(self.w3)], dim=1)  # gate and up as one GEMM: xs is read once
-        w2 = local(self.w2)
-        if torch.is_autocast_enabled(xs.device.type):  # the grouped GEMMs are not autocast ops: cast by hand
-            dt = torch.get_autocast_dtype(xs.device.type)
-            xs, w13, w2 = xs.to(dt), w13.to(dt), w2.to(dt)
+    def experts(self, x, counts, gather=None, scatter=None, out_rows=None):
+        """The routed experts on expert-sorted rows x[gather[i]] (gather None: x itself): counts[e] rows for expert
+        e, in expert order, then any rows of dropped pairs, which come back zero; row i's result goes to row
+        scatter[i] of out_rows (scatter None: row i). The triton path fuses the gather and the scatter into its
+        loads and stores (no sorted copy of the rows); the others copy. Expert parallelism exchanges rows around
+        this."""
+        w13, w2 = local(self.w13).flatten(1, 2), local(self.w2)  # (E, 2h, d): a view, gate rows then up rows
+        if torch.is_autocast_enabled(x.device.type):  # the grouped GEMMs are not autocast ops: cast by hand (a
+            dt = torch.get_autocast_dtype(x.device.type)  # no-op where the weights are already in it, as FSDP's
+            x, w13, w2 = x.to(dt), w13.to(dt), w2.to(dt)  # mixed precision keeps them on a GPU)
         offsets = F.pad(counts.cumsum(0), (1, 0))
-        gate, up = grouped_mm(xs, w13, offsets, self.kernel).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, w2, offsets, self.kernel)
+        gate, up = grouped_mm(x, w13, offsets, self.kernel, gather_idx=gather).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, w2, offsets, self.kernel, scatter_idx=scatter, out_rows=out_rows)
 
     def forward(self, x):
         B, T, d = x.shape
         x = x.reshape(B * T, d)
         expert, weight, score, self.aux_loss = self.route(x)
         order, counts = self.sort_by_expert(expert, score)
-        xs = self.enter_experts(x).index_select(0, order // self.top_k)
-        if self.expert_parallel is None:
-            ys = self.leave_experts(self.experts(xs, counts))
-        else:  # parallel.ExpertsEP: the rows go to the ranks holding their experts and come back
-            ys = self.expert_parallel(xs, counts, self.experts)
-        y = torch.zeros_like(ys).index_copy(0, order, ys)  # back to (token, slot) order; dropped pairs are zero
+        if self.expert_parallel is None:  # rows in (token, slot) order, dropped pairs zero
+            ys = self.experts(self.enter_experts(x), counts, order // self.top_k, order, order.numel())
+            y = self.leave_experts(ys)
+        else:  # parallel.ExpertsEP: the sorted rows go to the ranks holding their experts and come back
+            ys = self.expert_parallel(x.index_select(0, order // self.top_k), counts, self.experts)
+            y = torch.zeros_like(ys).index_copy(0, order, ys)
         out = self.dropout(torch.bmm(weight.to(y.dtype).unsqueeze(1), y.view(B * T, self.top_k, d)).view(B, T, d))
         if self.shared is not None:
             out = out + self.shared(x.view(B, T, d))
@@ -180,20 +184,40 @@ class MoE(nn.Module):
         self.expert_bias += rate * torch.sign(load.mean() - load)
         self.load.zero_()
 
-    @torch.no_grad()
     def metrics(self):
-        """Routing statistics since the last call, then reset: tokens per expert, load-balance factor (mean load
-        / max load, 1 is perfect), entropy of the load distribution in bits (log2 E is perfect), dropped fraction."""
-        load = self.load_seen.clone()
-        share = load / load.sum().clamp(min=1)
-        entropy = -(share * share.clamp(min=1e-12).log2()).sum()
-        out = {"tokens_per_expert": load.long().tolist(),
-               "balance": (load.mean() / load.max().clamp(min=1)).item(),
-               "entropy_bits": entropy.item(),
-               "dropped": (self.dropped[0] / self.dropped[1].clamp(min=1)).item()}
-        self.load_seen.zero_()
-        self.dropped.zero_()
-        return out
+        """This layer's read_metrics."""
+        return read_metrics([self])[0][0]
+
+
+@torch.no_grad()
+def read_metrics(layers, *scalars):
+    """The routing statistics of MoE `layers` since the last read, then reset, as a dict per layer: tokens per
+    expert, load-balance factor (mean load / max load, 1 is perfect), entropy of the load distribution in bits
+    (log2 E is perfect), dropped fraction; and the values of the 0-dim tensors `scalars`. All in one transfer from
+    the device, one host sync at a log line however many layers: ([dict per layer], [float per scalar])."""
+    parts = [t.float().flatten() for m in layers for t in (m.load_seen, m.dropped)]
+    parts += [s.float().view(1) for s in scalars]
+    if not parts:
+        return [], []
+    values = torch.cat(parts).tolist()
+    out = []
+    for m in layers:
+        E = m.load_seen.numel()
+        load, (dropped, routed), values = values[:E], values[E:E + 2], values[E + 2:]
+        share = [n / max(sum(load), 1) for n in load]
+        out.append({"tokens_per_expert": [int(n) for n in load],
+                    "balance": sum(load) / E / max(max(load), 1),
+                    "entropy_bits": -sum(p * math.log2(p) for p in share if p > 0),
+                    "dropped": dropped / max(routed, 1)})
+        m.load_seen.zero_()
+        m.dropped.zero_()
+    return out, values
+
+
+def _join_gate_up(module, state_dict, prefix, *args):
+    """Checkpoints saved before gate and up became one parameter hold them as w1 and w3: joined here on load."""
+    if prefix + "w1" in state_dict and prefix + "w13" not in state_dict:
+        state_dict[prefix + "w13"] = torch.stack([state_dict.pop(prefix + "w1"), state_dict.pop(prefix + "w3")], 1)
 
 
 def describe(metrics, aux_loss):

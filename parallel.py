@@ -339,7 +339,7 @@ def apply_tensor_parallel(model, tp_mesh):
                 plan.update({"mlp.shared.c_gate": ColwiseParallel(), "mlp.shared.c_fc": ColwiseParallel(),
                              "mlp.shared.c_proj": RowwiseParallel()})
             moe = block.mlp
-            for name, placement in (("w1", Shard(1)), ("w3", Shard(1)), ("w2", Shard(2))):  # (E, out, in)
+            for name, placement in (("w13", Shard(2)), ("w2", Shard(2))):  # (E, 2, hidden, in), (E, out, hidden)
                 setattr(moe, name, nn.Parameter(distribute_tensor(getattr(moe, name).data, tp_mesh, [placement])))
             moe.router.weight = nn.Parameter(distribute_tensor(moe.router.weight.data, tp_mesh, [Replicate()]))
             moe.enter_experts, moe.leave_experts = ExpertsTP(group, sum_output=False), ExpertsTP(group, sum_output=True)
@@ -398,7 +398,7 @@ def apply_expert_parallel(model, ep_size, device_type):
     rank, experts = mesh["ep"].get_local_rank(), {}
     for name, moe in model.named_modules():
         if isinstance(moe, MoE):
-            for w in ("w1", "w3", "w2"):
+            for w in ("w13", "w2"):
                 full = getattr(moe, w).data  # the same seeded initial weights on every rank
                 n = full.shape[0] // ep_size
                 mine = DTensor.from_local(full[rank * n:(rank + 1) * n].clone(), mesh, [Replicate(), Shard(0)],
@@ -431,7 +431,7 @@ class ExpertsEP(nn.Module):
         got = torch.empty_like(counts)
         dist.all_to_all_single(got, counts, group=self.group)
         got = got.view(P, -1)
-        send, recv = counts.view(P, -1).sum(1).tolist(), got.sum(1).tolist()
+        send, recv = torch.stack([counts.view(P, -1).sum(1), got.sum(1)]).tolist()  # (one read of both)
         x = x[:sum(send)]  # the rows of pairs dropped by capacity come last and stay here (their output is zero)
         if torch.is_autocast_enabled(x.device.type):  # the experts compute in it: send half the bytes
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -439,8 +439,7 @@ class ExpertsEP(nn.Module):
         # the rows arrive by source rank, each source's by expert: regroup them by expert for the grouped GEMMs
         expert = torch.arange(got.shape[1], device=x.device).repeat(P)  # of each (source, expert) run of rows
         order = expert.repeat_interleave(got.flatten(), output_size=sum(recv)).argsort(stable=True)
-        y = experts(x[order], got.sum(0))
-        y = y.new_empty(y.shape).index_copy(0, order, y)  # back in arrival order
+        y = experts(x, got.sum(0), order, order, x.shape[0])  # and back in arrival order
         y = all_to_all_single_autograd(y, send, recv, self.group)
         return torch.cat([y, y.new_zeros(rows - y.shape[0], y.shape[1])])
 
@@ -448,14 +447,21 @@ class ExpertsEP(nn.Module):
 def sync_expert_grads(model):
     """Expert parallelism, after backward: each expert's gradient summed over the ranks holding a copy of it (one
     per ep group), then divided by the world size, the mean over the global batch that DDP and FSDP take of every
-    other gradient. (Each copy already holds its own group's rows, through the all_to_all's backward.)"""
+    other gradient. (Each copy already holds its own group's rows, through the all_to_all's backward.) One
+    all-reduce over a flat buffer of every layer's expert gradients per group (and dtype), not one per weight."""
+    buckets = {}
     for moe in model.modules():
         if isinstance(moe, MoE) and moe.expert_parallel is not None:
-            for w in (moe.w1, moe.w3, moe.w2):
+            for w in (moe.w13, moe.w2):
                 if w.grad is not None:
                     grad = w.grad.to_local()
-                    dist.all_reduce(grad, group=w.device_mesh["expert_dp"].get_group())
-                    grad.div_(dist.get_world_size())
+                    buckets.setdefault((w.device_mesh.get_group("expert_dp"), grad.dtype), []).append(grad)
+    for (group, _), grads in buckets.items():
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(dist.get_world_size())
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def optimizer_kwargs(model, device_type):
@@ -472,7 +478,8 @@ def agree(stop_requested, nonfinite, device):
     flags = torch.stack([torch.tensor(float(stop_requested), device=device), nonfinite.float()])
     if dist.is_initialized():
         dist.all_reduce(flags)
-    return bool(flags[0] > 0), bool(flags[1] > 0)
+    stop, bad = (flags > 0).tolist()  # one read of both
+    return stop, bad
 
 
 def clip_grad_norm_(params, max_norm):

@@ -392,16 +392,18 @@ def get_lr(it):
 
 def feature_logs(stats, moe_loss):
     """Each feature's line and metrics.jsonl fields since the last log line: MoE routing, the DRE's drawn core
-    steps, DPO's preference statistics. Every rank calls it (it resets the MoE counters)."""
-    lines, record = [], {}
-    if raw_model.moe_layers():
-        record.update(moe_loss=moe_loss.item(), moe=[m.metrics() for m in raw_model.moe_layers()])
+    steps, DPO's preference statistics. Every rank calls it (it resets the MoE counters). One host read for all of
+    them: every MoE layer's counters, the MoE loss and the DPO statistics come in one transfer (moe.read_metrics)."""
+    lines, record, layers = [], {}, raw_model.moe_layers()
+    metrics, values = moe.read_metrics(layers, *([moe_loss] if layers else []), *stats.values())
+    if layers:
+        record.update(moe_loss=values.pop(0), moe=metrics)
         lines.append(moe.describe(record["moe"], record["moe_loss"]))
     if raw_model.config.dre:
         record["dre_steps"] = raw_model.depth.pop_sampled()
         lines.append(reasoning.describe_drawn(record["dre_steps"], model_config.dre_sample_steps))
     if stats:
-        record.update({k: v.item() for k, v in stats.items()})
+        record.update(zip(stats, values))
         lines.append(describe_dpo(record))
     return lines, record
 

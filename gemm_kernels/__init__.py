@@ -35,16 +35,16 @@ def pick(kernel, x, w):
 
 def grouped_mm(x, w, offsets, kernel="auto", gather_idx=None, scatter_idx=None, out_rows=None):
     """x: (Nx, K); w: (E, N, K); offsets: (E+1,) int, offsets[0] = 0, offsets[-1] <= M rows; gather_idx /
-    scatter_idx: (M,) int64 or None (identity; only the triton and loop paths take them); returns (out_rows or M,
-    N), zero in rows nothing was scattered to. Differentiable in x and w."""
+    scatter_idx: (M,) int64 or None (identity; the triton path fuses them into its loads and stores, the others copy);
+    returns (out_rows or M, N), zero in rows nothing was scattered to. Differentiable in x and w."""
     kernel = pick(kernel, x, w)
     if kernel == "grouped_mm":
         if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
             raise ValueError(f"moe_kernel='grouped_mm' takes bfloat16 only (got {x.dtype}); use dtype=bfloat16 or "
                              "moe_kernel='auto'")
-        if gather_idx is not None or scatter_idx is not None:
-            raise ValueError("the grouped_mm path takes sorted rows: gather them first")
-        return _torch_grouped_mm(x, w, offsets)
+        xs = x if gather_idx is None else x.index_select(0, gather_idx)  # copies, unlike triton's fused loads
+        y = _torch_grouped_mm(xs, w, offsets)
+        return y if scatter_idx is None else y.new_zeros(out_rows, y.shape[1]).index_copy(0, scatter_idx, y)
     if kernel == "triton":
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("moe_kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")

@@ -87,6 +87,33 @@ def test_export_loads_in_transformers_with_the_same_logits_and_imports_back_iden
     assert torch.equal(hf_greedy(hf, start, 20), back.generate(start, 20, temperature=0)[:, 8:])
 
 
+def test_a_run_saved_before_w13_loads_and_exports_as_the_same_model(workdir):
+    """Runs saved before gate and up became one parameter hold each MoE layer's mlp.w1 and mlp.w3: the model loads
+    (moe.py joins them) and exports (Mixtral's w1 and w3) exactly as the same run saved today."""
+    from safetensors.torch import load_file
+    ours = make_run("new", **MODELS["mixtral"])
+    ckpt = torch.load("new/ckpt.pt", weights_only=True)
+    old = {}
+    for name, w in ckpt["model"].items():
+        if name.endswith("mlp.w13"):  # (E, 2, hidden, in): gate, up
+            old[name[:-1]], old[name[:-2] + "3"] = w[:, 0].clone(), w[:, 1].clone()
+        else:
+            old[name] = w
+    os.makedirs("old")
+    torch.save({**ckpt, "model": old}, "old/ckpt.pt")
+    loaded = convert.load_run("old")[0].state_dict()
+    for name, w in ours.state_dict().items():
+        assert torch.equal(loaded[name], w), name
+    convert.export_hf("new", "hf_new"), convert.export_hf("old", "hf_old")
+    new, exported = load_file("hf_new/model.safetensors"), load_file("hf_old/model.safetensors")
+    assert sorted(new) == sorted(exported)
+    for name in new:
+        assert torch.equal(new[name], exported[name]), name
+    from checkpoint import restore  # its optimizer state does not: resuming it says so, and what to do instead
+    with pytest.raises(ValueError, match="before MoE layers held gate and up as one weight.*init_from="):
+        restore({**ckpt, "model": old}, ours, [], None, None)
+
+
 def test_config_states_the_values_whose_hugging_face_defaults_differ(workdir):
     make_run("run", **MODELS["llama"])
     convert.export_hf("run", "hf")

@@ -27,7 +27,8 @@ def make_moe(E=4, k=2, d=16, h=24, **kw):
 def naive_moe(moe, x, keep=None):
     """The textbook layer in float64: route each token, then loop over experts with index_select / index_add. At
     top_k=1 the weight is the softmax probability itself (Switch). keep (N, k) bool: the pairs capacity kept."""
-    router, w1, w3, w2 = (p.double() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2))
+    router, w13, w2 = (p.double() for p in (moe.router.weight, moe.w13, moe.w2))
+    w1, w3 = w13[:, 0], w13[:, 1]  # gate, up
     x = x.double()
     probs = (x @ router.t()).softmax(-1)
     weight, expert = probs.topk(moe.top_k, dim=-1)
@@ -48,7 +49,7 @@ def grads(moe, x, out):
     moe.zero_grad()
     x.grad = None
     (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()  # non-uniform
-    return [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w1, moe.w3, moe.w2)]
+    return [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w13, moe.w2)]
 
 
 def assert_close_scaled(got, want, tol, msg=""):
@@ -73,12 +74,12 @@ def test_moe_matches_float64_naive_loop(E, k, tokens, kernel, dtype, tol):
     assert out.dtype == dtype
     ref = naive_moe(moe, x)
     assert_close_scaled(out, ref, tol, "out")
-    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+    for name, g, r in zip(("x", "router", "w13", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
         assert_close_scaled(g, r, tol, name)
     if tokens == 1:  # experts that got no token get exactly zero gradient
         used = set(moe.route(x.detach())[0].flatten().tolist())
         for e in set(range(E)) - used:
-            assert moe.w1.grad[e].abs().sum() == 0 and moe.w2.grad[e].abs().sum() == 0
+            assert moe.w13.grad[e].abs().sum() == 0 and moe.w2.grad[e].abs().sum() == 0
 
 
 def test_top1_router_learns_from_the_language_model_loss():
@@ -139,7 +140,7 @@ def test_capacity_keeps_per_expert_the_highest_scoring_pairs(k, kernel, dtype, t
         out = moe(x.view(1, 64, 16))[0]
     ref = naive_moe(moe, x, keep)
     assert_close_scaled(out, ref, tol, "out")  # a dropped pair adds nothing; the residual carries its token on
-    for name, g, r in zip(("x", "router", "w1", "w3", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
+    for name, g, r in zip(("x", "router", "w13", "w2"), grads(moe, x, out.float()), grads(moe, x, ref)):
         assert_close_scaled(g, r, tol, name)
     assert moe.metrics()["dropped"] == pytest.approx((~keep).sum().item() / (64 * k))
 
@@ -231,6 +232,57 @@ def test_metrics_measure_the_load():
     assert moe.metrics()["tokens_per_expert"] == [0, 0, 0, 0]  # reading resets
 
 
+def test_every_layers_metrics_and_the_loss_come_in_one_host_read():
+    from moe import read_metrics
+    from test_sync import HostReads
+    layers = [make_moe(E=4, k=1), make_moe(E=4, k=1)]
+    with torch.no_grad():
+        for layer, gains in zip(layers, ([3.0, 2.0, 1.0, 0.0], [0.0, 3.0, 0.0, 0.0])):
+            layer.router.weight.zero_()
+            layer.router.weight[:, 0] = torch.tensor(gains)  # the first: 6 tokens to expert 0, 2 to 3; the second: 1
+    x = torch.zeros(1, 8, 16)
+    x[0, :6, 0], x[0, 6:, 0] = 1.0, -1.0
+    for layer in layers:
+        layer(x.abs() if layer is layers[1] else x)
+    with HostReads() as recorder:
+        metrics, values = read_metrics(layers, torch.tensor(1.5), torch.tensor(-2.0))
+    assert [r["op"] for r in recorder.reads] == [".tolist()"]
+    assert [m["tokens_per_expert"] for m in metrics] == [[6, 0, 0, 2], [0, 8, 0, 0]]
+    assert [m["balance"] for m in metrics] == pytest.approx([2 / 6, 2 / 8])
+    assert metrics[1]["entropy_bits"] == 0 and values == [1.5, -2.0]
+
+
+def test_the_triton_path_makes_no_sorted_copy_of_the_rows(monkeypatch):
+    """moe_kernel='triton' hands the gather (token -> sorted row) and the scatter (back to token order) to the
+    kernel, which fuses them into its loads and stores: the layer's forward copies no rows itself. (The kernel is
+    stood in for by the loop path, outside the recording, so that this runs without a GPU.)"""
+    import gemm_kernels
+    import gemm_kernels.triton_gemm as tg
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    calls = []
+
+    def kernel(x, w, offsets, gather_idx=None, scatter_idx=None, out_rows=None):
+        calls.append((x.shape[0], gather_idx is not None, scatter_idx is not None))
+        with _disable_current_modes():
+            return gemm_kernels._grouped_mm_loop(x, w, offsets, gather_idx, scatter_idx, out_rows)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if args and isinstance(args[0], torch.Tensor) and args[0].shape[-1:] == (16,):  # rows of x or y
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    monkeypatch.setattr(tg, "scatter2scatter", kernel)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    moe, ops = make_moe(E=4, k=2, moe_kernel="triton", capacity_factor=1.0), []
+    x = torch.randn(1, 40, 16)
+    with Ops():
+        out = moe(x)
+    assert calls == [(40, True, False), (80, False, True)]  # tokens gathered into 80 sorted rows; scattered back
+    assert not {"index_select", "index_copy", "index_copy_", "index", "gather", "scatter"} & set(ops), set(ops)
+    keep = kept_by_score(moe, x[0], capacity=20)
+    torch.testing.assert_close(out[0].double(), naive_moe(moe, x[0], keep), rtol=1e-5, atol=1e-6)
+
+
 def test_grad_checkpoint_keeps_the_moe_loss_gradients():
     torch.manual_seed(0)
     cfg = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, expert_hidden=16)
@@ -266,7 +318,7 @@ def moe_step(layer, x):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     ((out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + layer.aux_loss).backward()
-    return [out.detach(), x.grad] + [p.grad.clone() for p in (layer.router.weight, layer.w1, layer.w3, layer.w2)]
+    return [out.detach(), x.grad] + [p.grad.clone() for p in (layer.router.weight, layer.w13, layer.w2)]
 
 
 def gpu_path_moe(capacity_factor):
@@ -392,7 +444,7 @@ def test_gpu_moe_layer_matches_float64_without_host_syncs(kernel, dtype, capacit
         out = run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    params = lambda: (moe.router.weight, moe.w1, moe.w3, moe.w2)
+    params = lambda: (moe.router.weight, moe.w13, moe.w2)
     got = [out.detach().cpu(), xg.grad.cpu()] + [p.grad.cpu() for p in params()]
     moe.cpu().zero_grad()
     x64 = x.double().requires_grad_()
@@ -400,7 +452,7 @@ def test_gpu_moe_layer_matches_float64_without_host_syncs(kernel, dtype, capacit
     ref = naive_moe(moe, x64, keep)
     ref.backward(dy.double())
     want = [ref.detach(), x64.grad] + [p.grad for p in params()]
-    for name, g, w in zip(("out", "x", "router", "w1", "w3", "w2"), got, want):
+    for name, g, w in zip(("out", "x", "router", "w13", "w2"), got, want):
         assert_close_scaled(g, w, 3e-2, name)
 
 
