@@ -99,8 +99,8 @@ MUTANTS = [
     # convert.py
     ("hf-export-gate-up-swapped", "convert.py", "\"mlp.c_gate\": \"mlp.gate_proj\",\n               \"mlp.c_fc\": "
      "\"mlp.up_proj\"", "\"mlp.c_gate\": \"mlp.up_proj\",\n               \"mlp.c_fc\": \"mlp.gate_proj\""),
-    ("hf-export-expert-w1-w3-swapped", "convert.py", "i, kind = name.split(\".\")[2], name[-2:]",
-     "i, kind = name.split(\".\")[2], {\"w1\": \"w3\", \"w3\": \"w1\"}.get(name[-2:], name[-2:])"),
+    ("hf-export-expert-w1-w3-swapped", "convert.py", 'kinds = {"w1": weights[:, 0], "w3": weights[:, 1]}',
+     'kinds = {"w1": weights[:, 1], "w3": weights[:, 0]}'),
     ("gpt2-conv1d-not-transposed", "convert.py",
      "sd[f\"transformer.h.{i}.{name}.{p}\"] = t.t() if t.dim() == 2 else t",
      "sd[f\"transformer.h.{i}.{name}.{p}\"] = t"),
