@@ -526,10 +526,10 @@ def agree(stop_requested, nonfinite, device):
 
 
 def clip_grad_norm_(params, max_norm):
-    """torch.nn.utils.clip_grad_norm_, also when gradients are DTensors on different meshes (fsdp+tp: the blocks'
-    on (dp, tp), a pipeline stage's embeddings on dp). Each rank sums the squares of its own shards, mesh by mesh (a shard held by
-    several ranks counted once), and one all-reduce per mesh dimension completes each mesh's sum: a few scalar
-    collectives per step, not one per parameter."""
+    """torch.nn.utils.clip_grad_norm_, also when gradients are DTensors on different meshes (a pipeline stage under
+    fsdp+tp: the blocks' on (dp, tp), embeddings on dp). Each rank sums the squares of its own shards, mesh by mesh (a
+    shard held by several ranks counted once), and one all-reduce per mesh dimension completes each mesh's sum: a few
+    scalar collectives per step, not one per parameter."""
     params = [p for p in params if p.grad is not None]
     if not any(hasattr(p.grad, "device_mesh") for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
