@@ -481,15 +481,17 @@ def optimizer_kwargs(model, device_type):
     return {"foreach": False} if len(kinds) == 2 else {"fused": device_type in ("cuda", "cpu")}
 
 
-def vocab_parallel_loss(logits, targets):
-    """model.py's cross-entropy of logits split along the vocabulary over the tensor-parallel ranks (a DTensor),
-    through loss_parallel: each rank's log-softmax takes the max and the sum of exponentials over the group, so no
-    rank gathers the full-vocabulary logits. A plain scalar, the same on every rank."""
+def vocab_parallel_loss(logits, targets, reduction="mean"):
+    """The cross-entropy (ignoring targets of -1) of (B, T, vocab) logits split along the vocabulary over the
+    tensor-parallel ranks (a DTensor), through loss_parallel: each rank's log-softmax takes the max and the sum of
+    exponentials over the group, so no rank gathers the full-vocabulary logits. A plain tensor, the same on every
+    rank: the mean, or with reduction='none' one value per token (B*T,)."""
     from torch.distributed.tensor.parallel import loss_parallel
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _LossParallel.apply(logits, targets)
+        return _LossParallel.apply(logits, targets, reduction)
     with loss_parallel():
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1).to_local()
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction).to_local()
 
 
 class _LossParallel(torch.autograd.Function):
@@ -497,11 +499,12 @@ class _LossParallel(torch.autograd.Function):
     backward ops exist only there), wherever and by whomever loss.backward() is called."""
 
     @staticmethod
-    def forward(ctx, logits, targets):
+    def forward(ctx, logits, targets, reduction):
         from torch.distributed.tensor.parallel import loss_parallel
         with torch.enable_grad(), loss_parallel():
             ctx.logits = logits.detach().requires_grad_()
-            ctx.loss = F.cross_entropy(ctx.logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            ctx.loss = F.cross_entropy(ctx.logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                                       reduction=reduction)
         return ctx.loss.detach().to_local()
 
     @staticmethod
@@ -512,7 +515,7 @@ class _LossParallel(torch.autograd.Function):
             grad = DTensor.from_local(grad, ctx.loss.device_mesh, ctx.loss.placements, run_check=False)
             (grad,) = torch.autograd.grad(ctx.loss, ctx.logits, grad)
         del ctx.logits, ctx.loss
-        return grad, None
+        return grad, None, None
 
 
 def agree(stop_requested, nonfinite, device):
