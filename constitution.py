@@ -187,7 +187,11 @@ def open_resumable(path, prompts):
 
 def sequence_logprobs(logits, targets):
     """Sum over each row of log p(target) for the targets that are not -1 (the response tokens): (B,)."""
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    if hasattr(logits, "device_mesh"):  # tensor parallelism: logits split by vocabulary (parallel.py)
+        from parallel import vocab_parallel_loss
+        logp = -vocab_parallel_loss(logits, targets, reduction="none")
+    else:
+        logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
     return logp.view(targets.shape).sum(-1)  # ignored positions contribute 0
 
 

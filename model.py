@@ -375,7 +375,11 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, steps=steps, threshold=threshold))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if hasattr(logits, "device_mesh"):  # tensor parallelism: logits split by vocabulary (parallel.py)
+                from parallel import vocab_parallel_loss
+                loss = vocab_parallel_loss(logits, targets)
+            else:
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()

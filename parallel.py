@@ -28,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe import MoE
@@ -302,23 +303,37 @@ def compile_blocks(model, **compile_kwargs):
     return model
 
 
-def apply_tensor_parallel(model, tp_mesh):
+def apply_tensor_parallel(model, tp_mesh, vocab=True):
     """The Megatron plan, declared per module. Between blocks the residual stream is a (B, T/tp, C) slice of the
-    sequence; attention and MLPs gather it, work on their share of heads / hidden units, and reduce-scatter back."""
+    sequence; attention and MLPs gather it, work on their share of heads / hidden units, and reduce-scatter back.
+    vocab: the embedding and the head split by vocabulary too, so that no rank holds full-vocabulary logits: they
+    come out as a DTensor split along the vocabulary, which model.py's loss takes through vocab_parallel_loss.
+    A tied embedding and head are one matrix split by rows (vocabulary) under both plans: it stays one parameter.
+    Without vocab (pipeline stages) both stay whole on every rank."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
                                                    PrepareModuleOutput, RowwiseParallel, SequenceParallel,
                                                    parallelize_module)
-    # embeddings and head stay whole on every rank (GPT-2-sized vocabularies are small next to the blocks); the
-    # embedding output is cut to this rank's part of the sequence, the head sees the whole sequence again
-    top = {
-        "transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
-        "transformer.ln_f": SequenceParallel(),
-        "lm_head": PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
-                                      use_local_output=True),
-    }
+    if vocab:
+        # the embedding's partial sums reduce-scattered straight to this rank's part of the sequence; the head
+        # gathers the sequence and computes its share of the vocabulary's logits
+        top = {
+            "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "transformer.ln_f": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+        }
+    else:
+        # the embedding output is cut to this rank's part of the sequence, the head sees the whole sequence again
+        top = {
+            "transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+            "transformer.ln_f": SequenceParallel(),
+            "lm_head": PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
+                                          use_local_output=True),
+        }
     names = dict(model.named_modules())  # a pipeline stage holds some of these only
     parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if k in names})
+    if vocab and "lm_head" in names and model.config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # each plan made its own copy of the matrix: tie again
     gather_seq = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     group = tp_mesh.get_group()
     for block in model.transformer.h.children():
@@ -465,10 +480,48 @@ def sync_expert_grads(model):
 
 
 def optimizer_kwargs(model, device_type):
-    """Fused optimizer kernels take one kind of tensor: under tensor parallelism the blocks' weights are DTensors
-    and the embeddings plain tensors, so those runs step parameter by parameter."""
+    """Fused optimizer kernels take one kind of tensor: where some parameters are DTensors and others plain tensors
+    (a pipeline's tensor-parallel stages, whose embedding and head stay whole; QK-norm's gains under tp), those
+    runs step parameter by parameter."""
     kinds = {hasattr(p, "device_mesh") for p in model.parameters()}
     return {"foreach": False} if len(kinds) == 2 else {"fused": device_type in ("cuda", "cpu")}
+
+
+def vocab_parallel_loss(logits, targets, reduction="mean"):
+    """The cross-entropy (ignoring targets of -1) of (B, T, vocab) logits split along the vocabulary over the
+    tensor-parallel ranks (a DTensor), through loss_parallel: each rank's log-softmax takes the max and the sum of
+    exponentials over the group, so no rank gathers the full-vocabulary logits. A plain tensor, the same on every
+    rank: the mean, or with reduction='none' one value per token (B*T,)."""
+    from torch.distributed.tensor.parallel import loss_parallel
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _LossParallel.apply(logits, targets, reduction)
+    with loss_parallel():
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction).to_local()
+
+
+class _LossParallel(torch.autograd.Function):
+    """loss_parallel's cross-entropy as one autograd node whose backward runs under loss_parallel too (its
+    backward ops exist only there), wherever and by whomever loss.backward() is called."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, reduction):
+        from torch.distributed.tensor.parallel import loss_parallel
+        with torch.enable_grad(), loss_parallel():
+            ctx.logits = logits.detach().requires_grad_()
+            ctx.loss = F.cross_entropy(ctx.logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                                       reduction=reduction)
+        return ctx.loss.detach().to_local()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor.parallel import loss_parallel
+        with loss_parallel():
+            grad = DTensor.from_local(grad, ctx.loss.device_mesh, ctx.loss.placements, run_check=False)
+            (grad,) = torch.autograd.grad(ctx.loss, ctx.logits, grad)
+        del ctx.logits, ctx.loss
+        return grad, None, None
 
 
 def agree(stop_requested, nonfinite, device):
@@ -483,10 +536,10 @@ def agree(stop_requested, nonfinite, device):
 
 
 def clip_grad_norm_(params, max_norm):
-    """torch.nn.utils.clip_grad_norm_, also when gradients are DTensors on different meshes (fsdp+tp: the blocks'
-    on (dp, tp), embeddings on dp). Each rank sums the squares of its own shards, mesh by mesh (a shard held by
-    several ranks counted once), and one all-reduce per mesh dimension completes each mesh's sum: a few scalar
-    collectives per step, not one per parameter."""
+    """torch.nn.utils.clip_grad_norm_, also when gradients are DTensors on different meshes (a pipeline stage under
+    fsdp+tp: the blocks' on (dp, tp), embeddings on dp). Each rank sums the squares of its own shards, mesh by mesh (a
+    shard held by several ranks counted once), and one all-reduce per mesh dimension completes each mesh's sum: a few
+    scalar collectives per step, not one per parameter."""
     params = [p for p in params if p.grad is not None]
     if not any(hasattr(p.grad, "device_mesh") for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)

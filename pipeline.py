@@ -134,7 +134,7 @@ class Pipeline(nn.Module):
         for part in parts:
             part.weight = self.weight
             if tp > 1:
-                tensor_parallel(part, mesh["tp"])
+                tensor_parallel(part, mesh["tp"], vocab=False)  # embedding and head whole (see Pipeline)
             for block in part.transformer.h.values():
                 if fsdp:
                     from torch.distributed.fsdp import fully_shard
