@@ -334,7 +334,7 @@ def expert_parallel_layer_check(ep_size, capacity_factor, unused):
 
 
 
-CLIP_CASES = [("fsdp", 1, 1, 1), ("tp", 4, 1, 2), ("fsdp+tp", 2, 1, 3), ("ddp", 1, 2, 2)]  # layout, tp, ep, reductions
+CLIP_CASES = [("fsdp", 1, 1, 1), ("tp", 4, 1, 2), ("fsdp+tp", 2, 1, 2), ("ddp", 1, 2, 2)]  # layout, tp, ep, reductions
 
 
 def clipping_check():
