@@ -39,7 +39,7 @@ import parallel
 from checkpoint import CheckpointError
 from convert import load_run
 from model import GPT, MLP, GPTConfig
-from moe import MoE, local
+from moe import MoE, local, sync_expert_grads
 from pipeline import PP_SCHEDULES
 
 # bench.py's own settings; the model's are GPTConfig's fields (--n_layer=6), read from `config` below
@@ -351,7 +351,7 @@ def memory_worker():
                                      parallel.optimizer_kwargs(model, "cpu"))[0]
     _, loss = wrapped(x[:, :-1], x[:, 1:])  # train.py's step, which every layout (a pipeline too) answers alike
     wrapped.backward(loss + wrapped.moe_loss())
-    parallel.sync_expert_grads(model)
+    sync_expert_grads(model)
     wrapped.finish_backward()
     opt.step()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -6,6 +6,7 @@ special ids (a character vocabulary has none to spare; a pretrained model knows 
 import base64
 import functools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -143,6 +144,13 @@ def read_meta(data_dir):
         raise ValueError(f"{path} needs a positive int vocab_size and dtype 'uint16' or 'uint32'; prepare the data "
                          f"again (data/*/prepare.py)")
     return meta
+
+
+def padded_vocab(meta, mode):
+    """A fresh model's vocabulary: the data's (its tokenizer's for sft/dpo, else GPT-2's 50304), padded to a
+    multiple of 64, which makes the head's matmul faster (tiny vocabularies stay as they are)."""
+    vocab = meta.get("vocab_size") or (Tokenizer(meta).vocab_size if mode != "pretrain" else 50304)
+    return 64 * math.ceil(vocab / 64) if vocab > 4096 else vocab
 
 
 def token_files(data_dir, split):

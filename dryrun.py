@@ -218,7 +218,8 @@ def measure(model_args, s, world_size, fake=True):
 
     import hardware
     from model import GPT, GPTConfig
-    from parallel import Layout, check_layout, mesh_and_ranks, optimizer_kwargs, parallelize, sync_expert_grads
+    from moe import sync_expert_grads
+    from parallel import Layout, check_layout, mesh_and_ranks, optimizer_kwargs, parallelize
     t0 = time.perf_counter()
     config = GPTConfig(**model_args)
     layout, tp_size, pp_size, ep_size = s["parallel"], s["tp_size"], s["pp_size"], s["ep_size"]

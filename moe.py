@@ -8,12 +8,15 @@ alone, never on the routing, and nothing waits for the host: a dropped pair stay
 kept ones, and comes back zero. The balancing losses (Switch's aux loss, ST-MoE's router z-loss) reach train.py
 through GPT.moe_loss(); routing metrics are counted on the device and read only at log time. docs/moe.md has the
 formulas. The gradient-checkpoint helper is here because MoE layers read its rerun flag (to count routing once).
+Expert parallelism is here too (apply_expert_parallel, ExpertsEP, sync_expert_grads): it is the experts' own
+layout, which parallel.parallelize applies before the others.
 """
 
 import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -87,7 +90,7 @@ class MoE(nn.Module):
         # tensor parallelism (parallel.py) makes these Megatron's f and g: each rank then holds a slice of every
         # expert's hidden units, so the experts' input gradient and their outputs are summed over the group
         self.enter_experts, self.leave_experts = nn.Identity(), nn.Identity()
-        # expert parallelism (parallel.ExpertsEP): this rank holds n_expert/ep_size of the experts, and the sorted
+        # expert parallelism (ExpertsEP below): this rank holds n_expert/ep_size of the experts, and the sorted
         # rows travel to the ranks holding theirs and back: expert_parallel(x_sorted, counts, self.experts)
         self.expert_parallel = None
         self.load_group = None  # the ranks whose loads update_bias sums: all, or under pipeline parallelism a stage's
@@ -166,7 +169,7 @@ class MoE(nn.Module):
         if self.expert_parallel is None:  # rows in (token, slot) order, dropped pairs zero
             ys = self.experts(self.enter_experts(x), counts, order // self.top_k, order, order.numel())
             y = self.leave_experts(ys)
-        else:  # parallel.ExpertsEP: the sorted rows go to the ranks holding their experts and come back
+        else:  # ExpertsEP: the sorted rows go to the ranks holding their experts and come back
             ys = self.expert_parallel(x.index_select(0, order // self.top_k), counts, self.experts)
             y = torch.zeros_like(ys).index_copy(0, order, ys)
         out = self.dropout(torch.bmm(weight.to(y.dtype).unsqueeze(1), y.view(B * T, self.top_k, d)).view(B, T, d))
@@ -187,6 +190,87 @@ class MoE(nn.Module):
     def metrics(self):
         """This layer's read_metrics."""
         return read_metrics([self])[0][0]
+
+
+# -----------------------------------------------------------------------------
+# expert parallelism: each rank holds some of every layer's experts (parallel.py applies the other layouts)
+
+def apply_expert_parallel(model, ep_size, device_type):
+    """Expert parallelism on an (expert_dp, ep) mesh of the world: in each group of ep_size consecutive ranks, rank
+    r keeps experts [r*E/ep_size, (r+1)*E/ep_size) of every MoE layer, as DTensors sharded over the group and
+    replicated across groups, so that a distributed checkpoint holds each expert once and loads on any layout.
+    Returns {name: parameter} of the experts, which the data-parallel layouts must leave alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("expert_dp", "ep"))
+    rank, experts = mesh["ep"].get_local_rank(), {}
+    for name, moe in model.named_modules():
+        if isinstance(moe, MoE):
+            for w in ("w13", "w2"):
+                full = getattr(moe, w).data  # the same seeded initial weights on every rank
+                n = full.shape[0] // ep_size
+                mine = DTensor.from_local(full[rank * n:(rank + 1) * n].clone(), mesh, [Replicate(), Shard(0)],
+                                          run_check=False)
+                setattr(moe, w, nn.Parameter(mine))
+                experts[f"{name}.{w}"] = getattr(moe, w)
+            moe.expert_parallel = ExpertsEP(mesh)
+    return experts
+
+
+class ExpertsEP(nn.Module):
+    """How moe.MoE runs its experts under expert parallelism. Its rows arrive sorted by expert, counts[e] for
+    expert e; those of the experts rank j holds are a contiguous run, sent to rank j by one all_to_all with uneven
+    splits, run there, and returned by a second all_to_all into the same order. Both are differentiable: backward
+    sends each row's gradient back the way it came, so every rank's experts get the gradients of all the rows
+    they ran (and sync_expert_grads averages those over the groups)."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.group, self.size = mesh["ep"].get_group(), mesh["ep"].size()
+
+    # eager under torch.compile: the split sizes are data (a graph break anyway), and the experts' DTensor weights
+    # reach the compiled kernels as DTensors otherwise
+    @torch.compiler.disable
+    def forward(self, x, counts, experts):
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+        P, rows = self.size, x.shape[0]
+        # first a small exchange: got[i, e] = how many rows rank i sends to this rank's e-th expert (a host sync,
+        # since the split sizes are Python ints)
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=self.group)
+        got = got.view(P, -1)
+        send, recv = torch.stack([counts.view(P, -1).sum(1), got.sum(1)]).tolist()  # (one read of both)
+        x = x[:sum(send)]  # the rows of pairs dropped by capacity come last and stay here (their output is zero)
+        if torch.is_autocast_enabled(x.device.type):  # the experts compute in it: send half the bytes
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = all_to_all_single_autograd(x, recv, send, self.group)
+        # the rows arrive by source rank, each source's by expert: regroup them by expert for the grouped GEMMs
+        expert = torch.arange(got.shape[1], device=x.device).repeat(P)  # of each (source, expert) run of rows
+        order = expert.repeat_interleave(got.flatten(), output_size=sum(recv)).argsort(stable=True)
+        y = experts(x, got.sum(0), order, order, x.shape[0])  # and back in arrival order
+        y = all_to_all_single_autograd(y, send, recv, self.group)
+        return torch.cat([y, y.new_zeros(rows - y.shape[0], y.shape[1])])
+
+
+def sync_expert_grads(model):
+    """Expert parallelism, after backward: each expert's gradient summed over the ranks holding a copy of it (one
+    per ep group), then divided by the world size, the mean over the global batch that DDP and FSDP take of every
+    other gradient. (Each copy already holds its own group's rows, through the all_to_all's backward.) One
+    all-reduce over a flat buffer of every layer's expert gradients per group (and dtype), not one per weight."""
+    buckets = {}
+    for moe in model.modules():
+        if isinstance(moe, MoE) and moe.expert_parallel is not None:
+            for w in (moe.w13, moe.w2):
+                if w.grad is not None:
+                    grad = w.grad.to_local()
+                    buckets.setdefault((w.device_mesh.get_group("expert_dp"), grad.dtype), []).append(grad)
+    for (group, _), grads in buckets.items():
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(dist.get_world_size())
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 @torch.no_grad()

@@ -8,12 +8,12 @@ checked against one process by tests/test_parallel.py:
 - 'fsdp+tp': a (dp, tp) mesh: tp inside each group of tp_size ranks, fsdp across the groups.
 - ep_size > 1 (with 'ddp' or 'fsdp'): expert parallelism. Each group of ep_size consecutive ranks splits every MoE
   layer's experts between them, and the routed tokens travel to their experts' ranks and back (all_to_all); the
-  rest of the model is data parallel over all ranks as the layout says.
+  rest of the model is data parallel over all ranks as the layout says. (The experts' part is moe.py's.)
 - pp_size > 1 (with any layout): pipeline parallelism on torch.distributed.pipelining, a (pp, dp, tp) mesh. The
   blocks are split into stages, each rank runs its stages on pieces of each micro-batch under a schedule (1F1B,
   GPipe, Interleaved1F1B), and the layout applies among the ranks of a stage (pipeline.py).
 Also here: everything else that only layouts need (starting and ending the processes, the stop agreement between
-ranks, Megatron's f/g, the experts' all_to_all, clipping over DTensors). Distributed checkpoints are checkpoint.py's.
+ranks, Megatron's f/g, clipping over DTensors). Distributed checkpoints are checkpoint.py's.
 """
 
 import math
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moe import MoE
+from moe import MoE, apply_expert_parallel
 from pipeline import Pipeline, check_pipeline
 
 # imported where used: DTensor, FSDP and DCP take seconds to import, which a single-process run need not pay
@@ -399,84 +399,6 @@ class ExpertsTP(nn.Module):
 
     def forward(self, x):
         return _MegatronFG.apply(x, self.group, self.sum_output)
-
-
-def apply_expert_parallel(model, ep_size, device_type):
-    """Expert parallelism on an (expert_dp, ep) mesh of the world: in each group of ep_size consecutive ranks, rank
-    r keeps experts [r*E/ep_size, (r+1)*E/ep_size) of every MoE layer, as DTensors sharded over the group and
-    replicated across groups, so that a distributed checkpoint holds each expert once and loads on any layout.
-    Returns {name: parameter} of the experts, which the data-parallel layouts must leave alone."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("expert_dp", "ep"))
-    rank, experts = mesh["ep"].get_local_rank(), {}
-    for name, moe in model.named_modules():
-        if isinstance(moe, MoE):
-            for w in ("w13", "w2"):
-                full = getattr(moe, w).data  # the same seeded initial weights on every rank
-                n = full.shape[0] // ep_size
-                mine = DTensor.from_local(full[rank * n:(rank + 1) * n].clone(), mesh, [Replicate(), Shard(0)],
-                                          run_check=False)
-                setattr(moe, w, nn.Parameter(mine))
-                experts[f"{name}.{w}"] = getattr(moe, w)
-            moe.expert_parallel = ExpertsEP(mesh)
-    return experts
-
-
-class ExpertsEP(nn.Module):
-    """How moe.MoE runs its experts under expert parallelism. Its rows arrive sorted by expert, counts[e] for
-    expert e; those of the experts rank j holds are a contiguous run, sent to rank j by one all_to_all with uneven
-    splits, run there, and returned by a second all_to_all into the same order. Both are differentiable: backward
-    sends each row's gradient back the way it came, so every rank's experts get the gradients of all the rows
-    they ran (and sync_expert_grads averages those over the groups)."""
-
-    def __init__(self, mesh):
-        super().__init__()
-        self.group, self.size = mesh["ep"].get_group(), mesh["ep"].size()
-
-    # eager under torch.compile: the split sizes are data (a graph break anyway), and the experts' DTensor weights
-    # reach the compiled kernels as DTensors otherwise
-    @torch.compiler.disable
-    def forward(self, x, counts, experts):
-        from torch.distributed._functional_collectives import all_to_all_single_autograd
-        P, rows = self.size, x.shape[0]
-        # first a small exchange: got[i, e] = how many rows rank i sends to this rank's e-th expert (a host sync,
-        # since the split sizes are Python ints)
-        got = torch.empty_like(counts)
-        dist.all_to_all_single(got, counts, group=self.group)
-        got = got.view(P, -1)
-        send, recv = torch.stack([counts.view(P, -1).sum(1), got.sum(1)]).tolist()  # (one read of both)
-        x = x[:sum(send)]  # the rows of pairs dropped by capacity come last and stay here (their output is zero)
-        if torch.is_autocast_enabled(x.device.type):  # the experts compute in it: send half the bytes
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        x = all_to_all_single_autograd(x, recv, send, self.group)
-        # the rows arrive by source rank, each source's by expert: regroup them by expert for the grouped GEMMs
-        expert = torch.arange(got.shape[1], device=x.device).repeat(P)  # of each (source, expert) run of rows
-        order = expert.repeat_interleave(got.flatten(), output_size=sum(recv)).argsort(stable=True)
-        y = experts(x, got.sum(0), order, order, x.shape[0])  # and back in arrival order
-        y = all_to_all_single_autograd(y, send, recv, self.group)
-        return torch.cat([y, y.new_zeros(rows - y.shape[0], y.shape[1])])
-
-
-def sync_expert_grads(model):
-    """Expert parallelism, after backward: each expert's gradient summed over the ranks holding a copy of it (one
-    per ep group), then divided by the world size, the mean over the global batch that DDP and FSDP take of every
-    other gradient. (Each copy already holds its own group's rows, through the all_to_all's backward.) One
-    all-reduce over a flat buffer of every layer's expert gradients per group (and dtype), not one per weight."""
-    buckets = {}
-    for moe in model.modules():
-        if isinstance(moe, MoE) and moe.expert_parallel is not None:
-            for w in (moe.w13, moe.w2):
-                if w.grad is not None:
-                    grad = w.grad.to_local()
-                    buckets.setdefault((w.device_mesh.get_group("expert_dp"), grad.dtype), []).append(grad)
-    for (group, _), grads in buckets.items():
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat.div_(dist.get_world_size())
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
 
 
 def optimizer_kwargs(model, device_type):

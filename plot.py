@@ -1,5 +1,5 @@
 """
-Plots the metrics.jsonl that train.py writes (its MetricsLog) into each run's out_dir as one PNG: train and val loss
+Plots the metrics.jsonl that train.py writes (with MetricsLog, below) into each run's out_dir as one PNG: train and val loss
 against iterations and against training time, and the MoE load balance and DRE core steps when a run logged them.
 Several runs are overlaid, each labelled with its directory:
 
@@ -17,6 +17,21 @@ import argparse
 import json
 import os
 import sys
+
+
+class MetricsLog:
+    """train.py's log: a JSON line a record in out_dir/metrics.jsonl: `first`, then each logged (to wandb too)."""
+
+    def __init__(self, out_dir, first, wandb=None):
+        self.file, self.wandb = open(os.path.join(out_dir, "metrics.jsonl"), "a"), None
+        self(first)
+        self.wandb = wandb
+
+    def __call__(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
 
 
 def read_metrics(path):

@@ -9,7 +9,6 @@ Every hyperparameter is a global below (the model's are GPTConfig's fields); con
 them (configurator.py). The names follow nanoGPT's wherever the concept is the same, so its commands run unchanged.
 """
 
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ import data
 import evaluation
 import hardware
 import moe
+import plot
 import reasoning
 from checkpoint import (RUN_SETTINGS, CheckpointError, checkpoint_group, find_sharded, load_weights, newest,
                         read_start, restore, save, saved_config)
@@ -32,7 +32,7 @@ from constitution import describe_dpo, dpo_forward, reference_model
 from convert import load_run
 from model import GPT, GPTConfig
 from parallel import (agree, check_layout, compile_blocks, exit_process, fail_fast, init_distributed, mesh_and_ranks,
-                      optimizer_kwargs, parallelize, sync_expert_grads, watch_signals)
+                      optimizer_kwargs, parallelize, watch_signals)
 
 
 def report(kind, error, traceback):
@@ -130,17 +130,10 @@ configurator.check_training(config)
 model_config = GPTConfig.from_settings(config)  # the model's own settings (sizes, dropout, MoE, DRE), checked
 
 
-def padded_vocab(meta):
-    """A fresh model's vocabulary: the data's (its tokenizer's for sft/dpo, else GPT-2's 50304), padded to a
-    multiple of 64, which makes the head's matmul faster (tiny vocabularies stay as they are)."""
-    vocab = meta.get("vocab_size") or (data.Tokenizer(meta).vocab_size if mode != "pretrain" else 50304)
-    return 64 * math.ceil(vocab / 64) if vocab > 4096 else vocab
-
-
 if dry_run:  # the job rehearsed on this CPU at its full size, then exit (dryrun.py)
     import dryrun
-    sys.exit(dryrun.run(config, vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(
-        data.read_meta(os.path.join("data", dataset))))), dry_run, gpu_memory))
+    sys.exit(dryrun.run(config, vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(
+        data.read_meta(os.path.join("data", dataset)), mode))), dry_run, gpu_memory))
 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) and init_from != "resume" and (
         os.path.exists(os.path.join(out_dir, "ckpt.pt")) or find_sharded(out_dir)):
     init_from = "resume"  # torchrun restarted the workers after a failure: go on from the last checkpoint
@@ -222,7 +215,7 @@ def init_model():
     'resume', from the later of out_dir's ckpt.pt and distributed checkpoint; a run's out_dir, whose weights start
     a fresh run (to fine-tune); 'hf:FOLDER' or a GPT-2 name. ValueError when that cannot be had."""
     if init_from == "scratch":
-        args = dict(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(meta))))
+        args = dict(vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(meta, mode))))
         return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
     if init_from != "resume":  # weights to start from: this run's settings, the source's architecture and tokenizer
         if not init_from.startswith(("gpt2", "hf:")) and not (os.path.isdir(init_from) and newest(init_from)[0]):
@@ -244,7 +237,7 @@ def init_model():
 
 if init_from == "scratch" and not eval_only:  # a run that cannot fit stops here, in one line, before it allocates
     import dryrun
-    dryrun.refuse_what_cannot_fit(vars(GPTConfig.from_settings(config, vocab_size=padded_vocab(meta))),
+    dryrun.refuse_what_cannot_fit(vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(meta, mode))),
                                   {**config, "parallel": parallel}, world_size, device_type, master)
 old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
 if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # one run per out_dir, unless asked
@@ -408,21 +401,6 @@ def feature_logs(stats, moe_loss):
     return lines, record
 
 
-class MetricsLog:
-    """A JSON line a record in out_dir/metrics.jsonl (plot.py draws it): `first`, then each logged (to wandb too)."""
-
-    def __init__(self, out_dir, first, wandb=None):
-        self.file, self.wandb = open(os.path.join(out_dir, "metrics.jsonl"), "a"), None
-        self(first)
-        self.wandb = wandb
-
-    def __call__(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["iter"])
-
-
 def stop(message, code=1):
     if master:
         print(message)
@@ -448,7 +426,7 @@ if wandb_log and master:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 # rank 0 appends to out_dir/metrics.jsonl (plot.py draws it), first a line marking where this run (or resumed part
 # of one) starts: the file may hold several
-log = MetricsLog(out_dir, {"run_start": time.time(), "iter": iter_num, "init_from": init_from,
+log = plot.MetricsLog(out_dir, {"run_start": time.time(), "iter": iter_num, "init_from": init_from,
                                 "world_size": world_size}, wandb) if master else lambda record: None
 
 
@@ -521,7 +499,7 @@ while True:
         moe_loss_sum += moe_loss.detach()
         for name, value in stats.items():
             stats_sum[name] = stats_sum.get(name, 0.0) + value / gradient_accumulation_steps
-    sync_expert_grads(raw_model)  # expert parallelism: each expert's gradient over the ranks holding it
+    moe.sync_expert_grads(raw_model)  # expert parallelism: each expert's gradient over the ranks holding it
     model.finish_backward()  # a pipeline: a tied embedding's gradient, summed over the first and last stages
     nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss_sum + moe_loss_sum)).float())
     if grad_clip != 0.0:

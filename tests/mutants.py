@@ -128,7 +128,7 @@ MUTANTS = [
      "random.Random().choices("),
     ("dre-exit-one-step-late", "reasoning.py", "done = taken >= limit", "done = taken > limit"),
     # parallel.py, pipeline.py
-    ("expert-grads-not-averaged", "parallel.py", "flat.div_(dist.get_world_size())", "pass"),
+    ("expert-grads-not-averaged", "moe.py", "flat.div_(dist.get_world_size())", "pass"),
     ("clip-counts-replicated-shards", "parallel.py", "append(local / copies)", "append(local)"),
     ("pipeline-tied-grad-not-summed", "pipeline.py",
      "dist.all_reduce(local(end.weight.grad), group=self.tied_group)", "pass"),

@@ -78,7 +78,8 @@ def train_steps(model, raw, data, dp_rank=0, dp=1, loss_ranks=0):
     get_batch does. Each step's loss over the global batch (summed over loss_ranks ranks; 0: one process) and its
     gradient norm, as clipping found it."""
     import torch.distributed as dist
-    from parallel import optimizer_kwargs, sync_expert_grads
+    from moe import sync_expert_grads
+    from parallel import optimizer_kwargs
     optimizers = raw.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu", "adamw", optimizer_kwargs(raw, "cpu"))
     losses = []
     for it, step in enumerate(data):
@@ -299,7 +300,7 @@ def expert_parallel_layer_check(ep_size, capacity_factor, unused):
     same weights. Experts in `unused` are never routed to (with ep_size=2 and unused=2,3 rank 1 receives no rows)."""
     import copy
     import torch.distributed as dist
-    import parallel
+    import moe
     from model import GPTConfig
     from moe import MoE, local
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -308,7 +309,7 @@ def expert_parallel_layer_check(ep_size, capacity_factor, unused):
                         capacity_factor=capacity_factor)).double()
     ref.expert_bias[unused] = -10.0  # never chosen: scores are in (0, 1)
     layer = copy.deepcopy(ref)
-    parallel.apply_expert_parallel(layer, ep_size, "cpu")
+    moe.apply_expert_parallel(layer, ep_size, "cpu")
     x, g = torch.randn(2, world, 16, 8, dtype=torch.float64)[:, rank:rank + 1]  # this rank's 16 tokens
 
     def run(moe):  # as under data parallelism: the mean over this rank's tokens
@@ -323,7 +324,7 @@ def expert_parallel_layer_check(ep_size, capacity_factor, unused):
     for p in [*ref.parameters(), layer.router.weight]:  # what DDP or FSDP would do: the mean over the ranks
         dist.all_reduce(p.grad)
         p.grad /= world
-    parallel.sync_expert_grads(layer)
+    moe.sync_expert_grads(layer)
     torch.testing.assert_close(layer.router.weight.grad, ref.router.weight.grad)
     n, ep_rank = 4 // ep_size, rank % ep_size
     for name in ("w13", "w2"):
@@ -346,16 +347,17 @@ def clipping_check():
     from torch.distributed.tensor.debug import CommDebugMode
     import parallel
     from model import GPT, GPTConfig
+    from moe import sync_expert_grads
     for layout, tp_size, ep_size, reductions in CLIP_CASES:
         torch.manual_seed(0)
-        moe = dict(n_expert=4, top_k=2, expert_hidden=16) if ep_size > 1 else {}
-        ref = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, mlp_hidden=32, **moe))
+        experts = dict(n_expert=4, top_k=2, expert_hidden=16) if ep_size > 1 else {}
+        ref = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, mlp_hidden=32, **experts))
         mesh, _, _ = parallel.mesh_and_ranks(layout, tp_size, dist.get_world_size(), "cpu")
         model = parallel.parallelize(copy.deepcopy(ref), layout, mesh, "cpu", ep_size=ep_size)
         idx = torch.randint(50, (4, 17), generator=torch.Generator().manual_seed(1))
         for m in (ref, model):
             m(idx[:, :-1], idx[:, 1:])[1].backward()
-        parallel.sync_expert_grads(model)
+        sync_expert_grads(model)
         want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
         with CommDebugMode() as comm:
             got = parallel.clip_grad_norm_(list(model.parameters()), 0.1)

@@ -133,7 +133,7 @@ TORCHRUN_CASES = {"ddp": ["--dtype=float32"],
                   "moe-ep2": ["--dtype=bfloat16", *MOE, "--moe_kernel=grouped_mm", "--ep_size=2"]}
 # what reads by design, per (file, function) that reads: how many per MoE layer per micro-step
 BY_DESIGN = {"moe-loop": (LOOP_KERNEL, 2),  # the group sizes of each of its two GEMMs (backward keeps them)
-             "moe-ep2": (("parallel.py", "forward"), 1)}  # ExpertsEP: the rows to send and to receive, as ints
+             "moe-ep2": (("moe.py", "forward"), 1)}  # ExpertsEP: the rows to send and to receive, as ints
 
 
 def check(reads, case, rank=0, micro_steps=MICRO_STEPS):
