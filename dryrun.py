@@ -172,18 +172,6 @@ def static_stages(schedule, stages, *_):
         stage._inference_mode = InferenceMode.STATIC
 
 
-def to_empty(model):
-    """model.to_empty(device="cpu"), keeping tied weights tied (it would give each name a tensor of its own)."""
-    names = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    model.to_empty(device="cpu")
-    for first, *others in names.values():
-        for name in others:
-            module, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module), attr, model.get_parameter(first))
-
-
 def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip, autocast, sync_expert_grads,
                 count=None):
     """train.py's optimizer step, once per batch: micro_steps forwards and backwards (gradients synchronised on the
@@ -217,7 +205,7 @@ def measure(model_args, s, world_size, fake=True):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import hardware
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, empty_keeping_ties
     from moe import sync_expert_grads
     from parallel import Layout, check_layout, mesh_and_ranks, optimizer_kwargs, parallelize
     t0 = time.perf_counter()
@@ -271,7 +259,7 @@ def measure(model_args, s, world_size, fake=True):
     stack.callback(gc.unfreeze)
     with stack:
         if fake:
-            to_empty(wrapped)  # (a pipeline's stages hold buffers of their own)
+            empty_keeping_ties(wrapped, "cpu")  # (a pipeline's stages hold buffers of their own)
         optimizers = model.configure_optimizers(s["weight_decay"], s["learning_rate"], (s["beta1"], s["beta2"]),
                                                 "cpu", s["optimizer"], optimizer_kwargs(model, "cuda"))
         g = torch.Generator().manual_seed(s["seed"])

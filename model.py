@@ -6,6 +6,7 @@ tensor parallelism can shard each by columns; GPT-2's fused weight is split when
 """
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe import MoE, active_params, checkpoint
+from muon import Muon
 from reasoning import RecurrentDepth
 
 
@@ -291,6 +293,18 @@ class Sequential(nn.Module):
         return 6 * active_params + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
 
+def empty_keeping_ties(model, device):
+    """model.to_empty(device=device), keeping tied weights tied (it can give each name a tensor of its own)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    model.to_empty(device=device)
+    for first, *others in names.values():
+        for name in others:
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, model.get_parameter(first))
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -324,6 +338,57 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def materialize(self, device, modules=()):
+        """For a GPT built on `meta` and laid out across ranks (parallel.parallelize, which may have trimmed it to a
+        pipeline stage): storage on `device` and GPT(config)'s initial weights, no rank ever holding the whole model.
+        GPT.__init__'s draws from the global generator are replayed in its order on the CPU, one module at a time,
+        and each parameter keeps its rank's part of each value, so a seed gives the weights one process gets
+        (tests/test_model.py checks it). `modules`: what else holds buffers of its own (a pipeline's stages)."""
+        from torch.distributed.tensor import DTensor, Replicate
+        empty_keeping_ties(self, device)
+        for m in modules:
+            empty_keeping_ties(m, device)
+        cos, sin = rotary_tables(self.config.n_embd // self.config.n_head, self.config.block_size, self.config.rope_theta)
+        for name, buf in itertools.chain(*(m.named_buffers() for m in (self, *modules))):
+            _ = buf.copy_(cos[:len(buf)]) if name.endswith("rope_cos") else buf.copy_(sin[:len(buf)]) \
+                if name.endswith("rope_sin") else buf.zero_()  # the rest are MoE counters and routing biases
+        mine = dict(self.named_parameters(remove_duplicate=False))
+
+        def put(values):  # this rank's part of each (name, value), where it holds that parameter
+            for name, value in values:
+                if (p := mine.get(name)) is not None:
+                    if isinstance(p, DTensor):  # (slicing a replicated value needs no collective)
+                        value = DTensor.from_local(value.detach(), p.device_mesh, [Replicate()] * p.device_mesh.ndim,
+                                                   run_check=False).redistribute(placements=p.placements)
+                    p.copy_(value)
+
+        def built(prefix, module):
+            return module.named_parameters(prefix, remove_duplicate=False)
+
+        config, cpu = self.config, torch.device("cpu")
+        with torch.device(cpu):  # what each module draws as __init__ builds it (most of it drawn again below)
+            put(built("transformer.wte", nn.Embedding(config.vocab_size, config.n_embd)))
+            for i in range(config.n_layer):
+                put(built(f"transformer.h.{i}", Block(config, i)))
+            put(built("transformer.ln_f", Norm(config)))
+            if config.layout == "gpt2":
+                put(built("transformer.wpe", nn.Embedding(config.block_size, config.n_embd)))
+            put(built("lm_head", nn.Linear(config.n_embd, config.vocab_size, bias=False)))
+        with torch.device("meta"):
+            shape = GPT(config)  # the whole model's modules, in __init__'s order
+        names = {m: name for name, m in shape.named_modules()}
+
+        def redraw(module):  # self.apply(self._init_weights), a module at a time
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                shape._init_weights(module.to_empty(device=cpu))
+                put(built(names[module], module))
+                module.to("meta")
+        shape.apply(redraw)
+        std = 0.02 / math.sqrt(2 * config.n_layer)  # and the rescaled projections
+        put((name, torch.empty(p.shape, device=cpu).normal_(0.0, std)) for name, p in shape.named_parameters()
+            if name.endswith(("c_proj.weight", "mlp.w2")))
 
     def num_params(self, non_embedding=True, active=False):
         """Parameter count; non_embedding leaves out the lookup tables (but keeps the head, which is a matmul);
@@ -455,61 +520,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan, 2024): momentum orthogonalised by a Newton-Schulz iteration, and decoupled weight decay.
-    The arguments, update and state of torch.optim.Muon, faster: the matrices of one shape (a tall one as its
-    transpose) are orthogonalised together, in one batched Newton-Schulz, as modded-nanogpt does, rather than one at
-    a time. adjust_lr_fn='match_rms_adamw' (Liu et al., 2025) gives the update AdamW's RMS: they share one lr."""
-
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
-                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn="match_rms_adamw"):
-        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
-            raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
-                                      adjust_lr_fn=adjust_lr_fn))
-        if any(p.dim() != 2 for g in self.param_groups for p in g["params"]):
-            raise ValueError("Muon takes 2-D matrices only")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else torch.enable_grad()(closure)()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            mu, lr = group["momentum"], group["lr"]
-            torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - mu)  # b = mu*b + (1-mu)*g
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            batches = {}  # (short side, long side, device) -> [(matrix, its momentum)]
-            for p, b in zip(params, bufs):
-                batches.setdefault((*sorted(p.shape), p.device), []).append((p, b))
-            for (rows, cols, device), batch in batches.items():
-                X = torch.empty(len(batch), rows, cols, dtype=torch.bfloat16, device=device)  # the updates, wide
-                for (p, b), x in zip(batch, X):  # written straight into the batch, a tall one transposed
-                    x = x.mT if p.size(0) > p.size(1) else x
-                    torch.lerp(p.grad, b, mu, out=x) if group["nesterov"] else x.copy_(b)
-                X = newton_schulz(X, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                for (p, _), x in zip(batch, X):  # torch.optim.Muon's lr adjustments (None is 'original')
-                    scale = 0.2 * math.sqrt(max(p.shape)) if group["adjust_lr_fn"] == "match_rms_adamw" else \
-                        math.sqrt(max(1, p.size(0) / p.size(1)))
-                    p.add_(x.mT if p.size(0) > p.size(1) else x, alpha=-lr * scale)
-        return loss
-
-
-def newton_schulz(G, coefficients, steps, eps):
-    """~U V^T of each U S V^T in G (N, rows, cols), rows <= cols (the Gram matrix is rows x rows): Keller Jordan's
-    quintic iteration in bfloat16, whose singular values end near one, not at it (which trains as well)."""
-    a, b, c = coefficients
-    X = G.bfloat16()
-    X = X / X.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # Frobenius >= spectral norm: singular values <= 1
-    for _ in range(steps):
-        A = X @ X.mT
-        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # (a + b A + c A^2) X
-    return X
 
 
 if __name__ == "__main__":

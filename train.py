@@ -216,7 +216,8 @@ def init_model():
     a fresh run (to fine-tune); 'hf:FOLDER' or a GPT-2 name. ValueError when that cannot be had."""
     if init_from == "scratch":
         args = dict(vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(meta, mode))))
-        return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
+        with torch.device("meta") if on_meta else torch.device("cpu"):
+            return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
     if init_from != "resume":  # weights to start from: this run's settings, the source's architecture and tokenizer
         if not init_from.startswith(("gpt2", "hf:")) and not (os.path.isdir(init_from) and newest(init_from)[0]):
             raise ValueError(f"init_from={init_from!r} but {os.path.join(init_from, 'ckpt.pt')} does not exist "
@@ -245,6 +246,9 @@ if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # on
         print(f"error: {out_dir} holds another run's checkpoint ({', '.join(old_ckpt)}); continue it with "
               f"--init_from=resume, start elsewhere with --out_dir=..., or replace it with --overwrite=True")
     exit_process(1)
+# a sharded fresh run is built on `meta`, laid out, then each rank draws its parts of the weights (GPT.materialize):
+# no rank holds the whole model. (DDP keeps it whole and reads it as it wraps; a scratch DPO run's reference copies it)
+on_meta = init_from == "scratch" and distributed and parallel != "ddp" and not (mode == "dpo" and not ref_from)
 try:
     model, model_args, tokenizer_spec, resume = init_model()
 except ValueError as e:
@@ -271,7 +275,8 @@ if mode == "pretrain":
     except (ImportError, ValueError, OSError, IndexError, KeyError) as e:  # tiktoken offline, ids past the vocab
         if master:
             print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")
-model.to(device)
+if not on_meta:
+    model.to(device)
 ref_model = None
 if mode == "dpo":  # DPO's frozen reference: ref_from's weights, by default those this run started from
     if not ref_from and resume:
@@ -286,7 +291,6 @@ if master:
           f"({model.num_params() / 1e6:.2f}M in matmuls, {model.num_params(active=True) / 1e6:.2f}M of them active "
           f"per token)")
 
-torch.manual_seed(seed + dp_rank)  # dropout: tp ranks of a group draw the same masks on replicated activations
 raw_model = model
 flops_per_token = model.flops_per_token(block_size)  # (a pipeline stage holds part of the model)
 if compile:  # block by block, at the first step: compile time does not grow with depth (parallel.compile_blocks)
@@ -297,6 +301,9 @@ pipeline = dict(schedule=pp_schedule, microbatches=pp_microbatches, virtual=pp_v
                 accumulation=gradient_accumulation_steps, batch=batch_size, seq_len=block_size) if pp_size > 1 else None
 model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload,
                     ep_size, pipeline)  # a Layout, or (pp_size > 1) a Pipeline and raw_model this rank's stages
+if on_meta:  # from the generator as init_model left it (a pipeline's stages hold buffers of their own)
+    raw_model.materialize("cpu" if fsdp_cpu_offload else device, [model] if pp_size > 1 else [])
+torch.manual_seed(seed + dp_rank)  # dropout: tp ranks of a group draw the same masks on replicated activations
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizers = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,

@@ -42,9 +42,9 @@ MUTANTS = [
      "drop = probs.cumsum(dim=-1) > top_p"),
     ("temperature-multiplies", "model.py", "logits = logits / temperature", "logits = logits * temperature"),
     ("top-k-drops-the-kth", "model.py", "logits.masked_fill(logits < kth,", "logits.masked_fill(logits <= kth,"),
-    ("muon-lr-scale-min-side", "model.py", "scale = 0.2 * math.sqrt(max(p.shape))",
+    ("muon-lr-scale-min-side", "muon.py", "scale = 0.2 * math.sqrt(max(p.shape))",
      "scale = 0.2 * math.sqrt(min(p.shape))"),
-    ("muon-no-weight-decay", "model.py", "torch._foreach_mul_(params, 1 - lr * group[\"weight_decay\"])",
+    ("muon-no-weight-decay", "muon.py", "torch._foreach_mul_(params, 1 - lr * group[\"weight_decay\"])",
      "torch._foreach_mul_(params, 1.0)"),
     # moe.py
     ("top1-weight-renormalised", "moe.py", "if self.renormalize and self.top_k > 1 else score",
@@ -137,7 +137,7 @@ MUTANTS = [
     ("pipeline-clip-norm-one-stage", "pipeline.py", "dist.all_reduce(total, group=self.group)", "pass"),
 ]
 # the test files that catch a module's bugs: each mutant meets these first, the rest of the fast suite if it survives
-FIRST = {"model.py": ["test_model.py", "test_convert.py"], "moe.py": ["test_moe.py"], "train.py": ["test_train.py"],
+FIRST = {"model.py": ["test_model.py", "test_convert.py"], "muon.py": ["test_model.py"], "moe.py": ["test_moe.py"], "train.py": ["test_train.py"],
          "checkpoint.py": ["test_train.py"], "constitution.py": ["test_constitution.py"],
          "convert.py": ["test_convert.py", "test_model.py"],
          "data.py": ["test_data.py", "test_shards.py", "test_constitution.py"],

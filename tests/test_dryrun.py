@@ -235,3 +235,35 @@ def test_weights_are_read_from_a_distributed_checkpoint_without_the_optimizer_st
 
 if __name__ == "__main__":
     worker()
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_no_rank_holds_the_whole_model_while_a_sharded_run_starts(layout):
+    """A fresh sharded run as train.py starts it (GPT on `meta`, parallel.parallelize, GPT.materialize), on rank 0
+    of 2 fake ranks with real tensors: the CPU memory it ever holds, by torch's MemTracker, stays near half the
+    model (its shard, plus one block and one parameter drawn whole at a time); GPT(config), the control, holds it
+    all."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    import parallel
+    config = GPTConfig(**dict(DENSE, n_layer=8, n_embd=128))
+
+    def cpu_peak(build):
+        tracker = MemTracker()
+        with tracker:
+            build()
+        return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+    def sharded():
+        with torch.device("meta"):
+            model = GPT(config)
+        mesh, _, _ = parallel.mesh_and_ranks(layout, 2, 2, "cpu")
+        parallel.parallelize(model, layout, mesh, "cpu")
+        model.materialize("cpu")
+
+    dryrun.fake_world(2)
+    try:
+        whole = sum(p.numel() * 4 for p in GPT(config).parameters())
+        assert cpu_peak(lambda: GPT(config)) >= whole
+        assert cpu_peak(sharded) < 0.7 * whole
+    finally:
+        dist.destroy_process_group()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import convert
-import model as model_py
-from model import GPT, GPTConfig, KVCache, Muon, sample_next
+import muon as muon_py
+from model import GPT, GPTConfig, KVCache, sample_next
+from muon import Muon
 
 VOCAB, BLOCK = 50, 16
 
@@ -336,9 +337,9 @@ def test_configured_muon_steps_a_block_matrix_as_the_published_algorithm(name):
 
 @pytest.mark.parametrize("nesterov,adjust_lr_fn", [(True, "match_rms_adamw"), (False, None)])
 def test_batched_muon_steps_as_torch_muon_on_ragged_shapes(nesterov, adjust_lr_fn):
-    """model.Muon, which orthogonalises same-shape matrices together, against torch.optim.Muon (one at a time):
+    """muon.Muon, which orthogonalises same-shape matrices together, against torch.optim.Muon (one at a time):
     square, wide and tall matrices, repeated shapes, a tall one that batches with a wide one, a matrix without a
-    gradient; four steps, then torch's state loaded into a fresh model.Muon (old checkpoints resume) and one more."""
+    gradient; four steps, then torch's state loaded into a fresh muon.Muon (old checkpoints resume) and one more."""
     torch.manual_seed(0)
     shapes = [(48, 48), (48, 48), (40, 96), (96, 40), (96, 40), (7, 33), (33, 7), (1, 20), (24, 64)]
     theirs = [torch.nn.Parameter(torch.randn(s) / s[1] ** 0.5) for s in shapes]
@@ -376,8 +377,8 @@ def test_muon_runs_one_newton_schulz_per_shape(monkeypatch):
         calls.append(tuple(G.shape))
         return newton_schulz(G, *args)
 
-    newton_schulz = model_py.newton_schulz
-    monkeypatch.setattr(model_py, "newton_schulz", counted)
+    newton_schulz = muon_py.newton_schulz
+    monkeypatch.setattr(muon_py, "newton_schulz", counted)
     model = make_model(**LAYOUTS["modern"], mlp_hidden=64)
     muon, _ = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
                                          device_type="cpu", optimizer="muon")
@@ -470,3 +471,28 @@ def test_config_defaults_fill_kv_heads_and_mlp_width_per_layout():
     assert tiny(n_embd=128).mlp_hidden == 320  # 341.3 to the nearest multiple of 64
     assert tiny(n_embd=32).mlp_hidden == 64  # 85.3 to the nearest multiple of 64
     assert tiny(layout="gpt2", n_embd=32).mlp_hidden == 128  # plain 4*n_embd
+
+
+@pytest.mark.parametrize("extra", [LAYOUTS["gpt2"], LAYOUTS["modern_gqa_qknorm_untied"],
+                                   dict(n_expert=4, top_k=2, expert_hidden=16, n_shared_expert=1, moe_balance="bias"),
+                                   dict(dre=True, n_layer=4, n_prelude=1, n_coda=1)],
+                         ids=["gpt2", "gqa-qknorm-untied", "moe-shared", "dre"])
+def test_a_model_built_on_meta_gets_the_weights_one_process_draws(extra):
+    """GPT.materialize (what a sharded run starts from, each rank drawing only its parts) replays GPT.__init__'s
+    draws: from the same seed, every parameter and buffer equal to GPT(config)'s bit for bit, the tie kept, and the
+    generator left where GPT(config) leaves it (dropout and data draws after it are the same too)."""
+    torch.manual_seed(7)
+    ref = GPT(tiny(**extra))
+    after_ref = torch.randn(4)
+    torch.manual_seed(7)
+    with torch.device("meta"):
+        model = GPT(tiny(**extra))
+    model.materialize("cpu")
+    assert torch.equal(torch.randn(4), after_ref)
+    want, got = ref.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    for (name, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
+        assert torch.equal(a, b), name
+    assert (model.lm_head.weight is model.transformer.wte.weight) == model.config.tie_embeddings

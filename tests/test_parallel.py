@@ -118,7 +118,13 @@ def layout_case(c, solo):
     from model import GPT, GPTConfig
     torch.manual_seed(1337)
     ref = GPT(GPTConfig(**{**SIZES, **MODELS[c["model"]]}))
-    model = copy.deepcopy(ref)
+    on_meta = c["layout"] != "ddp"  # as train.py starts a fresh run: on `meta`, each rank drawing its parts
+    if on_meta:
+        torch.manual_seed(1337)
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**{**SIZES, **MODELS[c["model"]]}))
+    else:
+        model = copy.deepcopy(ref)
     for layer in ref.moe_layers():
         layer.load_group = solo  # the reference is one process: its routing loads are its own
     data = torch.randint(65, (STEPS, c["accum"], c["batch"], 33), generator=torch.Generator().manual_seed(0))
@@ -130,6 +136,8 @@ def layout_case(c, solo):
     pipeline = dict(schedule=pp["schedule"], microbatches=pp["microbatches"], virtual=pp["virtual"],
                     accumulation=accum, batch=batch, seq_len=32) if pp else None
     wrapped = parallel.parallelize(model, c["layout"], mesh, "cpu", ep_size=c["ep"], pipeline=pipeline)
+    if on_meta:
+        model.materialize("cpu", [wrapped] if pp else [])
     got = train_steps(wrapped, model, data, dp_rank, dp, loss_ranks=world // (pp["size"] if pp else 1))
     assert got == pytest.approx(want, rel=1e-5), (c["name"], got, want)  # losses and gradient norms, step by step
     # every parameter this rank holds (a pipeline stage: its own), whole, against the one process's
