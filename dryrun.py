@@ -173,10 +173,11 @@ def static_stages(schedule, stages, *_):
 
 
 def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip, autocast, sync_expert_grads,
-                count=None):
+                count=None, ddp=False):
     """train.py's optimizer step, once per batch: micro_steps forwards and backwards (gradients synchronised on the
     last), the experts' gradients, clipping, the optimizer. count(step, micro) gives a context each micro-step
-    runs in (the last one's also holds clipping and the optimizer)."""
+    runs in (the last one's also holds clipping and the optimizer). ddp: the gradients stay between steps, as
+    DDP's buckets do (parallel.Layout.grads_in_buckets)."""
     for step, batch in enumerate(batches):
         for micro in range(micro_steps):
             last = micro == micro_steps - 1
@@ -194,7 +195,7 @@ def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip,
                     for opt in optimizers:
                         opt.step()
                     for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
+                        opt.zero_grad(set_to_none=not ddp)
 
 
 def measure(model_args, s, world_size, fake=True):
@@ -234,7 +235,7 @@ def measure(model_args, s, world_size, fake=True):
     pipeline = dict(schedule=s["pp_schedule"], microbatches=microbatches, virtual=s["pp_virtual_stages"],
                     accumulation=accumulation, batch=batch_size, seq_len=s["block_size"]) if pp_size > 1 else None
     if fake and layout == "ddp" and ep_size == 1 and not pipeline:  # DDP reads its parameters as it wraps them
-        wrapped = Layout(model, model, "none")  # and its buckets are outside the tracker: added below
+        wrapped = Layout(model, model, "none")  # (its all-reduce is counted below)
     else:
         wrapped = parallelize(model, layout, mesh, "cpu", param_dtype, s["fsdp_reshard_after_forward"], False,
                               ep_size, pipeline)
@@ -277,7 +278,7 @@ def measure(model_args, s, world_size, fake=True):
 
         with tracker:
             train_steps(wrapped, model, optimizers, batches, micro_steps, s["grad_clip"],
-                        hardware.autocast("cpu", dtype), sync_expert_grads, count)
+                        hardware.autocast("cpu", dtype), sync_expert_grads, count, ddp=layout == "ddp")
     peak, total = peak_by_category(tracker)
     weights = [accumulation - 1, 1] if micro_steps == 2 else [1]  # a step: accumulation - 1 quiet micro-steps
     flops = sum(w * c.flops for w, c in zip(weights, counters))
@@ -287,11 +288,8 @@ def measure(model_args, s, world_size, fake=True):
             calls, size = collectives.get(kind, (0, 0))
             collectives[kind] = (calls + w * c.calls[kind], size + w * c.bytes[kind])
     if fake and isinstance(wrapped, Layout) and wrapped.layout == "none" and layout == "ddp":
-        # DDP's buckets: a flat copy of the gradients, kept from the second step on (allocated when DDP rebuilds
-        # them), and all-reduced once a step
+        # DDP's buckets, all-reduced once a step: the gradients themselves (gradient_as_bucket_view), no second copy
         buckets = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
-        peak["collective buffers"] = peak.get("collective buffers", 0) + buckets
-        total += buckets
         collectives["all_reduce"] = (math.ceil(buckets / (25 * 2**20)), buckets)
     return {"peak": peak, "total": total, "flops": flops, "collectives": collectives, "layout": layout,
             "accumulation": accumulation, "batch_size": batch_size, "dp_size": dp_size,

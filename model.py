@@ -360,7 +360,8 @@ class GPT(nn.Module):
             for name, value in values:
                 if (p := mine.get(name)) is not None:
                     if isinstance(p, DTensor):  # (slicing a replicated value needs no collective)
-                        value = DTensor.from_local(value.detach(), p.device_mesh, [Replicate()] * p.device_mesh.ndim,
+                        mesh = p.device_mesh
+                        value = DTensor.from_local(value.detach().to(p.device), mesh, [Replicate()] * mesh.ndim,
                                                    run_check=False).redistribute(placements=p.placements)
                     p.copy_(value)
 

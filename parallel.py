@@ -244,10 +244,11 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         return Pipeline(model, mesh, device_type, fsdp, apply_tensor_parallel, **pipeline)
     if layout == "ddp":
         # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
-        # every rank from all-reduced loads (while their load counters are each rank's own)
+        # every rank from all-reduced loads (while their load counters are each rank's own). The gradients are views
+        # into DDP's all-reduce buckets, not a second copy of them
         DDP._set_params_and_buffers_to_ignore_for_model(model, list(experts))
         return Layout(DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
-                          broadcast_buffers=False), model, layout)
+                          broadcast_buffers=False, gradient_as_bucket_view=True), model, layout)
     if "tp" in layout:
         apply_tensor_parallel(model, mesh["tp"])
     if fsdp:
@@ -269,6 +270,9 @@ class Layout(nn.Module):
         super().__init__()
         self.wrapped, self.layout = wrapped, layout
         self.model = [model]  # the unwrapped model (in a list: its parameters are the wrapped one's)
+        # DDP's gradients are views into its all-reduce buckets: zeroed in place after a step, not freed (the next
+        # backward would allocate a second copy beside the buckets)
+        self.grads_in_buckets = layout == "ddp"
 
     def forward(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)

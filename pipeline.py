@@ -146,8 +146,9 @@ class Pipeline(nn.Module):
         elif fsdp and tied and last:
             model.transformer.wte.weight = model.lm_head.weight
         self.pieces, self.stage_parts = microbatches, parts  # (plain list: the parts are registered below)
-        if not fsdp and dp.size() > 1:
-            parts = [DDP(p, process_group=dp.get_group(), broadcast_buffers=False,
+        self.grads_in_buckets = not fsdp and dp.size() > 1  # (as parallel.Layout's)
+        if self.grads_in_buckets:
+            parts = [DDP(p, process_group=dp.get_group(), broadcast_buffers=False, gradient_as_bucket_view=True,
                          device_ids=[device.index] if device_type == "cuda" else None) for p in parts]
         self.parts = nn.ModuleList(parts)
         # the messages between stages, for one piece of the micro-batch: the residual stream (in FSDP's compute

@@ -216,7 +216,7 @@ def init_model():
     a fresh run (to fine-tune); 'hf:FOLDER' or a GPT-2 name. ValueError when that cannot be had."""
     if init_from == "scratch":
         args = dict(vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(meta, mode))))
-        with torch.device("meta") if on_meta else torch.device("cpu"):
+        with torch.device("meta" if on_meta else "cpu"):
             return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
     if init_from != "resume":  # weights to start from: this run's settings, the source's architecture and tokenizer
         if not init_from.startswith(("gpt2", "hf:")) and not (os.path.isdir(init_from) and newest(init_from)[0]):
@@ -517,7 +517,7 @@ while True:
         scaler.step(opt)
     scaler.update()
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not model.grads_in_buckets)
     if raw_model.config.moe_balance == "bias":  # nudge the routing biases toward equal load (moe.py)
         for layer in raw_model.moe_layers():
             layer.update_bias(moe_bias_rate)

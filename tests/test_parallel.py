@@ -101,7 +101,7 @@ def train_steps(model, raw, data, dp_rank=0, dp=1, loss_ranks=0):
         norm = model.clip_grad_norm_(1.0)
         for opt in optimizers:
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not model.grads_in_buckets)
         for layer in raw.moe_layers():
             layer.update_bias(1e-3)
         if loss_ranks:
