@@ -261,7 +261,7 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         for i, block in enumerate(model.transformer.h):
             if i not in core:
                 fully_shard(block, **kw)
-        if depth:  # the exit test runs the coda after each core step: its gathers must pair up across ranks
+        if depth:  # the kl exit test runs the coda after each core step: its gathers must pair up across ranks
             depth.exit_group = mesh["dp"].get_group()
         fully_shard(model, **kw)  # the rest: embeddings, final norm, head, a DRE's core
     return Layout(model, model, layout)
