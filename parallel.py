@@ -2,7 +2,8 @@
 Training on many devices with plain torch.distributed under torchrun. The layouts (train.py's `parallel`), each
 checked against one process by tests/test_parallel.py:
 - 'ddp': the whole model on every rank, gradients averaged (DistributedDataParallel).
-- 'fsdp': parameters, gradients and optimizer state sharded (fully_shard per block, then the root: ZeRO-3).
+- 'fsdp': parameters, gradients and optimizer state sharded (fully_shard per block, then the root: ZeRO-3; a DRE's
+  core blocks, which run several times a step, go with the root).
 - 'tp': Megatron tensor parallelism with DTensor: heads and hidden units split across the ranks, and between blocks
   the residual stream split along the sequence (sequence parallelism).
 - 'fsdp+tp': a (dp, tp) mesh: tp inside each group of tp_size ranks, fsdp across the groups.
@@ -253,11 +254,17 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         apply_tensor_parallel(model, mesh["tp"])
     if fsdp:
         kw = dict(mesh=mesh["dp"], ignored_params=set(experts.values()), **fsdp)
-        for block in model.transformer.h:
-            fully_shard(block, **kw)
-        if model.config.dre:  # adaptive exit runs the core until every rank's tokens have stopped (reasoning.py)
-            model.depth.exit_group = mesh["dp"].get_group()
-        fully_shard(model, **kw)  # the rest: embeddings, final norm, head
+        # a DRE's core blocks run r times a step: a unit of their own would be gathered at each run, forward and
+        # backward. Left to the root's unit, they are gathered with it, once in forward and once in backward, and
+        # their gradients reduce-scattered once (docs/parallel.md)
+        depth = model.depth if model.config.dre else None
+        core = range(depth.n_prelude, depth.n_prelude + depth.n_core) if depth else ()
+        for i, block in enumerate(model.transformer.h):
+            if i not in core:
+                fully_shard(block, **kw)
+        if depth:  # the kl exit test runs the coda after each core step: its gathers must pair up across ranks
+            depth.exit_group = mesh["dp"].get_group()
+        fully_shard(model, **kw)  # the rest: embeddings, final norm, head, a DRE's core
     return Layout(model, model, layout)
 
 

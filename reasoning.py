@@ -123,8 +123,9 @@ class RecurrentDepth(nn.Module):
         self.last_steps = None  # (B, T) core steps each token of the last forward ran
         self.last_r = None  # the same as an int when every token ran alike (known on the host: no read back)
         self.observed = []  # (steps, loss, mask) per observe() call since metrics()
-        # FSDP (set by parallel.py): the ranks whose core all-gathers must pair up, so at inference every one of them
-        # runs as many core steps as the slowest, each its tokens' own number of steps in effect
+        # FSDP (set by parallel.py): the ranks whose all-gathers in the loop (the coda's, for the exit test) must pair
+        # up, so at inference every one of them runs as many core steps as the slowest, each its tokens' own number
+        # of steps in effect. (The core's blocks are gathered once per forward, with the root's.)
         self.exit_group = None
 
     def train_distribution(self):

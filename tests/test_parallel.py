@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, run_train
 
@@ -36,8 +37,10 @@ def torchrun(nproc, args, cwd, check=True, script=os.path.join(ROOT, "train.py")
 SIZES = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, vocab_size=65)
 MODELS = {"dense": {}, "dense4": dict(n_layer=4),
           "moe": dict(n_expert=4, top_k=2, expert_hidden=32, n_shared_expert=1, moe_balance="bias"),
-          # a recurrent core (reasoning.py) run 1-4 times, drawn per optimizer step: every rank must draw the same r
-          "dre": dict(dre=True, n_layer=3, max_reasoning_steps=4, dre_mean_steps=2.5, dre_backprop_steps=2)}
+          # a recurrent core of 2 blocks (reasoning.py) run 1-4 times, drawn per optimizer step (every rank must draw
+          # the same r; these steps draw 4, 1, 4, 1), gradients through the last 2
+          "dre": dict(dre=True, n_layer=4, max_reasoning_steps=4, dre_mean_steps=2.5, dre_backprop_steps=2)}
+MODELS["dre_ckpt"] = dict(MODELS["dre"], grad_checkpoint=True)  # each block's forward run again in backward
 STEPS = 4
 
 
@@ -56,7 +59,7 @@ def pipe(schedule="1F1B", microbatches=2, virtual=1):
 LAYOUTS = {
     2: [case("ddp", "ddp"), case("fsdp", "fsdp"), case("tp", "tp"), case("ddp-moe", "ddp", "moe"),
         case("fsdp-moe", "fsdp", "moe"), case("tp-moe", "tp", "moe"), case("ddp-dre", "ddp", "dre"),
-        case("fsdp-dre", "fsdp", "dre"),
+        case("fsdp-dre", "fsdp", "dre"), case("fsdp-dre-ckpt", "fsdp", "dre_ckpt"),
         # one micro-batch of 4 sequences, which the two ranks share (2 each)
         case("ddp-split-batch", "ddp", accum=1, batch=4),
         # pipeline: two stages by each schedule, each micro-batch cut in two pieces; for MoE (whose balancing losses
@@ -160,6 +163,7 @@ def layout_check(world):
             print("ok", c["name"], flush=True)
     if world == 2:
         expert_parallel_layer_check(2, 0.0, [2, 3])  # rank 1's experts get no rows
+        dre_gather_check()
     else:
         expert_parallel_layer_check(2, 1.0, [3])  # an empty expert, capacity dropping some pairs
         clipping_check()
@@ -341,6 +345,47 @@ def expert_parallel_layer_check(ep_size, capacity_factor, unused):
         assert got.shape[0] == n and want.flatten(1).abs().sum(1).gt(0).tolist() == used
         torch.testing.assert_close(got, want, msg=name)
 
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the process-group collectives a rank runs (FSDP's all-gathers and reduce-scatters), by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            name = func.overloadpacket.__name__.strip("_")
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def dre_gather_check():
+    """Run by the layout worker on 2 ranks: the collectives of one fsdp training step of a DRE (prelude, a core of 2
+    blocks, coda), with and without grad_checkpoint, and of an evaluation forward, do not grow with the core steps r.
+    By hand: 3 units (the prelude, the coda, the root with the core), each gathered once in forward and once in
+    backward (reshard_after_forward) and reduce-scattered once; a forward without gradients gathers each once."""
+    import torch.distributed as dist
+    import parallel
+    from model import GPT, GPTConfig
+    idx = torch.randint(65, (2, 17), generator=torch.Generator().manual_seed(0))
+    for grad_checkpoint in (False, True):
+        for r in (2, 4):  # 4: the first 2 steps without gradients (backprop through the last 2)
+            torch.manual_seed(0)
+            config = GPTConfig(**{**SIZES, **MODELS["dre"], "max_reasoning_steps": r, "dre_sample_steps": False,
+                                  "grad_checkpoint": grad_checkpoint})
+            model = GPT(config)
+            mesh, _, _ = parallel.mesh_and_ranks("fsdp", 1, dist.get_world_size(), "cpu")
+            wrapped = parallel.parallelize(model, "fsdp", mesh, "cpu")
+            with CollectiveCounter() as step:
+                wrapped(idx[:, :-1], idx[:, 1:])[1].backward()
+            model.eval()
+            with CollectiveCounter() as evaluation, torch.no_grad():
+                wrapped(idx[:, :-1], steps=r)
+            assert model.depth.last_r == r
+            assert step.counts == {"allgather_base": 6, "reduce_scatter_base": 3}, (r, grad_checkpoint, step.counts)
+            assert evaluation.counts == {"allgather_base": 3}, (r, evaluation.counts)
 
 
 CLIP_CASES = [("fsdp", 1, 1, 1), ("tp", 4, 1, 2), ("fsdp+tp", 2, 1, 2), ("ddp", 1, 2, 2)]  # layout, tp, ep, reductions
