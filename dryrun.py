@@ -210,7 +210,8 @@ def measure(model_args, s, world_size, fake=True):
     from moe import sync_expert_grads
     from parallel import Layout, check_layout, mesh_and_ranks, optimizer_kwargs, parallelize
     t0 = time.perf_counter()
-    config = GPTConfig(**model_args)
+    # a DRE runs its most core steps every step: the largest memory (the draw of r is host-side Python on a tensor)
+    config = GPTConfig(**{**model_args, "dre_sample_steps": False})
     layout, tp_size, pp_size, ep_size = s["parallel"], s["tp_size"], s["pp_size"], s["ep_size"]
     if layout == "auto":
         layout = "ddp" if world_size > pp_size else "none"
@@ -323,7 +324,9 @@ def describe(r, s, world_size):
     for left_out, why in ((s.get("compile"), "compile=True: not dry-run (eager figures; compiled blocks may hold "
                                               "less)"),
                           (s.get("fsdp_cpu_offload"), "fsdp_cpu_offload=True: not dry-run (figures without it)"),
-                          (s.get("mode") == "dpo", "mode='dpo': its frozen reference model is not included")):
+                          (s.get("mode") == "dpo", "mode='dpo': its frozen reference model is not included"),
+                          (s.get("dre") and s.get("dre_sample_steps"), "dre: each step runs max_reasoning_steps core "
+                                                                       "steps (the most memory; FLOPs at that r)")):
         if left_out:
             lines.append(f"note: {why}")
     return lines

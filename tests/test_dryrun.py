@@ -263,3 +263,15 @@ def test_no_rank_holds_the_whole_model_while_a_sharded_run_starts(layout):
         assert cpu_peak(sharded) < 0.7 * whole
     finally:
         dist.destroy_process_group()
+
+
+def test_a_dre_model_dry_runs_and_its_core_is_gathered_once_a_step():
+    """A DRE config (its core steps are drawn on the host, which fake tensors cannot read) dry-runs at its most
+    core steps; under fsdp the all-gathers per step do not grow with them (the core goes with the root's unit)."""
+    gathers = []
+    for steps in (2, 4):
+        model = dict(SMALL, n_layer=3, dre=True, n_prelude=1, n_coda=1, max_reasoning_steps=steps,
+                     dre_mean_steps=1.5, dre_backprop_steps=steps)
+        r = dry("fsdp", 1, 2, model)
+        gathers.append(r["collectives"]["all_gather"][0])
+    assert gathers[0] == gathers[1] > 0
