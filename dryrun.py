@@ -412,8 +412,9 @@ def start_check(model_args, s, world_size, device_type, local_ranks):
     """An `error:` message when a real start cannot fit, else None: found before anything is allocated, from
     what no run can do without. On the device, fp32 weights, gradients and AdamW's two moments (16 bytes a
     parameter) over as many shards as the layout makes; on the host, every rank of the node building the whole model
-    in fp32 first (4 bytes a parameter; all 16 on a CPU). A lower bound (no activations): what it refuses cannot
-    run; what it lets through, the dry run measures."""
+    in fp32 first (4 bytes a parameter) unless it starts on `meta` (s['on_meta'], train.py's), and on a CPU the 16
+    bytes too. A lower bound (no activations): what it refuses cannot run; what it lets through, the dry run
+    measures."""
     from model import GPT, GPTConfig
     with torch.device("meta"):
         n = GPT(GPTConfig(**model_args)).num_params(non_embedding=False)
@@ -427,11 +428,12 @@ def start_check(model_args, s, world_size, device_type, local_ranks):
         checks.append((16 * n / shards, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
                        "GPU memory", state))
     host = host_memory()
-    if host:
+    whole = 0 if s.get("on_meta") else 4 * n
+    on_host = [whole] * bool(whole) + [16 * n / shards] * (device_type != "cuda")
+    if host and on_host:
         ranks = f"available host memory shared by {local_ranks} rank{'s' * (local_ranks > 1)}"
-        build = "each rank first builds the whole model in fp32"
-        checks.append((4 * n, host / local_ranks, ranks, build) if device_type == "cuda" else
-                      (max(4 * n, 16 * n / shards), host / local_ranks, ranks, f"{state}, and {build}"))
+        what = [state] * (device_type != "cuda") + ["each rank first builds the whole model in fp32"] * bool(whole)
+        checks.append((max(on_host), host / local_ranks, ranks, ", and ".join(what)))
     for need, have, where, what in checks:
         if need > have:
             dry = " ".join(a for a in sys.argv[1:] if not a.startswith("--dry_run=")) + f" --dry_run={world_size}"

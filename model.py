@@ -350,7 +350,8 @@ class GPT(nn.Module):
         empty_keeping_ties(self, device)
         for m in modules:
             empty_keeping_ties(m, device)
-        cos, sin = rotary_tables(self.config.n_embd // self.config.n_head, self.config.block_size, self.config.rope_theta)
+        config = self.config
+        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         for name, buf in itertools.chain(*(m.named_buffers() for m in (self, *modules))):
             _ = buf.copy_(cos[:len(buf)]) if name.endswith("rope_cos") else buf.copy_(sin[:len(buf)]) \
                 if name.endswith("rope_sin") else buf.zero_()  # the rest are MoE counters and routing biases
@@ -368,7 +369,7 @@ class GPT(nn.Module):
         def built(prefix, module):
             return module.named_parameters(prefix, remove_duplicate=False)
 
-        config, cpu = self.config, torch.device("cpu")
+        cpu = torch.device("cpu")
         with torch.device(cpu):  # what each module draws as __init__ builds it (most of it drawn again below)
             put(built("transformer.wte", nn.Embedding(config.vocab_size, config.n_embd)))
             for i in range(config.n_layer):

@@ -1,5 +1,5 @@
 """
-Plots the metrics.jsonl that train.py writes (with MetricsLog, below) into each run's out_dir as one PNG: train and val loss
+Plots the metrics.jsonl that train.py writes (MetricsLog, below) into each run's out_dir as one PNG: train and val loss
 against iterations and against training time, and the MoE load balance and DRE core steps when a run logged them.
 Several runs are overlaid, each labelled with its directory:
 

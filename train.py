@@ -217,7 +217,8 @@ def init_model():
     if init_from == "scratch":
         args = dict(vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(meta, mode))))
         with torch.device("meta" if on_meta else "cpu"):
-            return GPT(GPTConfig(**args)), args, data.tokenizer_spec(meta), None
+            model = GPT(GPTConfig(**args))
+        return model if on_meta else model.to(device), args, data.tokenizer_spec(meta), None
     if init_from != "resume":  # weights to start from: this run's settings, the source's architecture and tokenizer
         if not init_from.startswith(("gpt2", "hf:")) and not (os.path.isdir(init_from) and newest(init_from)[0]):
             raise ValueError(f"init_from={init_from!r} but {os.path.join(init_from, 'ckpt.pt')} does not exist "
@@ -236,19 +237,18 @@ def init_model():
     return model, args, ckpt.get("tokenizer") or data.tokenizer_spec(meta), ckpt
 
 
+# a sharded fresh run starts on `meta`, each rank drawing its parts (GPT.materialize); DDP wraps whole models
+on_meta = init_from == "scratch" and distributed and parallel != "ddp" and not (mode == "dpo" and not ref_from)
 if init_from == "scratch" and not eval_only:  # a run that cannot fit stops here, in one line, before it allocates
     import dryrun
     dryrun.refuse_what_cannot_fit(vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(meta, mode))),
-                                  {**config, "parallel": parallel}, world_size, device_type, master)
+                                  {**config, "parallel": parallel, "on_meta": on_meta}, world_size, device_type, master)
 old_ckpt = [p for p in (ckpt_path, find_sharded(out_dir)) if p and os.path.exists(p)]
 if old_ckpt and init_from != "resume" and not overwrite and not eval_only:  # one run per out_dir, unless asked
     if master:
         print(f"error: {out_dir} holds another run's checkpoint ({', '.join(old_ckpt)}); continue it with "
               f"--init_from=resume, start elsewhere with --out_dir=..., or replace it with --overwrite=True")
     exit_process(1)
-# a sharded fresh run is built on `meta`, laid out, then each rank draws its parts of the weights (GPT.materialize):
-# no rank holds the whole model. (DDP keeps it whole and reads it as it wraps; a scratch DPO run's reference copies it)
-on_meta = init_from == "scratch" and distributed and parallel != "ddp" and not (mode == "dpo" and not ref_from)
 try:
     model, model_args, tokenizer_spec, resume = init_model()
 except ValueError as e:
@@ -275,8 +275,6 @@ if mode == "pretrain":
     except (ImportError, ValueError, OSError, IndexError, KeyError) as e:  # tiktoken offline, ids past the vocab
         if master:
             print(f"note: no bits per byte in evaluations: val.bin did not decode ({type(e).__name__}: {e})")
-if not on_meta:
-    model.to(device)
 ref_model = None
 if mode == "dpo":  # DPO's frozen reference: ref_from's weights, by default those this run started from
     if not ref_from and resume:

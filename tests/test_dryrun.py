@@ -173,8 +173,9 @@ def test_what_cannot_be_dry_run_is_named():
 
 
 def test_a_start_that_cannot_fit_is_refused_before_it_allocates(monkeypatch):
-    """fsdp over 4 ranks of one CPU node: each first builds the whole model (4 bytes a parameter), then holds a
-    quarter of 16 bytes a parameter; the node's available memory is shared by its 4 ranks."""
+    """fsdp over 4 ranks of one CPU node: each first builds the whole model (4 bytes a parameter; not when it
+    starts on `meta`), then holds a quarter of 16 bytes a parameter; the node's available memory is shared by its 4
+    ranks."""
     with torch.device("meta"):
         n = GPT(GPTConfig(**SMALL)).num_params(non_embedding=False)
     s = settings("fsdp", 1, 4, SMALL)
@@ -189,6 +190,11 @@ def test_a_start_that_cannot_fit_is_refused_before_it_allocates(monkeypatch):
     s = settings("ddp", 1, 4, SMALL)
     monkeypatch.setattr(dryrun, "host_memory", lambda: 4 * 16 * n * 0.99)
     assert f"needs at least {16 * n / 2**30:.1f} GiB" in dryrun.start_check(model_args(SMALL), s, 4, "cpu", 4)
+    # on 8 ranks started on `meta` (train.py's fsdp start), none builds the whole model: an eighth of 16 bytes
+    s = settings("fsdp", 1, 8, SMALL)
+    monkeypatch.setattr(dryrun, "host_memory", lambda: 8 * 2 * n * 1.01)
+    assert dryrun.start_check(model_args(SMALL), dict(s, on_meta=True), 8, "cpu", 8) is None
+    assert f"needs at least {4 * n / 2**30:.1f} GiB" in dryrun.start_check(model_args(SMALL), s, 8, "cpu", 8)
 
 
 @pytest.mark.slow
