@@ -9,7 +9,6 @@ random tokens, after warm-up, of the model GPTConfig's settings describe (--dre=
     python bench.py moe       # one MoE layer by each moe_kernel path, a naive loop, and a dense MLP of equal FLOPs
     python bench.py memory config/tiny.py  # per-rank bytes of params, grads, optimizer under each parallel layout
     python bench.py memory config/shakespeare_char_moe.py   # MoE models add expert-parallel (ep_size) rows
-    python bench.py estimate --gpus=8 config/medium_moe.py   # the same, worked out for a GPU run
     python bench.py depth --out_dir=out-shakespeare-char-dre   # a DRE checkpoint at fixed and adaptive depths
     python bench.py reasoning --out_dir=out-reasoning-dre   # accuracy per difficulty vs core steps, exit, speed
 
@@ -40,7 +39,6 @@ from checkpoint import CheckpointError
 from convert import load_run
 from model import GPT, MLP, GPTConfig
 from moe import MoE, local, sync_expert_grads
-from pipeline import PP_SCHEDULES
 
 # bench.py's own settings; the model's are GPTConfig's fields (--n_layer=6), read from `config` below
 dataset = ""                # as in train.py: vocab_size from data/<dataset>/meta.json when it exists
@@ -61,15 +59,11 @@ seed = 1337
 moe_tokens = 4096
 moe_embd = 256
 moe_hidden = 1024
-# memory: one step of each parallel.py layout on 2 CPU processes (4 for fsdp+tp); estimate: for `gpus` GPUs
+# memory: one step of each parallel.py layout on 2 CPU processes (4 for fsdp+tp); on GPUs: train.py --dry_run=N
 memory_layout = ""          # set for the worker processes bench.py starts itself
-gpus = 8
 tp_size = 2
 ep_size = 2                 # the expert-parallel rows' group size (MoE models): ddp or fsdp with ep_size ranks a group
-pp_size = 2                 # the pipeline rows' stages; estimate: also its schedule, micro-batches, virtual stages
-pp_schedule = "1F1B"
-pp_microbatches = 8
-pp_virtual_stages = 1
+pp_size = 2                 # the pipeline rows' stages
 # depth: out_dir's DRE checkpoint at core steps 1..max_reasoning_steps and at each of dre_thresholds
 out_dir = "out"
 dre_thresholds = "3e-4,1e-3,3e-3,1e-2"  # KL between successive steps' predictions, nats
@@ -90,16 +84,18 @@ USES = {
                   "json_out",
     "moe": "moe_tokens moe_embd moe_hidden device dtype warmup rounds steps",
     "memory": "model learning_rate tp_size ep_size pp_size memory_layout",
-    "estimate": "model batch_size gpus tp_size ep_size pp_size pp_schedule pp_microbatches pp_virtual_stages",
     "depth": "dre_thresholds dre_eval_batches dre_new_tokens device dtype rounds",
     "reasoning": "reasoning_max_factor reasoning_per reasoning_exit device rounds",
 }
 # the switches of the old command line, now subcommands (--dre=True is the model setting: a DRE model's speed)
-MOVED = {"--estimate": "estimate", "--memory": "memory", "--moe": "moe", "--dre": "depth", "--reasoning": "reasoning"}
+MOVED = {"--memory": "memory", "--moe": "moe", "--dre": "depth", "--reasoning": "reasoning"}
 
 own = configurator.hyperparameters(globals())  # the settings above
 args = sys.argv[1:]
 mode = args.pop(0) if args and args[0] in USES else "throughput"
+if args and args[0] == "estimate" or "--estimate" in args:  # arithmetic that nothing checked: replaced
+    sys.exit("error: bench.py estimate is replaced by the dry run, which runs the real step at full size on this "
+             "CPU: python train.py CONFIG --dry_run=N [--parallel=... --tp_size=... --pp_size=...]")
 if args and args[0].isidentifier():  # a word where a config file or --key=value goes: a mistyped subcommand
     sys.exit(f"error: unknown subcommand {args[0]!r}; the subcommands are {', '.join(USES)} (none: throughput)")
 for flag, new in MOVED.items():
@@ -116,8 +112,8 @@ globals().update({k: settings[k] for k in own})  # bench.py's own; the model's s
 
 # what is wrong with each setting that cannot work; the subcommand's own are then checked, one line naming the first
 wrong = {name: f"{name} must be at least 1, got {settings[name]}" for name in (
-    "batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "gpus", "tp_size", "ep_size", "pp_size",
-    "pp_microbatches", "pp_virtual_stages", "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor",
+    "batch_size", "rounds", "steps", "moe_tokens", "moe_embd", "moe_hidden", "tp_size", "ep_size", "pp_size",
+    "dre_eval_batches", "dre_new_tokens", "reasoning_max_factor",
     "reasoning_per") if settings[name] < 1}
 try:
     thresholds = [float(t) for t in dre_thresholds.split(",")]
@@ -138,9 +134,7 @@ for name, bad, message in [
      f"dre_thresholds must be comma-separated numbers >= 0, got {dre_thresholds!r}"),
     ("reasoning_exit", reasoning_exit not in ("", "kl", "state"),
      f"reasoning_exit must be '', 'kl' or 'state', got {reasoning_exit!r}"),
-    ("gpus", tp_size >= 1 and gpus % tp_size, f"gpus={gpus} is not divisible by tp_size={tp_size}"),
     ("memory_layout", memory_layout not in ("", *parallel.LAYOUTS), f"memory_layout must be one of {parallel.LAYOUTS}"),
-    ("pp_schedule", pp_schedule not in PP_SCHEDULES, f"pp_schedule must be one of {PP_SCHEDULES}"),
 ]:
     if bad:
         wrong.setdefault(name, message)
@@ -364,62 +358,6 @@ def memory_worker():
     parallel.teardown()
 
 
-def estimate_memory():
-    """Per-GPU bytes on `gpus` GPUs: fp32 params, grads and AdamW's two moments (4 + 4 + 8 bytes), divided by the
-    data-parallel size under FSDP, the blocks' share by tp_size under TP, the experts' by ep_size under expert
-    parallelism (which leaves them out of FSDP's sharding); bf16 activations ~34*s*b*h bytes a layer
-    (Korthikanti et al. 2022, no stored attention scores) over tp_size (sequence parallel), with grad_checkpoint
-    only each block's 2*s*b*h-byte input plus one block's full activations."""
-    with torch.device("meta"):
-        model = GPT(config)
-    total = model.num_params(non_embedding=False)
-    blocks = sum(p.numel() for p in model.transformer.h.parameters())
-    experts = sum(w.numel() for m in model.moe_layers() for w in (m.w13, m.w2))
-    n_expert, top_k, grad_checkpoint = config.n_expert, config.top_k, config.grad_checkpoint
-    if n_expert and (n_expert % ep_size or gpus % ep_size):
-        sys.exit(f"error: ep_size={ep_size} must divide both n_expert={n_expert} and gpus={gpus}")
-    s, b, h, L = config.block_size, batch_size, config.n_embd, config.n_layer
-    width = (top_k + config.n_shared_expert) * config.expert_hidden if n_expert else config.mlp_hidden
-    per_layer = s * b * h * 34 * width / (8 / 3 * h)  # 34 is for a 4h GELU MLP: scale by the SwiGLU's real width
-    act = L * 2 * s * b * h + per_layer if grad_checkpoint else L * per_layer  # before TP's split
-    print(f"{L} layers x {h} wide{f', {n_expert} experts top-{top_k}' if n_expert else ''}: {total / 1e9:.2f}B "
-          f"parameters; {gpus} GPUs, micro-batch {b} x {s}, fp32 weights + AdamW, bf16 activations"
-          f"{', grad_checkpoint' if grad_checkpoint else ''}; GiB per GPU")
-    print(f"{'layout':<16} {'params':>8} {'grads':>8} {'optimizer':>10} {'activations':>12} {'total':>8}")
-    layouts = [("ddp", 1, 1, 1, 1), ("fsdp", gpus, 1, 1, 1), (f"tp ({gpus})", 1, gpus, 1, 1),
-               (f"fsdp+tp ({tp_size})", gpus // tp_size, tp_size, 1, 1)]
-    if n_expert:
-        layouts += [(f"ddp, ep {ep_size}", 1, 1, ep_size, 1), (f"fsdp, ep {ep_size}", gpus, 1, ep_size, 1)]
-    p, m, v = pp_size, pp_microbatches, pp_virtual_stages
-    p = p if p > 1 and L % (p * v) == 0 and gpus % (tp_size * p) == 0 else 1  # else no pipeline rows
-    if p > 1:  # per stage: the dp ranks left over replicate (ddp) or shard (fsdp) it
-        layouts += [(f"ddp, pp {p}", 1, 1, 1, p), (f"fsdp, pp {p}", gpus // p, 1, 1, p),
-                    (f"fsdp+tp+pp ({tp_size},{p})", gpus // tp_size // p, tp_size, 1, p)]
-    # pipeline: the largest stage holds its blocks and the embedding (or the head, the same size); stage 0 holds the
-    # activations of the micro-batches in flight (of b/m sequences, on L/p layers): all m under GPipe, p under 1F1B,
-    # and Interleaved1F1B's p(1 + (p-1)/(p v)) (Korthikanti et al. 2022, section 4.2.3)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    ends = max(sum(w.numel() for n, w in named.items() if n.startswith(k))
-               for k in (("transformer.wte", "transformer.wpe"), ("lm_head", "transformer.ln_f")))
-    flight = {"GPipe": m, "1F1B": min(m, p), "Interleaved1F1B": min(m, p) * (1 + (p - 1) / (p * v))}[pp_schedule]
-    act_pp = flight * L / p * (2 * s * b * h if grad_checkpoint else per_layer) / m + per_layer / m * grad_checkpoint
-    for name, shards, tp, ep, pp in layouts:
-        split = experts if ep > 1 else 0  # split ep ways by expert parallelism, and not sharded further
-        weights = ((total - blocks if pp == 1 else ends) + (blocks - split) / tp / pp) / shards + split / ep
-        gib = [x / 2**30 for x in (4 * weights, 4 * weights, 8 * weights, (act if pp == 1 else act_pp) / tp)]
-        print(f"{name:<16}", *(f"{x:>{w}.2f}" for x, w in zip(gib + [sum(gib)], (8, 8, 10, 12, 8))))
-    if pp_size > 1 and p == 1:
-        print(f"(no pipeline rows: pp_size={pp_size} x pp_virtual_stages={v} must divide n_layer={L}, and "
-              f"tp_size x pp_size the {gpus} GPUs)")
-    if p > 1:  # the fill and drain of each pipeline step, in micro-batch times: (p - 1) / v of them (Megatron-LM)
-        idle = (p - 1) / v
-        print(f"pipeline: {pp_schedule}, p={p} stages{f' x v={v} virtual' * (v > 1)}, m={m} micro-batches of "
-              f"{b / m:g} sequences: bubble {idle:g} / ({m} + {idle:g}) = {idle / (m + idle):.1%} of each step idle")
-    # measured against the dry run (docs/parallel.md): it leaves out the logits, DDP's buckets and, with
-    # grad_checkpoint, most of what a block holds; medium_moe on 8 GPUs: ddp 33.5 here, 62.3 there
-    print("(arithmetic, a lower bound: `python train.py CONFIG --dry_run=N` runs the real step and measures it)")
-
-
 def bench_depth():
     path = os.path.join(out_dir, "ckpt.pt")
     try:
@@ -542,5 +480,5 @@ def bench_reasoning():
 if memory_layout:
     memory_worker()
 else:
-    {"throughput": bench_throughput, "moe": bench_moe, "memory": bench_memory, "estimate": estimate_memory,
+    {"throughput": bench_throughput, "moe": bench_moe, "memory": bench_memory,
      "depth": bench_depth, "reasoning": bench_reasoning}[mode]()

@@ -235,11 +235,13 @@ def measure(model_args, s, world_size, fake=True):
     param_dtype = hardware.DTYPES[dtype] if "fsdp" in layout and dtype != "float32" else None
     pipeline = dict(schedule=s["pp_schedule"], microbatches=microbatches, virtual=s["pp_virtual_stages"],
                     accumulation=accumulation, batch=batch_size, seq_len=s["block_size"]) if pp_size > 1 else None
-    if fake and layout == "ddp" and ep_size == 1 and not pipeline:  # DDP reads its parameters as it wraps them
-        wrapped = Layout(model, model, "none")  # (its all-reduce is counted below)
+    bare_ddp = fake and layout == "ddp" and ep_size == 1  # DDP reads its parameters as it wraps them: the model
+    if bare_ddp and not pipeline:                       # (a pipeline's stages) goes bare, its all-reduce counted below
+        wrapped = Layout(model, model, "none")
     else:
-        wrapped = parallelize(model, layout, mesh, "cpu", param_dtype, s["fsdp_reshard_after_forward"], False,
-                              ep_size, pipeline)
+        with patch("pipeline.DDP", lambda module, **_: module) if bare_ddp else nullcontext():
+            wrapped = parallelize(model, layout, mesh, "cpu", param_dtype, s["fsdp_reshard_after_forward"], False,
+                                  ep_size, pipeline)
     stack = ExitStack()
     if fake:
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
@@ -288,10 +290,11 @@ def measure(model_args, s, world_size, fake=True):
         for kind in c.calls:
             calls, size = collectives.get(kind, (0, 0))
             collectives[kind] = (calls + w * c.calls[kind], size + w * c.bytes[kind])
-    if fake and isinstance(wrapped, Layout) and wrapped.layout == "none" and layout == "ddp":
+    if bare_ddp:
         # DDP's buckets, all-reduced once a step: the gradients themselves (gradient_as_bucket_view), no second copy
         buckets = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
-        collectives["all_reduce"] = (math.ceil(buckets / (25 * 2**20)), buckets)
+        calls, size = collectives.get("all_reduce", (0, 0))
+        collectives["all_reduce"] = (calls + math.ceil(buckets / (25 * 2**20)), size + buckets)
     return {"peak": peak, "total": total, "flops": flops, "collectives": collectives, "layout": layout,
             "accumulation": accumulation, "batch_size": batch_size, "dp_size": dp_size,
             "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0}
@@ -320,6 +323,11 @@ def describe(r, s, world_size):
     if s["pp_size"] > 1:
         lines.append("note: pipeline: rank 0 holds the first stage; as forward and backward interleave, the split "
                      "between activations and temporaries is approximate (the total is not)")
+        # the fill and drain of each micro-step's pipeline, in piece times: (p - 1) / v of them (Megatron-LM)
+        p, v = s["pp_size"], s["pp_virtual_stages"]
+        m, idle = s["pp_microbatches"] or p, (p - 1) / v
+        lines.append(f"pipeline bubble: {s['pp_schedule']}, {p} stages{f' x {v} virtual' * (v > 1)}, {m} pieces: "
+                     f"{idle:g} / ({m} + {idle:g}) = {idle / (m + idle):.1%} of each micro-step idle")
     # what the dry run leaves out, said rather than skipped
     for left_out, why in ((s.get("compile"), "compile=True: not dry-run (eager figures; compiled blocks may hold "
                                               "less)"),

@@ -281,3 +281,13 @@ def test_a_dre_model_dry_runs_and_its_core_is_gathered_once_a_step():
         r = dry("fsdp", 1, 2, model)
         gathers.append(r["collectives"]["all_gather"][0])
     assert gathers[0] == gathers[1] > 0
+
+
+def test_a_pipeline_of_ddp_stages_dry_runs():
+    """pp_size=2 over 4 ranks leaves ddp pairs in each stage (DDP wraps each stage by reading its weights, which
+    fake tensors lack): the stage runs bare and its gradients' all-reduce is counted, every byte of them."""
+    model = dict(DENSE, n_layer=4)
+    r = dry("ddp", 1, 4, model, pp_size=2)
+    with torch.device("meta"):
+        stage = sum(p.numel() for p in GPT(GPTConfig(**model)).transformer.h[:2].parameters())
+    assert r["collectives"]["all_reduce"][1] >= 4 * stage

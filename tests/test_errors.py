@@ -123,7 +123,8 @@ CASES = [
     ("bench.py", ["depth", "--out_dir=truncated"], "truncated"),
     ("bench.py", ["syntax_error.py"], "syntax_error.py, line 2"),
     ("bench.py", ["--dre"], "python bench.py depth"),  # the old switches name their subcommand
-    ("bench.py", ["--memory", "--estimate"], "python bench.py estimate"),
+    ("bench.py", ["--memory", "--estimate"], "--dry_run=N"),  # estimate is replaced by train.py's dry run
+    ("bench.py", ["estimate", "config/medium_moe.py"], "--dry_run=N"),
     ("data/text/prepare.py", ["no_such_file.txt"], "no_such_file.txt"),
     ("data/text/prepare.py", ["--val_fraction=1.5", "text.txt"], "val_fraction"),
     ("data/text/prepare.py", ["--out_dir=afile", "text.txt"], "out_dir"),
