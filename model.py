@@ -340,12 +340,13 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @torch.no_grad()
-    def materialize(self, device, modules=()):
+    def materialize(self, device, modules=(), draw=True):
         """For a GPT built on `meta` and laid out across ranks (parallel.parallelize, which may have trimmed it to a
         pipeline stage): storage on `device` and GPT(config)'s initial weights, no rank ever holding the whole model.
         GPT.__init__'s draws from the global generator are replayed in its order on the CPU, one module at a time,
         and each parameter keeps its rank's part of each value, so a seed gives the weights one process gets
-        (tests/test_model.py checks it). `modules`: what else holds buffers of its own (a pipeline's stages)."""
+        (tests/test_model.py checks it). `modules`: what else holds buffers of its own (a pipeline's stages).
+        draw=False: storage and buffers only, for weights a checkpoint is about to load."""
         from torch.distributed.tensor import DTensor, Replicate
         empty_keeping_ties(self, device)
         for m in modules:
@@ -355,6 +356,8 @@ class GPT(nn.Module):
         for name, buf in itertools.chain(*(m.named_buffers() for m in (self, *modules))):
             _ = buf.copy_(cos[:len(buf)]) if name.endswith("rope_cos") else buf.copy_(sin[:len(buf)]) \
                 if name.endswith("rope_sin") else buf.zero_()  # the rest are MoE counters and routing biases
+        if not draw:
+            return
         mine = dict(self.named_parameters(remove_duplicate=False))
 
         def put(values):  # this rank's part of each (name, value), where it holds that parameter

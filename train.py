@@ -230,15 +230,15 @@ def init_model():
     ckpt, path = read_start(init_from, out_dir, sharded)
     # the architecture comes from the checkpoint; everything else from this run's config
     args = {**vars(model_config), **{k: v for k, v in ckpt["model_args"].items() if k not in RUN_SETTINGS}}
-    with torch.device(device):  # built where it trains: on a GPU node no rank holds the weights in host memory
+    with torch.device("meta" if on_meta else device):  # (on a GPU node no rank holds weights in host memory)
         model = GPT(GPTConfig(**args))
     if "model" in ckpt:  # copied from the file's pages, shared by the node's ranks
         load_weights(model, ckpt["model"], path)
     return model, args, ckpt.get("tokenizer") or data.tokenizer_spec(meta), ckpt
 
 
-# a sharded fresh run starts on `meta`, each rank drawing its parts (GPT.materialize); DDP wraps whole models
-on_meta = init_from == "scratch" and distributed and parallel != "ddp" and not (mode == "dpo" and not ref_from)
+# a sharded run starts on `meta`, each rank drawing (GPT.materialize) or loading its parts; DDP wraps whole models
+on_meta = distributed and parallel != "ddp" and init_from in ("scratch", "resume") and (mode != "dpo" or bool(ref_from))
 if init_from == "scratch" and not eval_only:  # a run that cannot fit stops here, in one line, before it allocates
     import dryrun
     dryrun.refuse_what_cannot_fit(vars(GPTConfig.from_settings(config, vocab_size=data.padded_vocab(meta, mode))),
@@ -300,7 +300,7 @@ pipeline = dict(schedule=pp_schedule, microbatches=pp_microbatches, virtual=pp_v
 model = parallelize(model, parallel, mesh, device_type, param_dtype, fsdp_reshard_after_forward, fsdp_cpu_offload,
                     ep_size, pipeline)  # a Layout, or (pp_size > 1) a Pipeline and raw_model this rank's stages
 if on_meta:  # from the generator as init_model left it (a pipeline's stages hold buffers of their own)
-    raw_model.materialize("cpu" if fsdp_cpu_offload else device, [model] if pp_size > 1 else [])
+    raw_model.materialize("cpu" if fsdp_cpu_offload else device, [model] if pp_size > 1 else [], draw=not resume)
 torch.manual_seed(seed + dp_rank)  # dropout: tp ranks of a group draw the same masks on replicated activations
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))

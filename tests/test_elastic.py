@@ -83,8 +83,9 @@ def worker_pid(agent_pid, rank):
 
 @pytest.mark.slow
 def test_elastic_restart_after_a_killed_rank_resumes_and_matches_an_uninterrupted_run(char_data, tmp_path):
-    # dropout on: the restarted ranks must restore the random streams too
-    args = [*TINY, "--dropout=0.1", "--max_iters=40", "--eval_interval=5"]
+    # dropout on: the restarted ranks must restore the random streams too; fsdp: both starts are on `meta`, the
+    # restart loading each rank's shards straight into it
+    args = [*TINY, "--dropout=0.1", "--max_iters=40", "--eval_interval=5", "--parallel=fsdp"]
     train = os.path.join(ROOT, "train.py")
     whole = subprocess.run(torchrun(train, [*args, f"--out_dir={tmp_path / 'whole'}"]), cwd=char_data, env=ENV,
                            capture_output=True, text=True, timeout=600)
@@ -103,7 +104,7 @@ def test_elastic_restart_after_a_killed_rank_resumes_and_matches_an_uninterrupte
     assert sorted({i for i, _ in records}) == list(range(1, 41))
     for it, loss in records:  # before the kill and after the restart alike: bitwise
         assert loss == reference[it], (it, loss, reference[it])
-    assert ckpt_iter(out) == 40
+    assert ckpt_iter(out, os.path.join("ckpt_dcp", "meta.pt")) == 40
 
 
 @pytest.mark.slow
