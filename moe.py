@@ -164,7 +164,9 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, d = x.shape
         x = x.reshape(B * T, d)
-        expert, weight, score, self.aux_loss = self.route(x)
+        expert, weight, score, aux_loss = self.route(x)
+        if not _recomputing:  # the rerun's loss, kept, would keep its graph and every activation the rerun saved
+            self.aux_loss = aux_loss
         order, counts = self.sort_by_expert(expert, score)
         if self.expert_parallel is None:  # rows in (token, slot) order, dropped pairs zero
             ys = self.experts(self.enter_experts(x), counts, order // self.top_k, order, order.numel())

@@ -291,3 +291,21 @@ def test_a_pipeline_of_ddp_stages_dry_runs():
     with torch.device("meta"):
         stage = sum(p.numel() for p in GPT(GPTConfig(**model)).transformer.h[:2].parameters())
     assert r["collectives"]["all_reduce"][1] >= 4 * stage
+
+
+def test_a_checkpointed_moe_block_keeps_only_its_input():
+    """Under grad_checkpoint each block keeps its input alone between forward and backward: the fp32 residual
+    stream, batch x block_size x n_embd x 4 bytes. Two more MoE blocks add that twice to the peak's activations
+    (the loss's backward, at this vocabulary); a rerun in backward that left its activations alive (each MoE
+    layer once kept its rerun's aux loss, and with it the rerun's graph) would add them for every block done."""
+    acts = []
+    for n_layer in (1, 3):
+        model = dict(MOE, n_layer=n_layer)
+        dryrun.fake_world(1)
+        try:
+            acts.append(dryrun.measure(model_args(model), settings("ddp", 1, 1, model, micro_steps=1), 1)["peak"][
+                "activations"])
+        finally:
+            dist.destroy_process_group()
+    residual = SETTINGS["batch_size"] * SETTINGS["block_size"] * MOE["n_embd"] * 4
+    assert acts[1] - acts[0] == pytest.approx(2 * residual, rel=0.01)
