@@ -130,6 +130,11 @@ MUTANTS = [
     # parallel.py, pipeline.py
     ("expert-grads-not-averaged", "moe.py", "flat.div_(dist.get_world_size())", "pass"),
     ("clip-counts-replicated-shards", "parallel.py", "append(local / copies)", "append(local)"),
+    ("dre-core-gathered-every-step", "parallel.py", "            if i not in core:\n", "            if True:\n"),
+    ("meta-init-skips-construction-draws", "model.py", 'put(built(f"transformer.h.{i}", Block(config, i)))', "pass"),
+    ("meta-init-skips-rescaled-projections", "model.py", 'if name.endswith(("c_proj.weight", "mlp.w2")))',
+     'if name.endswith("never"))'),
+    ("moe-rerun-keeps-its-aux-loss", "moe.py", "if not _recomputing:  # the rerun's loss", "if True:  # the rerun's loss"),
     ("pipeline-tied-grad-not-summed", "pipeline.py",
      "dist.all_reduce(local(end.weight.grad), group=self.tied_group)", "pass"),
     ("pipeline-loss-not-averaged-over-micro-steps", "pipeline.py", "self.weight = 1.0 / (microbatches * accumulation)",
