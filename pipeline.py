@@ -152,7 +152,8 @@ class Pipeline(nn.Module):
                          device_ids=[device.index] if device_type == "cuda" else None) for p in parts]
         self.parts = nn.ModuleList(parts)
         # the messages between stages, for one piece of the micro-batch: the residual stream (in FSDP's compute
-        # dtype), ids into the first stage, logits out of the last
+        # dtype), ids into the first stage, logits out of the last (under tp a DTensor split by vocabulary, which
+        # goes to loss_fn only: the schedule checks no last stage's output)
         b, act = batch // microbatches, fsdp["mp_policy"].param_dtype if fsdp else None
         meta = lambda *shape, dtype=act or torch.float32: torch.empty(  # noqa: E731
             shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
@@ -194,7 +195,7 @@ class Pipeline(nn.Module):
         for end in self.ends:
             p = end.weight
             if hasattr(p, "placements") and p.grad.placements != p.placements:
-                # under tp the embedding's gradient comes back whole (replicated): this rank's rows, as the head's
+                # under tp DTensor computes the embedding's gradient whole (replicated): this rank's rows, as the head's
                 p.grad = p.grad.redistribute(placements=p.placements)
             dist.all_reduce(local(p.grad), group=self.tied_group)
 
