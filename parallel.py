@@ -314,36 +314,26 @@ def compile_blocks(model, **compile_kwargs):
     return model
 
 
-def apply_tensor_parallel(model, tp_mesh, vocab=True):
+def apply_tensor_parallel(model, tp_mesh):
     """The Megatron plan, declared per module. Between blocks the residual stream is a (B, T/tp, C) slice of the
     sequence; attention and MLPs gather it, work on their share of heads / hidden units, and reduce-scatter back.
-    vocab: the embedding and the head split by vocabulary too, so that no rank holds full-vocabulary logits: they
-    come out as a DTensor split along the vocabulary, which model.py's loss takes through vocab_parallel_loss.
-    A tied embedding and head are one matrix split by rows (vocabulary) under both plans: it stays one parameter.
-    Without vocab (pipeline stages) both stay whole on every rank."""
+    The embedding and the head are split by vocabulary too, so that no rank holds full-vocabulary logits: they come
+    out as a DTensor split along the vocabulary, which the loss takes through vocab_parallel_loss (model.py's, a
+    pipeline's). A tied embedding and head are one matrix split by rows (vocabulary) under both plans: it stays one
+    parameter. `model` may be a pipeline stage, holding some of these modules only."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
-                                                   PrepareModuleOutput, RowwiseParallel, SequenceParallel,
-                                                   parallelize_module)
-    if vocab:
-        # the embedding's partial sums reduce-scattered straight to this rank's part of the sequence; the head
-        # gathers the sequence and computes its share of the vocabulary's logits
-        top = {
-            "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "transformer.ln_f": SequenceParallel(),
-            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-        }
-    else:
-        # the embedding output is cut to this rank's part of the sequence, the head sees the whole sequence again
-        top = {
-            "transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
-            "transformer.ln_f": SequenceParallel(),
-            "lm_head": PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
-                                          use_local_output=True),
-        }
-    names = dict(model.named_modules())  # a pipeline stage holds some of these only
+                                                   RowwiseParallel, SequenceParallel, parallelize_module)
+    # the embedding's partial sums reduce-scattered straight to this rank's part of the sequence; the head gathers
+    # the sequence and computes its share of the vocabulary's logits
+    top = {
+        "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "transformer.ln_f": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    }
+    names = dict(model.named_modules())
     parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if k in names})
-    if vocab and "lm_head" in names and model.config.tie_embeddings:
+    if {"lm_head", "transformer.wte"} <= names.keys() and model.config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight  # each plan made its own copy of the matrix: tie again
     gather_seq = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     group = tp_mesh.get_group()

@@ -134,16 +134,16 @@ class Pipeline(nn.Module):
         for part in parts:
             part.weight = self.weight
             if tp > 1:
-                tensor_parallel(part, mesh["tp"], vocab=False)  # embedding and head whole (see Pipeline)
+                tensor_parallel(part, mesh["tp"])  # the embedding and head split by vocabulary, as in plain tp
             for block in part.transformer.h.values():
                 if fsdp:
                     from torch.distributed.fsdp import fully_shard
                     fully_shard(block, mesh=dp, **fsdp)
             if fsdp:
                 fully_shard(part, mesh=dp, **fsdp)  # the rest: embedding, final norm, head
-        if fsdp and tied and first:  # fully_shard gave the part's copy a new (sharded) parameter: tie it again
+        if tied and first:  # fully_shard and the tp plan give the part's copy a new (sharded) parameter: tie again
             model.lm_head.weight = model.transformer.wte.weight
-        elif fsdp and tied and last:
+        elif tied and last:
             model.transformer.wte.weight = model.lm_head.weight
         self.pieces, self.stage_parts = microbatches, parts  # (plain list: the parts are registered below)
         self.grads_in_buckets = not fsdp and dp.size() > 1  # (as parallel.Layout's)
@@ -152,7 +152,8 @@ class Pipeline(nn.Module):
                          device_ids=[device.index] if device_type == "cuda" else None) for p in parts]
         self.parts = nn.ModuleList(parts)
         # the messages between stages, for one piece of the micro-batch: the residual stream (in FSDP's compute
-        # dtype), ids into the first stage, logits out of the last
+        # dtype), ids into the first stage, logits out of the last (under tp a DTensor split by vocabulary, which
+        # goes to loss_fn only: the schedule checks no last stage's output)
         b, act = batch // microbatches, fsdp["mp_policy"].param_dtype if fsdp else None
         meta = lambda *shape, dtype=act or torch.float32: torch.empty(  # noqa: E731
             shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
@@ -165,6 +166,9 @@ class Pipeline(nn.Module):
                              scale_grads=False)
 
     def loss_fn(self, logits, targets):
+        if hasattr(logits, "device_mesh"):  # tensor parallelism: the logits split by vocabulary (as model.py's loss)
+            from parallel import vocab_parallel_loss
+            return vocab_parallel_loss(logits, targets) * self.weight
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1) * self.weight
 
     def forward(self, x, y):
@@ -189,7 +193,11 @@ class Pipeline(nn.Module):
     def finish_backward(self):
         """After a step's last backward: the tied embedding's gradient summed over its two stages."""
         for end in self.ends:
-            dist.all_reduce(local(end.weight.grad), group=self.tied_group)
+            p = end.weight
+            if hasattr(p, "placements") and p.grad.placements != p.placements:
+                # under tp DTensor computes the embedding's gradient whole (replicated): this rank's rows, as the head's
+                p.grad = p.grad.redistribute(placements=p.placements)
+            dist.all_reduce(local(p.grad), group=self.tied_group)
 
     def clip_grad_norm_(self, max_norm):
         """The gradient norm over all stages (a tied embedding counted once) clipped to max_norm, as one process."""
