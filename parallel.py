@@ -404,8 +404,7 @@ class ExpertsTP(nn.Module):
 
 def optimizer_kwargs(model, device_type):
     """Fused optimizer kernels take one kind of tensor: where some parameters are DTensors and others plain tensors
-    (a pipeline's tensor-parallel stages, whose embedding and head stay whole; QK-norm's gains under tp), those
-    runs step parameter by parameter."""
+    (QK-norm's gains under tp), those runs step parameter by parameter."""
     kinds = {hasattr(p, "device_mesh") for p in model.parameters()}
     return {"foreach": False} if len(kinds) == 2 else {"fused": device_type in ("cuda", "cpu")}
 
