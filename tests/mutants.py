@@ -142,7 +142,7 @@ MUTANTS = [
     ("pipeline-clip-norm-one-stage", "pipeline.py", "dist.all_reduce(total, group=self.group)", "pass"),
 ]
 # the test files that catch a module's bugs: each mutant meets these first, the rest of the fast suite if it survives
-FIRST = {"model.py": ["test_model.py", "test_convert.py"], "muon.py": ["test_model.py"], "moe.py": ["test_moe.py"],
+FIRST = {"model.py": ["test_model.py", "test_convert.py"], "muon.py": ["test_model.py"], "moe.py": ["test_moe.py", "test_dryrun.py"],
          "train.py": ["test_train.py"],
          "checkpoint.py": ["test_train.py"], "constitution.py": ["test_constitution.py"],
          "convert.py": ["test_convert.py", "test_model.py"],
