@@ -84,12 +84,12 @@ class CollectCycles(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fake_world(world_size):
-    """Rank 0 of a world of world_size ranks whose collectives do nothing (torch's fake process group)."""
+def fake_world(world_size, rank=0):
+    """This rank of a world of world_size ranks whose collectives do nothing (torch's fake process group)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
 
 
 def tracker_for(model, optimizer):
@@ -308,7 +308,7 @@ def describe(r, s, world_size):
     """The dry run's report, as lines."""
     where = f"parallel={r['layout']}" + "".join(f", {k}={s[k]}" for k in ("tp_size", "pp_size", "ep_size")
                                                   if s[k] > 1)
-    lines = [f"dry run: rank 0 of {world_size}, {where}, {r['dp_size']} data-parallel; micro-batch "
+    lines = [f"dry run: rank {r.get('rank', 0)} of {world_size}, {where}, {r['dp_size']} data-parallel; micro-batch "
              f"{r['batch_size']} x {s['block_size']}, {r['accumulation']} micro-step{'s' * (r['accumulation'] > 1)} "
              f"a step; {'bfloat16' if s['dtype'] == 'auto' else s['dtype']} compute, fp32 weights, {s['optimizer']}"
              f"{', grad_checkpoint' * bool(s['grad_checkpoint'])} ({r['seconds']:.1f} s on this CPU)",
@@ -321,8 +321,9 @@ def describe(r, s, world_size):
                       sorted(r["collectives"].items()))
     lines.append(f"collectives per step, this rank's input: {moved or 'none'}")
     if s["pp_size"] > 1:
-        lines.append("note: pipeline: rank 0 holds the first stage; as forward and backward interleave, the split "
-                     "between activations and temporaries is approximate (the total is not)")
+        lines.append("note: pipeline: the larger of the first and the last stage is shown (" + ", ".join(
+            f"rank {x['rank']} {x['total'] / GiB:.2f} GiB" for x in r["stages"]) + "); as forward and backward "
+            "interleave, the split between activations and temporaries is approximate (the total is not)")
         # the fill and drain of each micro-step's pipeline, in piece times: (p - 1) / v of them (Megatron-LM)
         p, v = s["pp_size"], s["pp_virtual_stages"]
         m, idle = s["pp_microbatches"] or p, (p - 1) / v
@@ -366,15 +367,52 @@ def cannot(s):
     return None
 
 
+def worst_rank(model_args, s, world_size):
+    """measure() on rank 0, and for a pipeline on the last rank too (the first stage holds the embedding, the last
+    the head and the loss): the larger, with the figures of each as 'stages'. A pipeline's ranks are measured each
+    in a forked child: torch keeps process-group names from one fake world to the next, and other ranks' differ."""
+    if s["pp_size"] == 1:
+        fake_world(world_size)
+        return {**measure(model_args, s, world_size), "rank": 0, "stages": []}
+
+    def on(rank):
+        fake_world(world_size, rank)
+        return {**measure(model_args, s, world_size), "rank": rank}
+    results = [in_child(lambda: on(0)), in_child(lambda: on(world_size - 1))]
+    return {**max(results, key=lambda r: r["total"]), "stages": results}
+
+
+def in_child(fn):
+    """fn() run in a forked copy of this process: its result, or its exception raised here."""
+    import pickle
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its answer down the pipe, then gone without running anything of the parent's
+        try:
+            out = pickle.dumps((True, fn()))
+        except BaseException as e:  # noqa: B902 (handed to the parent)
+            out = pickle.dumps((False, e if isinstance(e, (RuntimeError, ValueError, NotImplementedError)) else
+                                RuntimeError(f"{type(e).__name__}: {e}")))
+        with os.fdopen(write, "wb") as f:
+            f.write(out)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        ok, value = pickle.loads(f.read())
+    os.waitpid(pid, 0)
+    if not ok:
+        raise value
+    return value
+
+
 def run(s, model_args, world_size, gpu_memory, say=print):
     """The dry run of train.py's settings `s` and model model_args on world_size ranks: prints the report and a
     last line, fits or does not fit gpu_memory GiB (and what would). Returns 0 if it fits, else 1."""
     if cannot(s):
         raise ValueError(f"dry_run: {cannot(s)}")
-    fake_world(world_size)
     try:
         try:
-            r = measure(model_args, s, world_size)
+            r = worst_rank(model_args, s, world_size)
         except (RuntimeError, NotImplementedError) as e:  # an op fake tensors cannot run: named, in one line
             raise ValueError(f"dry_run: these settings do not run under fake tensors: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -388,8 +426,8 @@ def run(s, model_args, world_size, gpu_memory, say=print):
         for change in candidates(s, world_size):  # the first that fits, its figure a dry run too
             changed = {**s, **change}
             try:
-                other = measure({**model_args, **{k: v for k, v in change.items() if k in model_args}}, changed,
-                                world_size)
+                other = worst_rank({**model_args, **{k: v for k, v in change.items() if k in model_args}}, changed,
+                                   world_size)
             except ValueError:
                 continue  # a layout these sizes do not divide
             finally:
@@ -404,7 +442,8 @@ def run(s, model_args, world_size, gpu_memory, say=print):
             f"{'; '.join(tried) or 'any single change tried'}: use more GPUs or a smaller model")
         return 1
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # (a pipeline's ranks are measured in children)
+            dist.destroy_process_group()
 
 
 def host_memory():

@@ -311,3 +311,17 @@ def test_a_checkpointed_moe_block_keeps_only_its_input():
             dist.destroy_process_group()
     residual = SETTINGS["batch_size"] * SETTINGS["block_size"] * MOE["n_embd"] * 4
     assert acts[1] - acts[0] == pytest.approx(2 * residual, rel=0.01)
+
+
+def test_a_pipeline_is_dry_run_on_its_first_and_its_last_stage():
+    """The last stage holds the head and the loss (here an untied 4096-word head): the dry run measures rank 0 and
+    the last rank and reports the larger."""
+    model = dict(DENSE, n_layer=4, vocab_size=4096, tie_embeddings=False)
+    try:
+        r = dryrun.worst_rank(model_args(model), settings("fsdp", 1, 4, model, pp_size=2), 4)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    first, last = r["stages"]
+    assert (first["rank"], last["rank"]) == (0, 3)
+    assert last["total"] > first["total"] and r["total"] == last["total"] and r["rank"] == 3
