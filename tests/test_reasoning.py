@@ -480,9 +480,12 @@ def start_stages(tmp_path, *args):
     runs and data under tmp_path, no benchmark; in its own process group, so that a test can signal it whole."""
     env = {**os.environ, "OUT": str(tmp_path / "dre"), "DATA": str(tmp_path / "data"), "BENCH": "0",
            "PYTHON": sys.executable}
+    # Ctrl-C as from a terminal: a test run started in the background (`cmd &`, as CI may) ignores SIGINT, and a
+    # shell that starts with it ignored cannot trap it, so the script would go on to the next stage
+    reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     return subprocess.Popen(["bash", os.path.join(ROOT, "config", "reasoning_dre_stages.sh"), *STAGES_TINY, *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=reset)
 
 
 @pytest.mark.slow
