@@ -325,6 +325,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # (materialize() replays these draws, in this order, one module at a time: keep the two in step)
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch adds to the stream, so shrink the projections that feed it
         for name, p in self.named_parameters():
@@ -353,9 +354,13 @@ class GPT(nn.Module):
             empty_keeping_ties(m, device)
         config = self.config
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        tables = {"rope_cos": cos, "rope_sin": sin}
         for name, buf in itertools.chain(*(m.named_buffers() for m in (self, *modules))):
-            _ = buf.copy_(cos[:len(buf)]) if name.endswith("rope_cos") else buf.copy_(sin[:len(buf)]) \
-                if name.endswith("rope_sin") else buf.zero_()  # the rest are MoE counters and routing biases
+            table = tables.get(name.rpartition(".")[2])
+            if table is None:
+                buf.zero_()  # MoE counters and routing biases
+            else:
+                buf.copy_(table[:len(buf)])
         if not draw:
             return
         mine = dict(self.named_parameters(remove_duplicate=False))
