@@ -112,7 +112,9 @@ def worker():
 def test_dry_run_matches_real_gloo_ranks():
     """ddp, fsdp and tp on 2 gloo ranks, fsdp+tp (MoE, gradient checkpointing) and a 2-stage pipeline of fsdp pairs
     on 4, one torchrun per world size: rank 0's real peak, read by the same tracker, is within 5% of the dry run's,
-    category by category (a pipeline's in total)."""
+    category by category, activations and temporaries as one (a pipeline's in total). Real ranks' collectives run
+    in the background: when one ends can move a buffer alive at the peak from one of the two to the other (fsdp+tp,
+    seen once in a background run: activations 0.46 MB dry, 0.38 real; temporaries 0.34, 0.44)."""
     real = {}
     for world in sorted({c[2] for c in CASES}):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -130,8 +132,13 @@ def test_dry_run_matches_real_gloo_ranks():
         assert expect["total"] == pytest.approx(got["total"], rel=0.05), name(case)
         if len(case) > 4:  # a pipeline: which of its stages' buffers are alive at the real peak depends on the
             continue       # timing of the sends and receives (a loaded machine moved it); the total does not
-        for kind, value in got["peak"].items():
-            assert expect["peak"].get(kind, 0) == pytest.approx(value, rel=0.05, abs=2**16), (name(case), kind)
+        def categories(peak):
+            peak = dict(peak)
+            peak["activations"] = peak.get("activations", 0) + peak.pop("temporaries", 0)
+            return peak
+        want = categories(expect["peak"])
+        for kind, value in categories(got["peak"]).items():
+            assert want.get(kind, 0) == pytest.approx(value, rel=0.05, abs=2**16), (name(case), kind)
 
 
 def test_train_dry_run_prints_memory_and_whether_it_fits(tmp_path):
