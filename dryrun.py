@@ -173,11 +173,10 @@ def static_stages(schedule, stages, *_):
 
 
 def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip, autocast, sync_expert_grads,
-                count=None, ddp=False):
+                count=None):
     """train.py's optimizer step, once per batch: micro_steps forwards and backwards (gradients synchronised on the
     last), the experts' gradients, clipping, the optimizer. count(step, micro) gives a context each micro-step
-    runs in (the last one's also holds clipping and the optimizer). ddp: the gradients stay between steps, as
-    DDP's buckets do (parallel.Layout.grads_in_buckets)."""
+    runs in (the last one's also holds clipping and the optimizer)."""
     for step, batch in enumerate(batches):
         for micro in range(micro_steps):
             last = micro == micro_steps - 1
@@ -195,7 +194,7 @@ def train_steps(wrapped, raw_model, optimizers, batches, micro_steps, grad_clip,
                     for opt in optimizers:
                         opt.step()
                     for opt in optimizers:
-                        opt.zero_grad(set_to_none=not ddp)
+                        opt.zero_grad(set_to_none=not wrapped.grads_in_buckets)
 
 
 def measure(model_args, s, world_size, fake=True):
@@ -238,6 +237,7 @@ def measure(model_args, s, world_size, fake=True):
     bare_ddp = fake and layout == "ddp" and ep_size == 1  # DDP reads its parameters as it wraps them: the model
     if bare_ddp and not pipeline:                       # (a pipeline's stages) goes bare, its all-reduce counted below
         wrapped = Layout(model, model, "none")
+        wrapped.grads_in_buckets = True  # as DDP's own: its gradients stay between steps, as its buckets do
     else:
         with patch("pipeline.DDP", lambda module, **_: module) if bare_ddp else nullcontext():
             wrapped = parallelize(model, layout, mesh, "cpu", param_dtype, s["fsdp_reshard_after_forward"], False,
@@ -281,7 +281,7 @@ def measure(model_args, s, world_size, fake=True):
 
         with tracker:
             train_steps(wrapped, model, optimizers, batches, micro_steps, s["grad_clip"],
-                        hardware.autocast("cpu", dtype), sync_expert_grads, count, ddp=layout == "ddp")
+                        hardware.autocast("cpu", dtype), sync_expert_grads, count)
     peak, total = peak_by_category(tracker)
     weights = [accumulation - 1, 1] if micro_steps == 2 else [1]  # a step: accumulation - 1 quiet micro-steps
     flops = sum(w * c.flops for w, c in zip(weights, counters))

@@ -242,7 +242,7 @@ def parallelize(model, layout, mesh, device_type, param_dtype=None, reshard_afte
         fsdp = dict(reshard_after_forward=reshard_after_forward, offload_policy=CPUOffloadPolicy() if cpu_offload
                     else OffloadPolicy(), mp_policy=MixedPrecisionPolicy(param_dtype, reduce_dtype=torch.float32))
     if pipeline:
-        return Pipeline(model, mesh, device_type, fsdp, apply_tensor_parallel, **pipeline)
+        return Pipeline(model, mesh, device_type, fsdp, (apply_tensor_parallel, vocab_parallel_loss), **pipeline)
     if layout == "ddp":
         # no buffer broadcasts: the rotary tables are constants, and MoE routing biases are updated identically on
         # every rank from all-reduced loads (while their load counters are each rank's own). The gradients are views

@@ -101,12 +101,14 @@ class Pipeline(nn.Module):
     model(x, y) is one gradient-accumulation micro-step cut into `microbatches` pieces: forward and backward in
     training, forward only in eval mode; it returns (None, mean loss) on the last stage's ranks, (None, 0) elsewhere.
     `model` is trimmed in place to this rank's share: what the optimizer steps and checkpoints save. fsdp:
-    fully_shard's arguments, or {}; tensor_parallel: parallel.apply_tensor_parallel, for a part (tp > 1)."""
+    fully_shard's arguments, or {}; tensor_parallel: (parallel.apply_tensor_parallel, parallel.vocab_parallel_loss),
+    for a part and for its logits split by vocabulary (tp > 1): passed in, so that this file imports no parallel.py."""
 
     def __init__(self, model, mesh, device_type, fsdp, tensor_parallel, schedule, microbatches, virtual, accumulation,
                  batch, seq_len):
         from torch.distributed import pipelining
         super().__init__()
+        tensor_parallel, self.vocab_parallel_loss = tensor_parallel
         config, pp, tp, dp = model.config, mesh["pp"].size(), mesh["tp"].size(), mesh["dp"]
         n = pp * virtual
         ids, per = range(mesh["pp"].get_local_rank(), n, pp), config.n_layer // n
@@ -167,8 +169,7 @@ class Pipeline(nn.Module):
 
     def loss_fn(self, logits, targets):
         if hasattr(logits, "device_mesh"):  # tensor parallelism: the logits split by vocabulary (as model.py's loss)
-            from parallel import vocab_parallel_loss
-            return vocab_parallel_loss(logits, targets) * self.weight
+            return self.vocab_parallel_loss(logits, targets) * self.weight
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1) * self.weight
 
     def forward(self, x, y):
